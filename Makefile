@@ -1,0 +1,35 @@
+# Neuron Atlas: `make site` builds the demo atlas, `make test` runs the tests.
+# Both create .venv and install the project first (offline-safe: torch and
+# torchvision are pinned to the builds on this machine's disk).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= examples/demo.toml
+PORT ?= 8000
+STAMP := $(VENV)/.installed
+
+.PHONY: site test serve bench clean install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+site: $(STAMP)
+	$(BIN)/atlas build $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+serve:
+	@echo "serving site/ at http://127.0.0.1:$(PORT)/ (Ctrl-C to stop)"
+	$(BIN)/python -m http.server --directory site --bind 127.0.0.1 $(PORT)
+
+bench: $(STAMP)
+	@set -e; for script in bench/*.py; do [ -e "$$script" ] || continue; echo "== $$script"; $(BIN)/python "$$script"; done
+
+clean:
+	rm -rf site data/demo

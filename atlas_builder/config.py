@@ -1,0 +1,303 @@
+"""Atlas configuration: TOML file -> frozen dataclasses, validated in one place.
+
+Owns the schema of `atlas.toml` (sections, keys, types, defaults) and every
+error message about it. Does not load models or data: it only checks that
+what the config names is well formed (and that local paths exist).
+
+A config looks like::
+
+    [atlas]
+    name = "demo"                 # slug: data/<name>/ holds the store
+    [site]
+    title = "Neuron Atlas demo"
+    [dataset]
+    source = "builtin:digits"
+    [scan]
+    top_k = 9
+    [[models]]
+    name = "digits-mlp"
+    source = "builtin:digits-mlp"
+
+Relative paths in the file are resolved against the file's own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import AtlasError
+
+SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+DEVICES = ("auto", "cpu", "cuda")
+REDUCTIONS = ("max", "mean")
+MODEL_KINDS = ("builtin", "torchvision", "import")
+DATASET_KINDS = ("builtin", "imagefolder", "torchvision", "import")
+
+
+class ConfigError(AtlasError):
+    """A config file that cannot be used; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class AtlasSection:
+    name: str = "atlas"  # slug; the store lives in <data_dir>/<name>/
+    seed: int = 0  # seeds every random choice (subsets, training, sampling)
+    device: str = "auto"  # auto = cuda when present, else cpu
+    data_dir: Path = Path("data")  # build cache: store, media, demo weights
+    site_dir: Path = Path("site")  # where the static site is written
+
+
+@dataclass(frozen=True)
+class SiteSection:
+    title: str = "Neuron Atlas"  # shown in every page header
+    base_url: str = ""  # public URL of the site root, for citations; "" = unknown
+
+
+@dataclass(frozen=True)
+class DatasetSection:
+    source: str = "builtin:digits"  # builtin:digits | imagefolder:PATH | torchvision:Name | pkg.mod:factory
+    root: Path | None = None  # torchvision datasets: where the files are
+    download: bool = False  # torchvision datasets: allow downloading (never in tests or the demo)
+    limit: int = 0  # use a seeded random subset of this many examples; 0 = all
+    resize: int = 0  # resize the shorter side to this many pixels; 0 = keep
+    crop: int = 0  # centre crop to this square size after resizing; 0 = none
+    mean: tuple[float, ...] = ()  # per-channel normalization mean; () = none
+    std: tuple[float, ...] = ()  # per-channel normalization std; same length as mean
+
+    @property
+    def kind(self) -> str:
+        return source_kind(self.source, DATASET_KINDS)
+
+    @property
+    def target(self) -> str:
+        return source_target(self.source)
+
+
+@dataclass(frozen=True)
+class ScanSection:
+    top_k: int = 9  # dataset examples kept per unit
+    batch_size: int = 128  # examples per forward pass
+    reduce: str = "max"  # spatial reduction of conv channels: max | mean
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str  # slug used in URLs: <model>/<layer>/<unit>/
+    source: str  # builtin:NAME | torchvision:NAME | pkg.mod:factory
+    title: str = ""  # human name; "" = the name
+    weights: str = ""  # torchvision weights enum name (e.g. DEFAULT); "" = random init
+    checkpoint: Path | None = None  # state_dict file loaded with weights_only=True
+    layers: tuple[str, ...] = ()  # module paths to probe; () = every conv/linear/activation
+
+    @property
+    def kind(self) -> str:
+        return source_kind(self.source, MODEL_KINDS)
+
+    @property
+    def target(self) -> str:
+        return source_target(self.source)
+
+    @property
+    def display_title(self) -> str:
+        return self.title or self.name
+
+
+@dataclass(frozen=True)
+class AtlasConfig:
+    atlas: AtlasSection
+    site: SiteSection
+    dataset: DatasetSection
+    scan: ScanSection
+    models: tuple[ModelSection, ...] = field(default_factory=tuple)
+    path: Path | None = None  # the file it was read from
+    base_dir: Path = Path(".")  # relative paths inside the file resolve against this
+
+    def resolve(self, value: str | Path) -> Path:
+        """A path written in the config, made absolute against the config's folder."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    @property
+    def store_dir(self) -> Path:
+        return self.atlas.data_dir / self.atlas.name
+
+    def model(self, name: str) -> ModelSection:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ConfigError(f"no model named {name!r}; models are: {', '.join(m.name for m in self.models)}")
+
+
+def source_kind(source: str, kinds: tuple[str, ...]) -> str:
+    """The kind of a `kind:target` source string; `pkg.mod:factory` is kind `import`."""
+    head, _, _ = source.partition(":")
+    return head if head in kinds else "import"
+
+
+def source_target(source: str) -> str:
+    head, _, tail = source.partition(":")
+    return tail if head in ("builtin", "imagefolder", "torchvision") else source
+
+
+# --- loading and validation (the one place) ---------------------------------
+
+SECTIONS = {
+    "atlas": AtlasSection,
+    "site": SiteSection,
+    "dataset": DatasetSection,
+    "scan": ScanSection,
+}
+
+
+def load_config(path: str | Path) -> AtlasConfig:
+    """Read and validate an atlas TOML file; raise ConfigError with a clear message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of an atlas TOML file "
+                          f"(see examples/demo.toml)")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax at that line") from None
+    return parse_config(raw, base=path.resolve().parent, path=path)
+
+
+def parse_config(raw: dict[str, Any], base: Path = Path("."), path: Path | None = None) -> AtlasConfig:
+    """Validate a parsed TOML document (a dict) into an AtlasConfig."""
+    where = f"{path}: " if path else ""
+    allowed = set(SECTIONS) | {"models"}
+    for key in raw:
+        if key not in allowed:
+            raise ConfigError(f"{where}unknown section [{key}]; allowed sections are "
+                              f"{', '.join(sorted(allowed))}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}[{name}] must be a table, got {_type_name(table)}")
+        sections[name] = _build(cls, table, f"{name}", where, base)
+    models_raw = raw.get("models", [])
+    if not isinstance(models_raw, list) or not all(isinstance(m, dict) for m in models_raw):
+        raise ConfigError(f"{where}models must be an array of tables ([[models]]), got {_type_name(models_raw)}")
+    if not models_raw:
+        raise ConfigError(f"{where}no [[models]] given; add at least one, e.g. "
+                          f"[[models]] name = \"digits-mlp\" source = \"builtin:digits-mlp\"")
+    models = tuple(_build(ModelSection, m, f"models[{i}]", where, base) for i, m in enumerate(models_raw))
+    cfg = AtlasConfig(models=models, path=path, base_dir=base, **sections)
+    _check(cfg, where)
+    return cfg
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str, where: str, base: Path):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise ConfigError(f"{where}unknown key {prefix}.{key}; allowed keys in this section are "
+                              f"{', '.join(sorted(fields))}")
+        values[key] = _coerce(value, fields[key].type, f"{prefix}.{key}", where, base)
+    missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and n not in values]
+    if missing:
+        raise ConfigError(f"{where}{prefix} is missing required key(s): {', '.join(missing)}")
+    return cls(**values)
+
+
+def _coerce(value: Any, annotation: str, key: str, where: str, base: Path):
+    """Check a TOML value against a field's annotation (a string, from __future__ annotations)."""
+    def bad(expected: str):
+        return ConfigError(f"{where}{key} must be {expected}, got {_type_name(value)} {value!r}")
+
+    if annotation == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if annotation == "bool":
+        if not isinstance(value, bool):
+            raise bad("a boolean (true or false)")
+        return value
+    if annotation == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if annotation in ("Path", "Path | None"):
+        if not isinstance(value, str) or not value:
+            raise bad("a non-empty path string")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+    if annotation == "tuple[float, ...]":
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  for v in value):
+            raise bad("an array of numbers")
+        return tuple(float(v) for v in value)
+    if annotation == "tuple[str, ...]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("an array of strings")
+        return tuple(value)
+    raise AssertionError(f"unhandled annotation {annotation}")  # a bug in this module, not the config
+
+
+def _check(cfg: AtlasConfig, where: str) -> None:
+    a, d, s = cfg.atlas, cfg.dataset, cfg.scan
+    if not SLUG.match(a.name):
+        raise ConfigError(f"{where}atlas.name {a.name!r} must be a slug: lowercase letters, digits, '-' or '_'")
+    if a.device not in DEVICES:
+        raise ConfigError(f"{where}atlas.device {a.device!r} is not allowed; use one of {', '.join(DEVICES)}")
+    if s.top_k < 1:
+        raise ConfigError(f"{where}scan.top_k must be at least 1, got {s.top_k}")
+    if s.batch_size < 1:
+        raise ConfigError(f"{where}scan.batch_size must be at least 1, got {s.batch_size}")
+    if s.reduce not in REDUCTIONS:
+        raise ConfigError(f"{where}scan.reduce {s.reduce!r} is not allowed; use one of {', '.join(REDUCTIONS)}")
+    for key in ("limit", "resize", "crop"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"{where}dataset.{key} must be 0 or more, got {getattr(d, key)}")
+    if len(d.mean) != len(d.std):
+        raise ConfigError(f"{where}dataset.mean and dataset.std must have the same length "
+                          f"(one value per channel), got {len(d.mean)} and {len(d.std)}")
+    if any(v == 0 for v in d.std):
+        raise ConfigError(f"{where}dataset.std must not contain 0")
+    _check_source(d.source, "dataset.source", DATASET_KINDS, where)
+    if d.kind == "imagefolder":
+        folder = cfg.resolve(d.target)
+        if not folder.is_dir():
+            raise ConfigError(f"{where}dataset.source: image folder {str(folder)!r} does not exist; "
+                              f"point it at a folder with one sub-folder per class")
+    if d.kind == "torchvision" and d.root is None:
+        raise ConfigError(f"{where}dataset.root is required for torchvision datasets (the folder holding its files)")
+    names = set()
+    for i, m in enumerate(cfg.models):
+        if not SLUG.match(m.name):
+            raise ConfigError(f"{where}models[{i}].name {m.name!r} must be a slug: lowercase letters, digits, "
+                              f"'-' or '_' (it becomes part of the URL)")
+        if m.name in names:
+            raise ConfigError(f"{where}models[{i}].name {m.name!r} is used twice; model names must be unique")
+        names.add(m.name)
+        _check_source(m.source, f"models[{i}].source", MODEL_KINDS, where)
+        if m.checkpoint is not None and not m.checkpoint.is_file():
+            raise ConfigError(f"{where}models[{i}].checkpoint: file {str(m.checkpoint)!r} does not exist")
+        if m.weights and m.kind != "torchvision":
+            raise ConfigError(f"{where}models[{i}].weights is only for torchvision models; "
+                              f"use checkpoint = \"PATH\" for others")
+
+
+def _check_source(source: str, key: str, kinds: tuple[str, ...], where: str) -> None:
+    kind = source_kind(source, kinds)
+    target = source_target(source)
+    if kind == "import":
+        if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", source):
+            raise ConfigError(f"{where}{key} {source!r} is not understood; use one of "
+                              f"{', '.join(k + ':...' for k in kinds if k != 'import')} "
+                              f"or an import path 'package.module:factory'")
+    elif not target:
+        raise ConfigError(f"{where}{key} {source!r} names no {kind} target after the ':'")

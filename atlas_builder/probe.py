@@ -1,0 +1,164 @@
+"""Probe: forward hooks that turn a layer's output into one number per unit.
+
+Owns what a *unit* is and how a layer's output is reduced:
+- conv outputs [B, C, H, W]: a unit is a channel; its activation on an example
+  is the spatial max (or mean, `scan.reduce`), and the argmax position
+  (flat index h * W + w) is kept so pages can show where it fired;
+- linear outputs [B, F]: a unit is a feature;
+- token outputs [B, T, D]: a unit is a feature, reduced over tokens (the
+  argmax token is kept as the position).
+
+Hooks are registered only inside the `Probe` context manager, which removes
+them in `finally`. A module called several times in one forward (e.g. a
+shared ReLU) reports its last call. Layer names are module paths from
+`named_modules()`; an unknown name fails with the list of valid ones.
+This module does not loop over datasets (scan does) or store anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import AtlasError
+
+LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LazyLinear)
+ACTIVATION_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+                    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str  # module path
+    module_type: str  # class name, e.g. Conv2d
+    shape: tuple[int, ...] | None  # output shape of one example (no batch dim); None if not a tensor
+    default: bool  # probed when the config lists no layers
+
+    @property
+    def probeable(self) -> bool:
+        return self.shape is not None and 1 <= len(self.shape) <= 3
+
+    @property
+    def n_units(self) -> int:
+        return unit_count(self.shape)
+
+    @property
+    def spatial(self) -> tuple[int, int] | None:
+        """(H, W) of a conv output, (1, T) of a token output, None for a flat output."""
+        if self.shape is None or len(self.shape) == 1:
+            return None
+        return (self.shape[1], self.shape[2]) if len(self.shape) == 3 else (1, self.shape[0])
+
+
+def unit_count(shape: tuple[int, ...] | None) -> int:
+    if not shape:
+        return 0
+    if len(shape) == 3:  # C, H, W
+        return shape[0]
+    return shape[-1]  # F, or T x D
+
+
+def is_default_layer(module: nn.Module) -> bool:
+    return isinstance(module, LINEAR_TYPES + ACTIVATION_TYPES)
+
+
+def reduce_output(out: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-unit activation [B, U] (float32) and position [B, U] (int64, -1 when flat) of one layer output."""
+    if out.dim() == 2:
+        return out.float(), torch.full(out.shape, -1, dtype=torch.long, device=out.device)
+    if out.dim() == 4:
+        flat = out.flatten(2)  # B, C, H*W
+    elif out.dim() == 3:
+        flat = out.transpose(1, 2)  # B, D, T
+    else:
+        raise AtlasError(f"layer output of shape {tuple(out.shape)} is not supported; "
+                         f"probe layers whose outputs are [B, F], [B, T, D] or [B, C, H, W]")
+    values, positions = flat.max(dim=2)
+    if reduce == "mean":
+        values = flat.mean(dim=2)
+    return values.float(), positions
+
+
+def resolve_layers(model: nn.Module, requested: tuple[str, ...] | list[str], model_name: str = "model") -> list[str]:
+    """The layers to probe: those requested (checked), or every conv/linear/activation module."""
+    modules = dict(model.named_modules())
+    modules.pop("", None)
+    if not requested:
+        layers = [name for name, m in modules.items() if is_default_layer(m)]
+        if not layers:
+            raise AtlasError(f"model {model_name!r} has no conv, linear or activation modules to probe by default; "
+                             f"list layers = [...] in its [[models]] section (see `atlas layers CONFIG`)")
+        return layers
+    unknown = [name for name in requested if name not in modules]
+    if unknown:
+        raise AtlasError(f"model {model_name!r} has no layer {unknown[0]!r}; valid layer names are: "
+                         f"{', '.join(modules)} (run `atlas layers CONFIG` to see their shapes)")
+    return list(dict.fromkeys(requested))
+
+
+class Probe:
+    """Context manager: while open, every forward records each layer's per-unit activations.
+
+    After a forward, `values[layer]` is [B, U], `positions[layer]` [B, U] and
+    `shapes[layer]` the output shape of one example.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str], reduce: str = "max"):
+        self.model, self.layers, self.reduce = model, list(layers), reduce
+        self.values: dict[str, torch.Tensor] = {}
+        self.positions: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}  # per-example output shape of each layer
+        self._handles: list = []
+
+    def __enter__(self) -> "Probe":
+        modules = dict(self.model.named_modules())
+        try:
+            for name in self.layers:
+                self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        try:
+            for handle in self._handles:
+                handle.remove()
+        finally:
+            self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            if not isinstance(output, torch.Tensor):
+                raise AtlasError(f"layer {name!r} ({type(module).__name__}) returns {type(output).__name__}, "
+                                 f"not a tensor; probe one of its submodules instead")
+            self.shapes[name] = tuple(output.shape[1:])
+            self.values[name], self.positions[name] = reduce_output(output.detach(), self.reduce)
+        return hook
+
+
+def list_layers(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
+    """Every named module with the output shape it gives on `example` (a batch of one or more)."""
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    modules = [(name, m) for name, m in model.named_modules() if name]
+
+    def record(name):
+        def hook(module, inputs, output):
+            shapes[name] = tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None
+        return hook
+
+    handles = []
+    try:
+        for name, m in modules:
+            handles.append(m.register_forward_hook(record(name)))
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return [LayerInfo(name, type(m).__name__, shapes.get(name), is_default_layer(m)) for name, m in modules]

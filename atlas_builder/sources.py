@@ -1,0 +1,281 @@
+"""Sources: turn a config's model and dataset sections into live objects.
+
+Models: `builtin:digits-mlp|digits-cnn` (trained and cached by demo_models),
+`torchvision:<name>` with optional `weights` (torchvision's own loader;
+`weights=""` means random init, which is what runs offline), an import path
+`package.module:factory`, and optionally a state_dict `checkpoint` loaded with
+`weights_only=True`.
+
+Datasets: `builtin:digits` (the held-out split of scikit-learn's bundled
+digits), `imagefolder:PATH`, `torchvision:<Name>` (root + download flag) and
+`package.module:factory` (a callable returning a map-style dataset of
+`(image, label)` pairs, image a PIL image or a CHW tensor in [0, 1]).
+Preprocessing (resize, centre crop, normalize) comes from the config and is
+applied with torchvision transforms; its inverse turns inputs back into
+images for the site.
+
+This module does not run models over data (probe/scan do) nor write files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from . import demo_models
+from .config import AtlasConfig, DatasetSection, ModelSection
+from .errors import AtlasError
+
+
+# --- models -----------------------------------------------------------------
+
+@dataclass
+class LoadedModel:
+    section: ModelSection
+    module: nn.Module
+    fingerprint: str  # hash of architecture name and every parameter/buffer
+    info: dict[str, Any]  # shown on the model page (e.g. training record)
+
+    @property
+    def name(self) -> str:
+        return self.section.name
+
+
+def load_model(section: ModelSection, cfg: AtlasConfig) -> LoadedModel:
+    """Build the model a config section names, with its weights, in eval mode on the CPU."""
+    info: dict[str, Any] = {"source": section.source}
+    if section.kind == "builtin":
+        module, record = demo_models.load_builtin(section.target, cfg.atlas.data_dir, cfg.atlas.seed)
+        info.update(record)
+    elif section.kind == "torchvision":
+        module = _torchvision_model(section)
+    else:
+        module = _call_factory(section.source, "model", f"models[{section.name}].source")
+        if not isinstance(module, nn.Module):
+            raise AtlasError(f"model factory {section.source!r} returned {type(module).__name__}, "
+                             f"not a torch.nn.Module; make it return the model")
+    if section.checkpoint is not None:
+        _load_checkpoint(module, section.checkpoint)
+        info["checkpoint"] = section.checkpoint.name
+    module.eval()
+    info["parameters"] = sum(p.numel() for p in module.parameters())
+    return LoadedModel(section, module, model_fingerprint(module), info)
+
+
+def _torchvision_model(section: ModelSection) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models()
+    if section.target not in available:
+        raise AtlasError(f"unknown torchvision model {section.target!r}; "
+                         f"torchvision has e.g. {', '.join(sorted(available)[:12])}, ...")
+    try:
+        return torchvision.models.get_model(section.target, weights=section.weights or None)
+    except (ValueError, KeyError) as exc:
+        raise AtlasError(f"torchvision model {section.target!r}: weights {section.weights!r} not usable ({exc}); "
+                         f"use e.g. weights = \"DEFAULT\", or leave it empty for random weights") from None
+
+
+def _load_checkpoint(module: nn.Module, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling/format problem is the file's, not ours
+        raise AtlasError(f"checkpoint {str(path)!r} cannot be read as a state_dict with weights_only=True "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                         f"save it with torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise AtlasError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a state_dict")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise AtlasError(f"checkpoint {str(path)!r} does not match the model: {' '.join(first[:3])[:400]}; "
+                         f"check that the config's model source is the architecture it was saved from") from None
+
+
+def model_fingerprint(module: nn.Module) -> str:
+    h = hashlib.sha1(type(module).__qualname__.encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+# --- datasets ---------------------------------------------------------------
+
+@dataclass
+class AtlasDataset:
+    """The examples an atlas is built from, ready for the model, and how to show them."""
+    data: Dataset  # yields (input tensor, label int); label -1 when unknown
+    class_names: tuple[str, ...]  # index = label
+    mean: tuple[float, ...]  # normalization applied, inverted for display
+    std: tuple[float, ...]
+    description: str
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def to_image(self, x: torch.Tensor) -> Image.Image:
+        """A model input [C, H, W] back to a displayable image (normalization undone)."""
+        x = x.detach().float().cpu()
+        if self.mean:
+            mean = torch.tensor(self.mean).view(-1, 1, 1)
+            std = torch.tensor(self.std).view(-1, 1, 1)
+            x = x * std + mean
+        arr = (x.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.shape[0] == 1:
+            return Image.fromarray(arr[0], mode="L")
+        return Image.fromarray(np.ascontiguousarray(arr[:3].transpose(1, 2, 0)), mode="RGB")
+
+
+class _Transformed(Dataset):
+    """A source dataset of (image, label) with a transform and an optional subset of indices."""
+
+    def __init__(self, base, transform, indices: list[int] | None):
+        self.base, self.transform, self.indices = base, transform, indices
+
+    def __len__(self) -> int:
+        return len(self.indices) if self.indices is not None else len(self.base)
+
+    def __getitem__(self, i: int):
+        item = self.base[self.indices[i] if self.indices is not None else i]
+        image, label = item if isinstance(item, (tuple, list)) else (item, -1)
+        return self.transform(image), int(label)
+
+
+class _ArrayDataset(Dataset):
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = torch.from_numpy(images), labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+def build_transform(d: DatasetSection) -> v2.Compose:
+    steps: list = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    if d.resize:
+        steps.append(v2.Resize(d.resize, antialias=True))
+    if d.crop:
+        steps.append(v2.CenterCrop(d.crop))
+    if d.mean:
+        steps.append(v2.Normalize(list(d.mean), list(d.std)))
+    steps.append(v2.ToPureTensor())
+    return v2.Compose(steps)
+
+
+def load_dataset(cfg: AtlasConfig) -> AtlasDataset:
+    """The dataset the config names, preprocessed, optionally a seeded subset."""
+    d = cfg.dataset
+    if d.kind == "builtin":
+        if d.target != "digits":
+            raise AtlasError(f"unknown builtin dataset {d.target!r}; the builtin dataset is 'digits'")
+        images, labels = demo_models.digits_split("test")
+        base, classes = _ArrayDataset(images, labels), tuple(str(i) for i in range(10))
+        ident = f"builtin:digits|test|{demo_models.SPLIT_SEED}|{demo_models.TEST_FRACTION}"
+    elif d.kind == "imagefolder":
+        base, classes, ident = _image_folder(cfg.resolve(d.target))
+    elif d.kind == "torchvision":
+        base, classes, ident = _torchvision_dataset(d, cfg)
+    else:
+        base = _call_factory(d.source, "dataset", "dataset.source")
+        if not hasattr(base, "__getitem__") or not hasattr(base, "__len__"):
+            raise AtlasError(f"dataset factory {d.source!r} returned {type(base).__name__}, "
+                             f"not a map-style dataset (with __len__ and __getitem__)")
+        classes = tuple(str(c) for c in getattr(base, "classes", ()) or ())
+        ident = f"import:{d.source}|{len(base)}"
+    n = len(base)
+    if n == 0:
+        raise AtlasError(f"dataset {d.source!r} is empty; point dataset.source at data with at least one example")
+    indices = None
+    if d.limit and d.limit < n:
+        rng = np.random.default_rng(cfg.atlas.seed)
+        indices = sorted(rng.choice(n, size=d.limit, replace=False).tolist())
+    data = _Transformed(base, build_transform(d), indices)
+    if not classes:
+        classes = _classes_from_labels(data)
+    fp = hashlib.sha1(repr((ident, d.limit, d.resize, d.crop, d.mean, d.std, cfg.atlas.seed if indices else 0))
+                      .encode()).hexdigest()[:16]
+    return AtlasDataset(data, classes, d.mean, d.std, d.source, fp)
+
+
+def _classes_from_labels(data: Dataset) -> tuple[str, ...]:
+    top = max((data[i][1] for i in range(min(len(data), 10_000))), default=-1)
+    return tuple(str(i) for i in range(top + 1))
+
+
+def _image_folder(folder: Path):
+    from torchvision.datasets import ImageFolder
+
+    if not folder.is_dir():
+        raise AtlasError(f"image folder {str(folder)!r} does not exist; point dataset.source at "
+                         f"imagefolder:PATH with one sub-folder per class")
+    try:
+        base = ImageFolder(str(folder))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise AtlasError(f"image folder {str(folder)!r}: {exc}; it needs one sub-folder per class "
+                         f"holding .png/.jpg/... images") from None
+    h = hashlib.sha1()
+    for path, label in base.samples:
+        st = Path(path).stat()
+        h.update(f"{Path(path).relative_to(folder)}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return base, tuple(base.classes), f"imagefolder|{h.hexdigest()}"
+
+
+def _torchvision_dataset(d: DatasetSection, cfg: AtlasConfig):
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, d.target, None)
+    if not inspect.isclass(cls):
+        raise AtlasError(f"unknown torchvision dataset {d.target!r}; use a class name from "
+                         f"torchvision.datasets such as CIFAR10, MNIST, ImageNet")
+    params = inspect.signature(cls).parameters
+    kwargs: dict[str, Any] = {}
+    if "train" in params:
+        kwargs["train"] = False  # the held-out split
+    elif "split" in params:
+        kwargs["split"] = "val"
+    if "download" in params:
+        kwargs["download"] = d.download
+    try:
+        base = cls(str(d.root), **kwargs)
+    except (RuntimeError, FileNotFoundError, OSError) as exc:
+        raise AtlasError(f"torchvision dataset {d.target} could not be opened at {str(d.root)!r} ({exc}); "
+                         f"put its files there or set dataset.download = true") from None
+    classes = tuple(str(c) for c in getattr(base, "classes", ()) or ())
+    return base, classes, f"torchvision:{d.target}|{d.root}|{kwargs}|{len(base)}"
+
+
+def _call_factory(source: str, what: str, key: str):
+    module_name, _, attr = source.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise AtlasError(f"{key}: cannot import {module_name!r} ({exc}); make sure the package is installed "
+                         f"or on PYTHONPATH") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise AtlasError(f"{key}: {module_name!r} has no callable {attr!r} to build the {what}")
+    try:
+        return factory()
+    except Exception as exc:
+        raise AtlasError(f"{key}: the {what} factory {source!r} raised {type(exc).__name__}: {exc}") from None

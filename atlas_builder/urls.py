@@ -1,0 +1,65 @@
+"""Every path and URL of the site, relative, from one place.
+
+The site is a tree of folders with an index.html each, so a unit's stable
+address is `<model>/<layer>/<unit>/` (citable) while links inside the site
+name `index.html` explicitly, so the site also works opened from disk.
+All links are relative to the page that holds them: the same `site/` works
+from file://, from a GitHub Pages project subpath and from any static host.
+
+Paths here are site-root-relative POSIX strings ("digits-cnn/conv1/3/index.html");
+`rel(from_page, to_path)` turns one into a link usable on another page.
+This module does not render or write anything.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+from .ids import UnitId, layer_slug
+
+HOME = "index.html"
+
+
+def model_dir(model: str) -> str:
+    return f"{model}"
+
+
+def layer_dir(model: str, layer: str) -> str:
+    return f"{model}/{layer_slug(layer)}"
+
+
+def unit_dir(uid: UnitId) -> str:
+    return f"{layer_dir(uid.model, uid.layer)}/{uid.unit}"
+
+
+def model_page(model: str) -> str:
+    return f"{model_dir(model)}/index.html"
+
+
+def layer_page(model: str, layer: str) -> str:
+    return f"{layer_dir(model, layer)}/index.html"
+
+
+def unit_page(uid: UnitId) -> str:
+    return f"{unit_dir(uid)}/index.html"
+
+
+def example_image(example: int) -> str:
+    """Each dataset example's image is stored once and referenced by every page."""
+    return f"media/examples/{example}.webp"
+
+
+def static(name: str) -> str:
+    return f"static/{name}"
+
+
+def permalink(base_url: str, uid: UnitId) -> str:
+    """Absolute, citable URL of a unit page (its folder), or the relative folder without a base URL."""
+    path = unit_dir(uid) + "/"
+    return f"{base_url.rstrip('/')}/{path}" if base_url else path
+
+
+def rel(from_page: str, to_path: str) -> str:
+    """Link from the page at `from_page` to the file at `to_path` (both site-root-relative)."""
+    start = posixpath.dirname(from_page) or "."
+    return posixpath.relpath(to_path, start)

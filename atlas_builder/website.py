@@ -1,0 +1,264 @@
+"""Website: store in, static site out.
+
+Two halves, kept apart:
+- pure rendering: `render(name, context)` turns a page context (plain
+  dicts, every URL already relative) into an HTML string with Jinja2
+  (autoescape on, so text from models and datasets is always escaped);
+- `build_site` reads the store, builds each page's context, renders it, and
+  writes the whole tree into a temporary folder beside the site, which is
+  swapped in only when complete, so a failed build leaves the old site.
+
+Pages: home, model, layer, one per unit (`<model>/<layer>/<unit>/`).
+Dataset images are copied once from the store's media folder and referenced
+by every page. Static assets get a content hash in their names. Reads only
+the store (never the model or the dataset), so the site can be rebuilt
+without either. Every URL comes from urls.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+from tqdm import tqdm
+
+from . import atomic, urls
+from .errors import AtlasError
+from .ids import UnitId
+from .store import LayerRecord, ModelRecord, Store, UnitRecord
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+MARKER = ".atlas-site"  # marks a folder as ours, so we never replace a folder we did not write
+
+
+@lru_cache(maxsize=4)
+def environment(folder: Path = TEMPLATES) -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(folder)), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                              keep_trailing_newline=True)
+
+
+def render(template: str, context: dict) -> str:
+    """Pure: the HTML of one page from its context."""
+    return environment().get_template(template).render(**context)
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """Numbers as pages show them: 3 significant digits, '—' when unknown."""
+    if value is None:
+        return "—"
+    return f"{value:.{digits}g}"
+
+
+def fmt_accuracy(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+@dataclass
+class SiteSummary:
+    pages: int
+    unit_pages: int
+    files: int
+    bytes: int
+    path: Path
+
+
+# --- page contexts (pure: records in, dicts out) -----------------------------
+
+class Pages:
+    """Builds page contexts for one store snapshot; URLs are relative to each page."""
+
+    def __init__(self, site_title: str, base_url: str, css: str, class_names: list[str], labels):
+        self.site_title, self.base_url, self.css = site_title, base_url, css
+        self.class_names, self.labels = class_names, labels  # labels: [N] label of every example
+
+    def common(self, page: str, crumbs: list[tuple[str, str]]) -> dict:
+        return {"site_title": self.site_title, "css": urls.rel(page, self.css), "home": urls.rel(page, urls.HOME),
+                "breadcrumbs": [{"text": text, "href": urls.rel(page, target)} for text, target in crumbs],
+                "generator": ""}
+
+    def label(self, label: int) -> str:
+        return self.class_names[label] if 0 <= label < len(self.class_names) else "?"
+
+    def home(self, models: list[ModelRecord], layers: dict[str, list[LayerRecord]], n_examples: int,
+             dataset: str) -> dict:
+        page = urls.HOME
+        rows = [{"title": m.title, "href": urls.rel(page, urls.model_page(m.model)), "source": m.source,
+                 "parameters": m.parameters, "accuracy": fmt_accuracy(m.accuracy),
+                 "n_layers": len(layers[m.model]), "n_units": sum(l.n_units for l in layers[m.model])}
+                for m in models]
+        return {**self.common(page, []), "models": rows, "n_models": len(models),
+                "n_layers": sum(len(v) for v in layers.values()),
+                "n_units": sum(l.n_units for v in layers.values() for l in v),
+                "n_examples": n_examples, "dataset": dataset}
+
+    def model(self, m: ModelRecord, layers: list[LayerRecord]) -> dict:
+        page = urls.model_page(m.model)
+        facts = []
+        if "test_accuracy" in m.info:
+            facts.append(("Held-out test accuracy (training record)", fmt_accuracy(m.info["test_accuracy"])))
+        for key in ("epochs", "train_examples", "train_seconds", "seed", "checkpoint"):
+            if key in m.info:
+                facts.append((key.replace("_", " ").capitalize(), str(m.info[key])))
+        rows = [{"position": l.position, "name": l.layer, "href": urls.rel(page, urls.layer_page(m.model, l.layer)),
+                 "module_type": l.module_type, "shape": shape_text(l.shape), "n_units": l.n_units} for l in layers]
+        return {**self.common(page, [(m.title, page)]),
+                "model": {"title": m.title, "source": m.source, "parameters": m.parameters,
+                          "accuracy": fmt_accuracy(m.accuracy), "facts": facts},
+                "layers": rows}
+
+    def layer(self, m: ModelRecord, layer: LayerRecord, units: list[UnitRecord],
+              neighbours: tuple[LayerRecord | None, LayerRecord | None]) -> dict:
+        page = urls.layer_page(m.model, layer.layer)
+        cells = []
+        for u in units:
+            thumb = urls.rel(page, urls.example_image(u.top[0].example)) if u.top else None
+            cells.append({"unit": u.unit, "href": urls.rel(page, urls.unit_page(UnitId(m.model, layer.layer, u.unit))),
+                          "thumb": thumb, "max": fmt(u.max), "mean": fmt(u.mean)})
+        prev, nxt = (None if n is None else {"text": n.layer, "href": urls.rel(page, urls.layer_page(m.model, n.layer))}
+                     for n in neighbours)
+        return {**self.common(page, [(m.title, urls.model_page(m.model)), (layer.layer, page)]),
+                "model_title": m.title, "units": cells, "prev": prev, "next": nxt,
+                "up": urls.rel(page, urls.model_page(m.model)),
+                "layer": {"name": layer.layer, "module_type": layer.module_type, "shape": shape_text(layer.shape),
+                          "n_units": layer.n_units}}
+
+    def unit(self, m: ModelRecord, layer: LayerRecord, u: UnitRecord, n_units: int,
+             predictions: dict[int, tuple[int, float]]) -> dict:
+        uid = UnitId(m.model, layer.layer, u.unit)
+        page = urls.unit_page(uid)
+        top = []
+        for t in u.top:
+            pred = predictions.get(t.example)
+            top.append({"example": t.example, "src": urls.rel(page, urls.example_image(t.example)),
+                        "value": fmt(t.value), "value_raw": repr(float(t.value)),
+                        "label": self.label(int(self.labels[t.example])),
+                        "predicted": self.label(pred[0]) if pred else None,
+                        "box": position_box(t.position, layer.spatial)})
+
+        def sibling(i: int):
+            if not 0 <= i < n_units:
+                return None
+            return {"text": f"unit {i}", "href": urls.rel(page, urls.unit_page(UnitId(m.model, layer.layer, i)))}
+
+        permalink = urls.permalink(self.base_url, uid)
+        return {**self.common(page, [(m.title, urls.model_page(m.model)),
+                                     (layer.layer, urls.layer_page(m.model, layer.layer)), (str(u.unit), page)]),
+                "model_title": m.title, "unit": {"id": str(uid), "unit": u.unit, "layer": layer.layer,
+                                                 "mean": fmt(u.mean), "max": fmt(u.max)},
+                "permalink": permalink, "permalink_href": permalink if self.base_url else urls.rel(page, page),
+                "top": top, "prev": sibling(u.unit - 1), "next": sibling(u.unit + 1),
+                "up": urls.rel(page, urls.layer_page(m.model, layer.layer))}
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    return "×".join(str(s) for s in shape)
+
+
+def position_box(position: int, spatial: tuple[int, int] | None) -> tuple[float, float, float, float] | None:
+    """Where on the input a conv unit's max fell, as (left, top, width, height) percentages.
+
+    The layer's grid is laid over the whole input image (each cell covers
+    1/W x 1/H of it); the cell is an approximation of the receptive field's
+    centre, which is what a reader needs to see where it fired.
+    """
+    if spatial is None or position < 0:
+        return None
+    h, w = spatial
+    row, col = divmod(position, w)
+    return (round(100 * col / w, 2), round(100 * row / h, 2), round(100 / w, 2), round(100 / h, 2))
+
+
+# --- building the site ---------------------------------------------------------
+
+def build_site(store: Store, site_dir: Path, site_title: str, base_url: str, progress: bool = True) -> SiteSummary:
+    """Render every page from the store into a fresh tree and swap it in for `site_dir`."""
+    site_dir = Path(site_dir)
+    _check_replaceable(site_dir)
+    site_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{site_dir.name}.", suffix=".tmp", dir=site_dir.parent))
+    tmp.chmod(0o777 & ~atomic.UMASK)
+    try:
+        summary = _write_tree(store, tmp, site_title, base_url, progress)
+        _swap_in(tmp, site_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary.path = site_dir
+    return summary
+
+
+def _write_tree(store: Store, out: Path, site_title: str, base_url: str, progress: bool) -> SiteSummary:
+    css_bytes = (TEMPLATES / "static" / "style.css").read_bytes()
+    css = urls.static(f"style.{hashlib.sha1(css_bytes).hexdigest()[:10]}.css")
+    pages = Pages(site_title, base_url, css, store.class_names(), store.labels())
+    written: list[str] = []
+
+    def write(path: str, html: str) -> None:
+        atomic.write_text(out / path, html)
+        written.append(path)
+
+    models = store.models()
+    layers = {m.model: store.layers(m.model) for m in models}
+    meta = store.meta()
+    write(urls.HOME, render("home.html", pages.home(models, layers, len(pages.labels), meta.get("dataset", ""))))
+    unit_pages = 0
+    total_units = sum(l.n_units for v in layers.values() for l in v)
+    bar = tqdm(total=total_units, desc="render", unit="page", disable=not progress, leave=False)
+    for m in models:
+        write(urls.model_page(m.model), render("model.html", pages.model(m, layers[m.model])))
+        predictions = store.predictions(m.model)
+        model_layers = layers[m.model]
+        for i, layer in enumerate(model_layers):
+            units = store.units(m.model, layer.layer)
+            neighbours = (model_layers[i - 1] if i > 0 else None,
+                          model_layers[i + 1] if i + 1 < len(model_layers) else None)
+            write(urls.layer_page(m.model, layer.layer), render("layer.html", pages.layer(m, layer, units, neighbours)))
+            for u in units:
+                ctx = pages.unit(m, layer, u, len(units), predictions)
+                write(urls.unit_page(UnitId(m.model, layer.layer, u.unit)), render("unit.html", ctx))
+                unit_pages += 1
+                bar.update(1)
+    bar.close()
+    atomic.write_bytes(out / css, css_bytes)
+    atomic.write_bytes(out / ".nojekyll", b"")
+    atomic.write_bytes(out / MARKER, b"Built by Neuron Atlas; this folder is replaced on every build.\n")
+    media = out / "media" / "examples"
+    media.mkdir(parents=True, exist_ok=True)
+    for example in store.referenced_examples():
+        src = store.media_dir / "examples" / f"{example}.webp"
+        if not src.is_file():
+            raise AtlasError(f"the store lacks the image of example {example} ({src}); rebuild with `atlas build`")
+        _link_or_copy(src, out / urls.example_image(example))
+    files = [p for p in out.rglob("*") if p.is_file()]
+    return SiteSummary(len(written), unit_pages, len(files), sum(p.stat().st_size for p in files), out)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _check_replaceable(site_dir: Path) -> None:
+    if site_dir.exists() and (not site_dir.is_dir() or (any(site_dir.iterdir()) and not (site_dir / MARKER).exists())):
+        raise AtlasError(f"site folder {str(site_dir)!r} exists and was not written by Neuron Atlas; "
+                         f"refusing to replace it: choose another atlas.site_dir or remove it yourself")
+
+
+def _swap_in(tmp: Path, site_dir: Path) -> None:
+    """Replace site_dir by tmp with two renames; the old tree is deleted only after."""
+    old = site_dir.with_name(f".{site_dir.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if site_dir.exists():
+        os.replace(site_dir, old)
+    os.replace(tmp, site_dir)
+    shutil.rmtree(old, ignore_errors=True)

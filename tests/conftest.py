@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny models, datasets and configs built in code with fixed seeds."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+# tests/fixtures_models.py holds import-path factories (`fixtures_models:tiny_cnn`, ...)
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+
+def write_config(folder: Path, body: str, name: str = "atlas.toml") -> Path:
+    """Write a TOML config (dedented) into folder and return its path."""
+    path = folder / name
+    path.write_text(textwrap.dedent(body).lstrip(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    """A fast atlas: import-path tiny CNN + MLP over a 40-example synthetic dataset."""
+    return write_config(tmp_path, f"""
+        [atlas]
+        name = "tiny"
+        data_dir = "{tmp_path / 'data'}"
+        site_dir = "{tmp_path / 'site'}"
+        [site]
+        title = "Tiny atlas"
+        [dataset]
+        source = "fixtures_models:tiny_dataset"
+        [scan]
+        top_k = 3
+        batch_size = 16
+        [[models]]
+        name = "tiny-cnn"
+        source = "fixtures_models:tiny_cnn"
+        [[models]]
+        name = "tiny-mlp"
+        source = "fixtures_models:tiny_mlp"
+        """)
