@@ -24,6 +24,7 @@ Relative paths in the file are resolved against the file's own folder.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from typing import Any
 
 from .errors import AtlasError
 
-SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # used with fullmatch
 DEVICES = ("auto", "cpu", "cuda")
 REDUCTIONS = ("max", "mean")
 MODEL_KINDS = ("builtin", "torchvision", "import")
@@ -83,6 +84,13 @@ class ScanSection:
     top_k: int = 9  # dataset examples kept per unit
     batch_size: int = 128  # examples per forward pass
     reduce: str = "max"  # spatial reduction of conv channels: max | mean
+    active_threshold: float = 0.0  # a unit is active where its activation exceeds this
+    histogram_bins: int = 30  # bins of each unit's activation histogram (over the sample)
+    sample_size: int = 2000  # seeded sample of examples whose activations are kept (histogram, redundancy, maps)
+    saturated_fraction: float = 0.99  # active on at least this fraction of positions of all inputs: saturated
+    redundant_correlation: float = 0.95  # correlation with another unit of the layer from which it is redundant
+    class_selective: float = 0.6  # selectivity index from which a unit is labelled class-selective
+    buffer_mb: int = 64  # activations buffered between accumulator updates (memory stays flat)
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,8 @@ SECTIONS = {
 def load_config(path: str | Path) -> AtlasConfig:
     """Read and validate an atlas TOML file; raise ConfigError with a clear message."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config path {str(path)!r} is a directory, not a file; pass the atlas TOML file itself")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of an atlas TOML file "
                           f"(see examples/demo.toml)")
@@ -226,6 +236,10 @@ def _coerce(value: Any, annotation: str, key: str, where: str, base: Path):
         if not isinstance(value, bool):
             raise bad("a boolean (true or false)")
         return value
+    if annotation == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad("a finite number")
+        return float(value)
     if annotation == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
@@ -237,8 +251,8 @@ def _coerce(value: Any, annotation: str, key: str, where: str, base: Path):
         return p if p.is_absolute() else base / p
     if annotation == "tuple[float, ...]":
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                  for v in value):
-            raise bad("an array of numbers")
+                                                  and math.isfinite(v) for v in value):
+            raise bad("an array of finite numbers")
         return tuple(float(v) for v in value)
     if annotation == "tuple[str, ...]":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -249,10 +263,22 @@ def _coerce(value: Any, annotation: str, key: str, where: str, base: Path):
 
 def _check(cfg: AtlasConfig, where: str) -> None:
     a, d, s = cfg.atlas, cfg.dataset, cfg.scan
-    if not SLUG.match(a.name):
+    if not SLUG.fullmatch(a.name):
         raise ConfigError(f"{where}atlas.name {a.name!r} must be a slug: lowercase letters, digits, '-' or '_'")
     if a.device not in DEVICES:
         raise ConfigError(f"{where}atlas.device {a.device!r} is not allowed; use one of {', '.join(DEVICES)}")
+    if a.seed < 0:
+        raise ConfigError(f"{where}atlas.seed must be 0 or more, got {a.seed}")
+    for key in ("top_k", "batch_size", "histogram_bins", "buffer_mb"):
+        if getattr(s, key) < 1:
+            raise ConfigError(f"{where}scan.{key} must be at least 1, got {getattr(s, key)}")
+    if s.sample_size < 0:
+        raise ConfigError(f"{where}scan.sample_size must be 0 or more, got {s.sample_size}")
+    for key in ("saturated_fraction", "class_selective"):
+        if not 0 <= getattr(s, key) <= 1:
+            raise ConfigError(f"{where}scan.{key} must be between 0 and 1, got {getattr(s, key)}")
+    if not -1 <= s.redundant_correlation <= 1:
+        raise ConfigError(f"{where}scan.redundant_correlation must be between -1 and 1, got {s.redundant_correlation}")
     if s.top_k < 1:
         raise ConfigError(f"{where}scan.top_k must be at least 1, got {s.top_k}")
     if s.batch_size < 1:
@@ -265,8 +291,8 @@ def _check(cfg: AtlasConfig, where: str) -> None:
     if len(d.mean) != len(d.std):
         raise ConfigError(f"{where}dataset.mean and dataset.std must have the same length "
                           f"(one value per channel), got {len(d.mean)} and {len(d.std)}")
-    if any(v == 0 for v in d.std):
-        raise ConfigError(f"{where}dataset.std must not contain 0")
+    if any(v <= 0 for v in d.std):
+        raise ConfigError(f"{where}dataset.std values must be greater than 0, got {list(d.std)}")
     _check_source(d.source, "dataset.source", DATASET_KINDS, where)
     if d.kind == "imagefolder":
         folder = cfg.resolve(d.target)
@@ -277,7 +303,7 @@ def _check(cfg: AtlasConfig, where: str) -> None:
         raise ConfigError(f"{where}dataset.root is required for torchvision datasets (the folder holding its files)")
     names = set()
     for i, m in enumerate(cfg.models):
-        if not SLUG.match(m.name):
+        if not SLUG.fullmatch(m.name):
             raise ConfigError(f"{where}models[{i}].name {m.name!r} must be a slug: lowercase letters, digits, "
                               f"'-' or '_' (it becomes part of the URL)")
         if m.name in names:
@@ -295,7 +321,7 @@ def _check_source(source: str, key: str, kinds: tuple[str, ...], where: str) -> 
     kind = source_kind(source, kinds)
     target = source_target(source)
     if kind == "import":
-        if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", source):
+        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", source):
             raise ConfigError(f"{where}{key} {source!r} is not understood; use one of "
                               f"{', '.join(k + ':...' for k in kinds if k != 'import')} "
                               f"or an import path 'package.module:factory'")

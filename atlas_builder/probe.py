@@ -81,6 +81,17 @@ def reduce_output(out: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.T
     return values.float(), positions
 
 
+def active_fraction(out: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[B, U] fraction of a unit's positions (conv) or tokens above `threshold`; 0/1 for flat outputs."""
+    if out.dim() == 2:
+        return (out > threshold).float()
+    if out.dim() == 4:
+        return (out > threshold).sum(dim=(2, 3), dtype=torch.float32) / (out.shape[2] * out.shape[3])
+    if out.dim() == 3:
+        return (out > threshold).sum(dim=1, dtype=torch.float32) / out.shape[1]
+    raise AtlasError(f"layer output of shape {tuple(out.shape)} is not supported")
+
+
 def resolve_layers(model: nn.Module, requested: tuple[str, ...] | list[str], model_name: str = "model") -> list[str]:
     """The layers to probe: those requested (checked), or every conv/linear/activation module."""
     modules = dict(model.named_modules())
@@ -93,29 +104,43 @@ def resolve_layers(model: nn.Module, requested: tuple[str, ...] | list[str], mod
         return layers
     unknown = [name for name in requested if name not in modules]
     if unknown:
-        raise AtlasError(f"model {model_name!r} has no layer {unknown[0]!r}; valid layer names are: "
-                         f"{', '.join(modules)} (run `atlas layers CONFIG` to see their shapes)")
+        raise unknown_layer(unknown[0], modules, model_name)
     return list(dict.fromkeys(requested))
+
+
+def unknown_layer(name: str, modules: dict, model_name: str = "model") -> AtlasError:
+    return AtlasError(f"model {model_name!r} has no layer {name!r}; valid layer names are: "
+                      f"{', '.join(modules)} (run `atlas layers CONFIG` to see their shapes)")
 
 
 class Probe:
     """Context manager: while open, every forward records each layer's per-unit activations.
 
     After a forward, `values[layer]` is [B, U], `positions[layer]` [B, U] and
-    `shapes[layer]` the output shape of one example.
+    `shapes[layer]` the output shape of one example. With `threshold` set,
+    `activity[layer]` [B, U] is the fraction of positions above it; with
+    `keep_maps`, `maps[layer]` is a float16 copy [B, U, H*W] of every conv
+    output (a copy, so in-place ops later in the forward cannot change it).
     """
 
-    def __init__(self, model: nn.Module, layers: list[str], reduce: str = "max"):
+    def __init__(self, model: nn.Module, layers: list[str], reduce: str = "max",
+                 threshold: float | None = None, keep_maps: bool = False):
         self.model, self.layers, self.reduce = model, list(layers), reduce
+        self.threshold, self.keep_maps = threshold, keep_maps
         self.values: dict[str, torch.Tensor] = {}
         self.positions: dict[str, torch.Tensor] = {}
+        self.activity: dict[str, torch.Tensor] = {}
+        self.maps: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}  # per-example output shape of each layer
         self._handles: list = []
 
     def __enter__(self) -> "Probe":
         modules = dict(self.model.named_modules())
+        modules.pop("", None)
         try:
             for name in self.layers:
+                if name not in modules:
+                    raise unknown_layer(name, modules)
                 self._handles.append(modules[name].register_forward_hook(self._hook(name)))
         except BaseException:
             self._remove()
@@ -137,8 +162,13 @@ class Probe:
             if not isinstance(output, torch.Tensor):
                 raise AtlasError(f"layer {name!r} ({type(module).__name__}) returns {type(output).__name__}, "
                                  f"not a tensor; probe one of its submodules instead")
+            output = output.detach()
             self.shapes[name] = tuple(output.shape[1:])
-            self.values[name], self.positions[name] = reduce_output(output.detach(), self.reduce)
+            self.values[name], self.positions[name] = reduce_output(output, self.reduce)
+            if self.threshold is not None:
+                self.activity[name] = active_fraction(output, self.threshold)
+            if self.keep_maps and output.dim() == 4:
+                self.maps[name] = output.flatten(2).to(torch.float16, copy=True)
         return hook
 
 

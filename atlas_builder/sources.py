@@ -19,6 +19,8 @@ This module does not run models over data (probe/scan do) nor write files.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import importlib
 import inspect
@@ -78,13 +80,18 @@ def _torchvision_model(section: ModelSection) -> nn.Module:
 
     available = torchvision.models.list_models()
     if section.target not in available:
-        raise AtlasError(f"unknown torchvision model {section.target!r}; "
-                         f"torchvision has e.g. {', '.join(sorted(available)[:12])}, ...")
+        close = difflib.get_close_matches(section.target, available, n=5, cutoff=0.5) or sorted(available)[:8]
+        raise AtlasError(f"unknown torchvision model {section.target!r}; did you mean one of {', '.join(close)}? "
+                         f"(torchvision.models.list_models() lists all {len(available)})")
     try:
         return torchvision.models.get_model(section.target, weights=section.weights or None)
     except (ValueError, KeyError) as exc:
         raise AtlasError(f"torchvision model {section.target!r}: weights {section.weights!r} not usable ({exc}); "
                          f"use e.g. weights = \"DEFAULT\", or leave it empty for random weights") from None
+    except OSError as exc:  # includes URLError: no network and no cached file
+        raise AtlasError(f"torchvision model {section.target!r}: weights {section.weights!r} could not be "
+                         f"downloaded or read ({exc}); put the file in torch's hub cache, use checkpoint = "
+                         f"\"PATH\", or weights = \"\" for random weights") from None
 
 
 def _load_checkpoint(module: nn.Module, path: Path) -> None:
@@ -210,12 +217,30 @@ def load_dataset(cfg: AtlasConfig) -> AtlasDataset:
     if d.limit and d.limit < n:
         rng = np.random.default_rng(cfg.atlas.seed)
         indices = sorted(rng.choice(n, size=d.limit, replace=False).tolist())
+    _check_channels(_Transformed(base, build_transform(dataclasses.replace(d, mean=(), std=())), indices), d)
     data = _Transformed(base, build_transform(d), indices)
     if not classes:
         classes = _classes_from_labels(data)
     fp = hashlib.sha1(repr((ident, d.limit, d.resize, d.crop, d.mean, d.std, cfg.atlas.seed if indices else 0))
                       .encode()).hexdigest()[:16]
     return AtlasDataset(data, classes, d.mean, d.std, d.source, fp)
+
+
+def _check_channels(data: Dataset, d: DatasetSection) -> None:
+    """Normalization must have one value per channel (or one for all); catch it here, not in the model.
+
+    `data` is the dataset without normalization (Normalize would broadcast 1 channel to 3)."""
+    if len(d.mean) <= 1:
+        return
+    try:
+        x, _ = data[0]
+    except Exception as exc:
+        raise AtlasError(f"dataset {d.source!r}: the first example cannot be loaded ({type(exc).__name__}: "
+                         f"{exc})") from None
+    channels = x.shape[0] if x.dim() == 3 else 1
+    if channels != len(d.mean):
+        raise AtlasError(f"dataset.mean and dataset.std have {len(d.mean)} values but the images have "
+                         f"{channels} channel(s); give one value per channel")
 
 
 def _classes_from_labels(data: Dataset) -> tuple[str, ...]:

@@ -58,7 +58,7 @@ BAD_CONFIGS = [
     ("unknown-section", '[sitee]\ntitle = "x"\n' + MODEL,
      ["unknown section [sitee]", "allowed sections are atlas, dataset, models, scan, site"]),
     ("unknown-key", "[scan]\ntopk = 3\n" + MODEL,
-     ["unknown key scan.topk", "allowed keys in this section are batch_size, reduce, top_k"]),
+     ["unknown key scan.topk", "allowed keys in this section are active_threshold, batch_size, buffer_mb"]),
     ("unknown-model-key", MODEL + 'wieghts = "DEFAULT"\n',
      ["unknown key models[0].wieghts", "checkpoint, layers, name, source, title, weights"]),
     ("string-for-int", '[scan]\ntop_k = "9"\n' + MODEL, ["scan.top_k must be an integer, got a string '9'"]),
@@ -68,7 +68,7 @@ BAD_CONFIGS = [
     ("string-for-bool", '[dataset]\ndownload = "yes"\n' + MODEL,
      ["dataset.download must be a boolean (true or false), got a string 'yes'"]),
     ("mean-not-numbers", '[dataset]\nmean = ["a"]\nstd = [1.0]\n' + MODEL,
-     ["dataset.mean must be an array of numbers"]),
+     ["dataset.mean must be an array of finite numbers"]),
     ("layers-not-strings", MODEL + "layers = [1, 2]\n", ["models[0].layers must be an array of strings"]),
     ("empty-path", '[atlas]\ndata_dir = ""\n' + MODEL, ["atlas.data_dir must be a non-empty path string"]),
     ("section-not-table", 'scan = 3\n' + MODEL, ["[scan] must be a table, got an integer"]),
@@ -91,7 +91,7 @@ BAD_CONFIGS = [
     ("negative-limit", "[dataset]\nlimit = -1\n" + MODEL, ["dataset.limit must be 0 or more, got -1"]),
     ("mean-std-length", "[dataset]\nmean = [0.5, 0.5, 0.5]\nstd = [0.2]\n" + MODEL,
      ["dataset.mean and dataset.std must have the same length", "got 3 and 1"]),
-    ("zero-std", "[dataset]\nmean = [0.5]\nstd = [0]\n" + MODEL, ["dataset.std must not contain 0"]),
+    ("zero-std", "[dataset]\nmean = [0.5]\nstd = [0]\n" + MODEL, ["dataset.std values must be greater than 0"]),
     ("imagefolder-missing", '[dataset]\nsource = "imagefolder:no_such_images"\n' + MODEL,
      ["dataset.source: image folder", "no_such_images", "does not exist", "one sub-folder per class"]),
     ("torchvision-dataset-without-root", '[dataset]\nsource = "torchvision:CIFAR10"\n' + MODEL,
@@ -194,3 +194,22 @@ def test_cli_debug_reraises(tmp_path):
     bad = write_config(tmp_path, '[atlas]\ndevice = "tpu"\n' + MODEL)
     with pytest.raises(ConfigError, match="atlas.device 'tpu' is not allowed"):
         cli.main(["--debug", "build", str(bad)])
+
+
+@pytest.mark.parametrize("body, expected", [
+    ('[atlas]\nname = "demo\\n"\n', "atlas.name"),  # a trailing newline is not a slug
+    ("[atlas]\nseed = -1\n", "atlas.seed must be 0 or more"),
+    ("[dataset]\nmean = [nan]\nstd = [1.0]\n", "dataset.mean must be an array of finite numbers"),
+    ("[dataset]\nmean = [0.5]\nstd = [inf]\n", "dataset.std must be an array of finite numbers"),
+    ("[scan]\nsaturated_fraction = 1.5\n", "scan.saturated_fraction must be between 0 and 1"),
+    ("[scan]\nactive_threshold = true\n", "scan.active_threshold must be a finite number"),
+    ("[scan]\nsample_size = -5\n", "scan.sample_size must be 0 or more"),
+])
+def test_more_bad_values(tmp_path, body, expected):
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):
+        load_config(write_config(tmp_path, body + MODEL))
+
+
+def test_config_path_that_is_a_folder(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, not a file"):
+        load_config(tmp_path)

@@ -99,7 +99,7 @@ def test_unknown_torchvision_model_lists_names(tmp_path):
         load_model(section, cfg)
     message = str(info.value)
     assert "unknown torchvision model 'resnet1800'" in message
-    assert "alexnet" in message  # the listing of available names
+    assert "resnet18, " in message  # the closest available names
 
 
 def test_unusable_torchvision_weights_is_atlas_error(tmp_path):
@@ -332,4 +332,18 @@ def test_imagefolder_without_images_is_atlas_error(tmp_path):
     (tmp_path / "images" / "classA").mkdir(parents=True)  # a class folder, but no image files
     cfg = dataset_config(tmp_path, 'source = "imagefolder:images"')
     with pytest.raises(AtlasError, match="one sub-folder per class"):
+        load_dataset(cfg)
+
+
+def test_normalization_with_wrong_channel_count_is_atlas_error(tmp_path):
+    cfg = load_config(write_config(tmp_path, """
+        [dataset]
+        source = "builtin:digits"
+        mean = [0.5, 0.5, 0.5]
+        std = [0.2, 0.2, 0.2]
+        [[models]]
+        name = "m"
+        source = "fixtures_models:tiny_mlp"
+        """))
+    with pytest.raises(AtlasError, match=r"3 values but the images have 1 channel"):
         load_dataset(cfg)
