@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import media
@@ -80,15 +79,15 @@ def build(cfg: AtlasConfig, progress: bool = True) -> BuildReport:
             model = load_model(section, cfg)
             report.add_time("train/load", time.perf_counter() - start)
             layers = resolve_layers(model.module, section.layers, section.name)
-            fp = fingerprint(SCAN_VERSION, model.fingerprint, dataset.fingerprint, layers, cfg.scan.__dict__)
+            fp = fingerprint(SCAN_VERSION, model.fingerprint, dataset.fingerprint, layers, cfg.scan.__dict__,
+                             cfg.atlas.seed)
             stage = f"scan:{section.name}"
             if labels_written and store.stage_fingerprint(stage) == fp:
                 report.skipped.append(stage)
                 accuracy = next((m.accuracy for m in store.models() if m.model == section.name), None)
             else:
                 start = time.perf_counter()
-                result = scan_model(model, dataset, layers, cfg.scan.top_k, cfg.scan.batch_size, cfg.scan.reduce,
-                                    device, progress)
+                result = scan_model(model, dataset, layers, cfg.scan, device, cfg.atlas.seed, progress)
                 if not labels_written:
                     store.write_dataset(dataset.class_names, result.labels, dataset.fingerprint)
                     labels_written = True

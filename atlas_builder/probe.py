@@ -64,32 +64,42 @@ def is_default_layer(module: nn.Module) -> bool:
     return isinstance(module, LINEAR_TYPES + ACTIVATION_TYPES)
 
 
+def unit_maps(out: torch.Tensor) -> torch.Tensor | None:
+    """[B, U, M] view of a layer output: each unit's values over its M positions (conv) or tokens; None if flat."""
+    if out.dim() == 2:
+        return None
+    if out.dim() == 4:
+        return out.flatten(2)  # B, C, H*W
+    if out.dim() == 3:
+        return out.transpose(1, 2)  # B, D, T
+    raise AtlasError(f"layer output of shape {tuple(out.shape)} is not supported; "
+                     f"probe layers whose outputs are [B, F], [B, T, D] or [B, C, H, W]")
+
+
 def reduce_output(out: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-unit activation [B, U] (float32) and position [B, U] (int64, -1 when flat) of one layer output."""
-    if out.dim() == 2:
+    maps = unit_maps(out)
+    if maps is None:
         return out.float(), torch.full(out.shape, -1, dtype=torch.long, device=out.device)
-    if out.dim() == 4:
-        flat = out.flatten(2)  # B, C, H*W
-    elif out.dim() == 3:
-        flat = out.transpose(1, 2)  # B, D, T
-    else:
-        raise AtlasError(f"layer output of shape {tuple(out.shape)} is not supported; "
-                         f"probe layers whose outputs are [B, F], [B, T, D] or [B, C, H, W]")
-    values, positions = flat.max(dim=2)
+    values, positions = maps.max(dim=2)
     if reduce == "mean":
-        values = flat.mean(dim=2)
+        values = maps.mean(dim=2)
     return values.float(), positions
 
 
 def active_fraction(out: torch.Tensor, threshold: float) -> torch.Tensor:
-    """[B, U] fraction of a unit's positions (conv) or tokens above `threshold`; 0/1 for flat outputs."""
-    if out.dim() == 2:
+    """[B, U] fraction of a unit's positions (conv) or tokens above `threshold`; 0/1 for flat outputs.
+
+    NaN counts as inactive. (relu, sign, mean is several times faster on the
+    CPU than comparing and counting; the exact count runs only if NaN shows up.)
+    """
+    maps = unit_maps(out)
+    if maps is None:
         return (out > threshold).float()
-    if out.dim() == 4:
-        return (out > threshold).sum(dim=(2, 3), dtype=torch.float32) / (out.shape[2] * out.shape[3])
-    if out.dim() == 3:
-        return (out > threshold).sum(dim=1, dtype=torch.float32) / out.shape[1]
-    raise AtlasError(f"layer output of shape {tuple(out.shape)} is not supported")
+    fraction = (maps.float() - threshold).clamp_(min=0).sign_().mean(2)
+    if torch.isnan(fraction).any():
+        fraction = (maps > threshold).sum(2, dtype=torch.float32) / maps.shape[2]
+    return fraction
 
 
 def resolve_layers(model: nn.Module, requested: tuple[str, ...] | list[str], model_name: str = "model") -> list[str]:
@@ -114,24 +124,20 @@ def unknown_layer(name: str, modules: dict, model_name: str = "model") -> AtlasE
 
 
 class Probe:
-    """Context manager: while open, every forward records each layer's per-unit activations.
+    """Context manager: while open, every forward reports each probed layer's output.
 
-    After a forward, `values[layer]` is [B, U], `positions[layer]` [B, U] and
-    `shapes[layer]` the output shape of one example. With `threshold` set,
-    `activity[layer]` [B, U] is the fraction of positions above it; with
-    `keep_maps`, `maps[layer]` is a float16 copy [B, U, H*W] of every conv
-    output (a copy, so in-place ops later in the forward cannot change it).
+    By default each output is reduced at once: after a forward, `values[layer]`
+    is [B, U] and `positions[layer]` [B, U]. With `sink`, the hook instead
+    calls `sink(layer, output)` with the live output tensor (before any later
+    in-place op can change it) and keeps nothing. Either way `shapes[layer]`
+    is the output shape of one example.
     """
 
-    def __init__(self, model: nn.Module, layers: list[str], reduce: str = "max",
-                 threshold: float | None = None, keep_maps: bool = False):
-        self.model, self.layers, self.reduce = model, list(layers), reduce
-        self.threshold, self.keep_maps = threshold, keep_maps
+    def __init__(self, model: nn.Module, layers: list[str], reduce: str = "max", sink=None):
+        self.model, self.layers, self.reduce, self.sink = model, list(layers), reduce, sink
         self.values: dict[str, torch.Tensor] = {}
         self.positions: dict[str, torch.Tensor] = {}
-        self.activity: dict[str, torch.Tensor] = {}
-        self.maps: dict[str, torch.Tensor] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}  # per-example output shape of each layer
+        self.shapes: dict[str, tuple[int, ...]] = {}
         self._handles: list = []
 
     def __enter__(self) -> "Probe":
@@ -164,11 +170,10 @@ class Probe:
                                  f"not a tensor; probe one of its submodules instead")
             output = output.detach()
             self.shapes[name] = tuple(output.shape[1:])
-            self.values[name], self.positions[name] = reduce_output(output, self.reduce)
-            if self.threshold is not None:
-                self.activity[name] = active_fraction(output, self.threshold)
-            if self.keep_maps and output.dim() == 4:
-                self.maps[name] = output.flatten(2).to(torch.float16, copy=True)
+            if self.sink is not None:
+                self.sink(name, output)
+            else:
+                self.values[name], self.positions[name] = reduce_output(output, self.reduce)
         return hook
 
 

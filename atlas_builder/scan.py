@@ -12,7 +12,9 @@ dataset's size, so shards from several processes can be combined:
   number of NaN/Inf activations, which are left out of every statistic;
 - `Activity`: fraction of examples on which the unit is active (value above
   `scan.active_threshold`) and, for conv/token outputs, the mean fraction of
-  positions on which it is active;
+  positions on which it is active (measured on up to POSITION_SAMPLE
+  examples spread over the seeded sample: a full pass over every position
+  of every example would cost as much as the layer itself);
 - `ClassMeans`: mean activation per class (examples with a label);
 - `SampleRows`: the activations of a seeded sample of examples (float16),
   bounded by `scan.sample_size`; the histogram and the correlations behind the
@@ -40,7 +42,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import ScanSection
-from .probe import LayerInfo, Probe
+from .probe import LayerInfo, Probe, active_fraction, unit_count, unit_maps
 from .sources import AtlasDataset, LoadedModel
 
 
@@ -58,57 +60,134 @@ class TopKResult:
 class TopK:
     """Streaming top-k (or bottom-k) of every unit, optionally carrying each winner's spatial map.
 
-    `update` expects example ids that increase from call to call (the scan's
-    order); `merge` combines shards in any order.
+    `offer` is cheap enough to call on every batch from a forward hook: it
+    keeps only the (example, unit) pairs that beat the unit's current k-th
+    value (copying the maps of just those), and `fold` merges them into the
+    state. Ties go to the lower example id. Offers must come in increasing
+    example-id order (the scan's order); `merge` combines shards in any order.
     """
 
     def __init__(self, n_units: int, k: int, largest: bool = True):
-        self.k, self.sign = k, 1.0 if largest else -1.0
-        self.values = torch.empty(n_units, 0)
-        self.ids = torch.empty(n_units, 0, dtype=torch.long)
-        self.positions = torch.empty(n_units, 0, dtype=torch.long)
-        self.maps: torch.Tensor | None = None  # [U, k, M]
+        self.n_units, self.k, self.sign = n_units, k, 1.0 if largest else -1.0
+        self.keys = torch.full((n_units, k), -torch.inf)  # sign * value; -inf = empty slot
+        self.ids = torch.full((n_units, k), -1, dtype=torch.long)
+        self.positions = torch.full((n_units, k), -1, dtype=torch.long)
+        self.maps: torch.Tensor | None = None  # [U, k, M] float32
+        self.threshold = torch.full((n_units,), -torch.inf)  # a key must exceed this to enter
+        self.bound = self.threshold * self.sign
+        self._pending: list[tuple] = []
+        self._pending_rows = 0
 
-    def _key(self, values: torch.Tensor) -> torch.Tensor:
-        v = values.float() * self.sign
-        return torch.where(torch.isfinite(v), v, torch.tensor(-torch.inf))  # non-finite never wins
+    def offer(self, values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor | None = None,
+              maps: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> None:
+        """values: [B, U]; ids: [B]; positions: [B, U] or None (then argmax of maps, or -1); maps: [B, U, M].
 
-    def update(self, values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
+        mask: `might_take(values)` when the caller has it already.
+        """
+        if mask is None:
+            mask = self.might_take(values)
+        b, u = mask.nonzero(as_tuple=True)  # NaN never passes; +-Inf is dropped in fold
+        if len(b) == 0:
+            return
+        keys = values.float() if self.sign > 0 else -values.float()
+        if len(b) > self.k * self.n_units and values.shape[0] > self.k:
+            # a flood (the first batches): only the batch's own k best per unit can matter
+            rows = torch.topk(exact_order(keys, ids), self.k, dim=0).indices  # [k, U], ties to the lower id
+            chosen = torch.zeros_like(mask)
+            chosen.scatter_(0, rows, True)
+            b, u = (mask & chosen).nonzero(as_tuple=True)
+        self._pending.append((u.cpu(), ids[b].cpu(), keys[b, u].cpu(),
+                              None if positions is None else positions[b, u].long().cpu(),
+                              None if maps is None else maps[b, u].float().cpu()))
+        self._pending_rows += len(b)
+        if self._pending_rows >= self.n_units * self.k:  # keep the thresholds fresh
+            self.fold()
+
+    def add(self, units: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, maps: torch.Tensor | None,
+            select: torch.Tensor) -> None:
+        """Candidates already gathered by the caller ([N] each, maps [N, M]); `select` marks those for us."""
+        if not bool(select.any()):
+            return
+        units, ids, values = units[select], ids[select], values[select]
+        self._pending.append((units.cpu(), ids.cpu(), (values if self.sign > 0 else -values).float().cpu(), None,
+                              None if maps is None else maps[select].cpu()))
+        self._pending_rows += len(units)
+        if self._pending_rows >= self.n_units * self.k:  # keep the thresholds fresh
+            self.fold()
+
+    def update(self, values: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor | None = None,
                maps: torch.Tensor | None = None) -> None:
-        """values, positions: [R, U]; ids: [R]; maps: [R, U, M] or None."""
-        n_units = values.shape[1]
-        k_old = self.values.shape[1]
-        values = torch.cat([self.values, self._key(values).T], 1)
-        ids = torch.cat([self.ids, ids.view(1, -1).expand(n_units, -1)], 1)
-        positions = torch.cat([self.positions, positions.T], 1)
-        # existing entries have lower ids than new ones, so a stable sort breaks ties by id
-        order = torch.argsort(values, dim=1, descending=True, stable=True)[:, : self.k]
-        self.values, self.ids, self.positions = values.gather(1, order), ids.gather(1, order), positions.gather(1, order)
+        self.offer(values, ids, positions, maps)
+        self.fold()
+
+    def _state_entries(self) -> tuple:
+        filled = self.keys > -torch.inf
+        units = torch.arange(self.n_units).view(-1, 1).expand_as(self.keys)[filled]
+        maps = self.maps[filled] if self.maps is not None else None
+        return units, self.ids[filled], self.keys[filled], self.positions[filled], maps
+
+    def fold(self) -> None:
+        """Merge pending candidates into the state: per unit the k best keys, ties to the lower id."""
+        if not self._pending:
+            return
+        entries = [self._state_entries()] + self._pending
+        self._pending, self._pending_rows = [], 0
+        units, ids, keys = (torch.cat([e[i] for e in entries]) for i in range(3))
+        positions = torch.cat([e[3] if e[3] is not None else torch.full((len(e[0]),), -2, dtype=torch.long)
+                               for e in entries])  # -2: take the argmax of the map once chosen
+        with_maps = [e[4] for e in entries if e[4] is not None]
+        maps = torch.cat(with_maps) if with_maps else None
+        keys = torch.where(torch.isfinite(keys), keys, -torch.inf)
+        order = torch.argsort(ids, stable=True)
+        order = order[torch.argsort(keys[order], descending=True, stable=True)]
+        order = order[torch.argsort(units[order], stable=True)]
+        grouped = units[order]
+        counts = torch.bincount(grouped, minlength=self.n_units)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(order)) - starts[grouped]
+        keep = (rank < self.k) & (keys[order] > -torch.inf)
+        chosen, unit, rank = order[keep], grouped[keep], rank[keep]
+        self.keys = torch.full((self.n_units, self.k), -torch.inf)
+        self.ids = torch.full((self.n_units, self.k), -1, dtype=torch.long)
+        self.positions = torch.full((self.n_units, self.k), -1, dtype=torch.long)
+        self.keys[unit, rank], self.ids[unit, rank], self.positions[unit, rank] = \
+            keys[chosen], ids[chosen], positions[chosen]
         if maps is not None:
-            new_rows = (order - k_old).clamp(min=0)
-            chosen = maps[new_rows, torch.arange(n_units).view(-1, 1)]  # [U, k, M]
-            if k_old:
-                old = self.maps.gather(1, order.clamp(max=k_old - 1).unsqueeze(2).expand(-1, -1, maps.shape[2]))
-                chosen = torch.where((order < k_old).unsqueeze(2), old, chosen)
-            self.maps = chosen
+            self.maps = torch.zeros(self.n_units, self.k, maps.shape[1])
+            self.maps[unit, rank] = maps[chosen]
+            derive = self.positions == -2
+            self.positions[derive] = self.maps[derive].argmax(1)
+        self.positions[self.positions == -2] = -1
+        self.threshold = self.keys[:, -1].clone()
+        self.bound = self.threshold * self.sign  # the same in value space: beat it (> for top, < for bottom)
+
+    def might_take(self, values: torch.Tensor) -> torch.Tensor:
+        """[B, U] mask of activations that beat the current k-th (cheap pre-check before `offer`)."""
+        return values > self.bound if self.sign > 0 else values < self.bound
 
     def merge(self, other: "TopK") -> None:
-        values = torch.cat([self.values, other.values], 1)
-        ids = torch.cat([self.ids, other.ids], 1)
-        positions = torch.cat([self.positions, other.positions], 1)
-        by_id = torch.argsort(ids, dim=1, stable=True)
-        values, ids, positions = values.gather(1, by_id), ids.gather(1, by_id), positions.gather(1, by_id)
-        order = torch.argsort(values, dim=1, descending=True, stable=True)[:, : self.k]
-        self.values, self.ids, self.positions = values.gather(1, order), ids.gather(1, order), positions.gather(1, order)
-        if self.maps is not None or other.maps is not None:
-            maps = torch.cat([m for m in (self.maps, other.maps) if m is not None], 1)
-            index = by_id.gather(1, order).unsqueeze(2).expand(-1, -1, maps.shape[2])
-            self.maps = maps.gather(1, index)
+        other.fold()
+        self._pending.append(other._state_entries())
+        self.fold()
 
     def finalize(self) -> TopKResult:
-        valid = torch.isfinite(self.values)
-        return TopKResult((self.values * self.sign).numpy(), self.ids.numpy(), self.positions.numpy(),
+        self.fold()
+        valid = self.keys > -torch.inf
+        values = torch.where(valid, self.keys * self.sign, torch.nan)
+        return TopKResult(values.numpy(), self.ids.numpy(), self.positions.numpy(),
                           None if self.maps is None else self.maps.numpy(), valid.numpy())
+
+
+POSITION_SAMPLE = 256  # examples (a subset of the sample) on which the fraction of active positions is measured
+
+
+def exact_order(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """int64 keys that order like (key descending, id ascending) with no ties: keys [B, U] float, ids [B]."""
+    k = keys.float() + 0.0  # -0.0 -> +0.0
+    k = torch.where(torch.isnan(k), -torch.inf, k)
+    bits = k.view(torch.int32).long()
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # IEEE order as signed integers
+    return ordered * 2**32 + (2**32 - 1 - ids.long()).view(-1, 1)
 
 
 class Moments:
@@ -123,16 +202,24 @@ class Moments:
         self.nonfinite = torch.zeros(n_units, dtype=torch.float64)
 
     def update(self, values: torch.Tensor) -> None:
-        v = values.double()
-        finite = torch.isfinite(v)
-        n = finite.sum(0, dtype=torch.float64)
-        mean = torch.where(finite, v, 0.0).sum(0) / n.clamp(min=1)
-        m2 = torch.where(finite, v - mean, 0.0).square().sum(0)
         other = Moments.__new__(Moments)
-        other.count, other.mean, other.m2 = n, mean, m2
-        other.min = torch.where(finite, v, torch.inf).amin(0)
-        other.max = torch.where(finite, v, -torch.inf).amax(0)
-        other.nonfinite = (~finite).sum(0, dtype=torch.float64)
+        if bool(torch.isfinite(values).all()):  # the usual case: fewer passes, float64 sums
+            n = values.shape[0]
+            other.count = torch.full((values.shape[1],), float(n), dtype=torch.float64)
+            other.mean = values.sum(0, dtype=torch.float64) / max(n, 1)
+            other.m2 = (values - other.mean.to(values.dtype)).square().sum(0, dtype=torch.float64)
+            other.min, other.max = values.amin(0).double(), values.amax(0).double()
+            other.nonfinite = torch.zeros(values.shape[1], dtype=torch.float64)
+        else:
+            v = values.double()
+            finite = torch.isfinite(v)
+            n = finite.sum(0, dtype=torch.float64)
+            other.count = n
+            other.mean = torch.where(finite, v, 0.0).sum(0) / n.clamp(min=1)
+            other.m2 = torch.where(finite, v - other.mean, 0.0).square().sum(0)
+            other.min = torch.where(finite, v, torch.inf).amin(0)
+            other.max = torch.where(finite, v, -torch.inf).amax(0)
+            other.nonfinite = (~finite).sum(0, dtype=torch.float64)
         self.merge(other)
 
     def merge(self, other: "Moments") -> None:
@@ -156,28 +243,36 @@ class Moments:
 
 
 class Activity:
-    """Fraction of examples on which each unit is active, and mean fraction of active positions."""
+    """Fraction of examples on which each unit is active, and mean fraction of its active positions.
+
+    The position fraction may come from a subset of the examples (the scan
+    passes the seeded sample's rows), so it keeps its own count.
+    """
 
     def __init__(self, n_units: int, threshold: float):
         self.threshold = threshold
         self.n = 0
+        self.position_n = 0
         self.examples_active = torch.zeros(n_units, dtype=torch.float64)
         self.position_sum = torch.zeros(n_units, dtype=torch.float64)
 
-    def update(self, values: torch.Tensor, position_fraction: torch.Tensor) -> None:
-        """values: [R, U] reduced activations; position_fraction: [R, U] from probe.active_fraction."""
+    def update(self, values: torch.Tensor, position_fraction: torch.Tensor | None = None) -> None:
+        """values: [R, U] reduced activations; position_fraction: [R', U] from probe.active_fraction."""
         self.n += values.shape[0]
         self.examples_active += (values > self.threshold).sum(0, dtype=torch.float64)
-        self.position_sum += position_fraction.sum(0, dtype=torch.float64)
+        if position_fraction is not None:
+            self.position_n += position_fraction.shape[0]
+            self.position_sum += position_fraction.sum(0, dtype=torch.float64)
 
     def merge(self, other: "Activity") -> None:
         self.n += other.n
+        self.position_n += other.position_n
         self.examples_active += other.examples_active
         self.position_sum += other.position_sum
 
     def finalize(self) -> dict[str, np.ndarray]:
-        n = max(self.n, 1)
-        return {"frac_active": (self.examples_active / n).numpy(), "position_activity": (self.position_sum / n).numpy()}
+        return {"frac_active": (self.examples_active / max(self.n, 1)).numpy(),
+                "position_activity": (self.position_sum / max(self.position_n, 1)).numpy()}
 
 
 class ClassMeans:
@@ -189,10 +284,17 @@ class ClassMeans:
 
     def update(self, values: torch.Tensor, labels: torch.Tensor) -> None:
         keep = (labels >= 0) & (labels < self.sums.shape[0])
-        v, labels = values[keep].double(), labels[keep]
+        v, labels = values[keep], labels[keep]
         finite = torch.isfinite(v)
-        self.sums.index_add_(0, labels, torch.where(finite, v, 0.0))
-        self.counts.index_add_(0, labels, finite.double())
+        if bool(finite.all()):  # one-hot matmul: per-class sums of a chunk in one BLAS call
+            onehot = torch.zeros(self.sums.shape[0], len(labels), dtype=torch.float64)
+            onehot[labels, torch.arange(len(labels))] = 1.0
+            self.sums += onehot @ v.double()
+            self.counts += torch.bincount(labels, minlength=self.sums.shape[0]).double().view(-1, 1)
+        else:
+            v = v.double()
+            self.sums.index_add_(0, labels, torch.where(finite, v, 0.0))
+            self.counts.index_add_(0, labels, finite.double())
 
     def merge(self, other: "ClassMeans") -> None:
         self.sums += other.sums
@@ -234,26 +336,112 @@ class SampleRows:
         return self.matrix.numpy()
 
 
+SMALL_OUTPUT_BYTES = 0  # a batch's layer output up to this size is buffered whole and handled in bulk
+
+
 class LayerAccumulator:
-    """Every accumulator of one layer, fed together."""
+    """Every accumulator of one layer. `observe` runs in the forward hook; the rest is buffered.
+
+    Large outputs (a conv layer of a real network) are handled at once in the
+    hook, where only what needs the full output is done: the reduction to one
+    value per unit, the top-/bottom-k offers (which copy the maps of the few
+    candidates) and the position activity of sampled rows; the [B, U] values
+    wait in a buffer and feed the other accumulators in chunks. Small outputs
+    (up to SMALL_OUTPUT_BYTES per batch, where the cost is the number of
+    tensor operations rather than the bytes) are copied whole into the buffer
+    and go through the same steps in bulk at `flush`.
+    """
 
     def __init__(self, n_units: int, cfg: ScanSection, n_classes: int, sample: np.ndarray):
+        self.reduce, self.threshold = cfg.reduce, cfg.active_threshold
         self.top = TopK(n_units, cfg.top_k, largest=True)
         self.bottom = TopK(n_units, cfg.top_k, largest=False)
         self.moments = Moments(n_units)
         self.activity = Activity(n_units, cfg.active_threshold)
         self.classes = ClassMeans(n_classes, n_units)
         self.sample = SampleRows(sample, n_units)
+        self._buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self._raw: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | slice | None]] = []
 
-    def update(self, values, positions, activity, ids, labels, maps=None) -> None:
-        self.top.update(values, ids, positions, maps)
-        self.bottom.update(values, ids, positions)
+    def observe(self, output: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
+                sampled: torch.Tensor | slice | None) -> int:
+        """output: the live layer output [B, ...]; sampled: rows of the batch in the sample (slice = all).
+
+        Returns the bytes this call added to the buffer.
+        """
+        size = output.numel() * output.element_size()
+        if size <= SMALL_OUTPUT_BYTES:
+            self._raw.append((output.clone(), ids, labels, sampled))  # a copy: later in-place ops can't reach it
+            return size
+        self._process(output, ids, labels, sampled)
+        return output.shape[0] * self.top.n_units * 16
+
+    def _process(self, output: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
+                 sampled: torch.Tensor | slice | None) -> None:
+        maps = unit_maps(output)
+        if maps is None:
+            values = output
+        else:
+            values = maps.amax(2) if self.reduce == "max" else maps.mean(2)
+        if values.dtype != torch.float32:
+            values = values.float()
+        top, bottom = self.top.might_take(values), self.bottom.might_take(values)
+        either = top | bottom
+        b, u = either.nonzero(as_tuple=True)  # grows rarer as the pass goes on
+        if len(b):
+            if len(b) > self.top.k * self.top.n_units:  # a flood (first batches): per-TopK pre-selection
+                self.top.offer(values, ids, None, maps, top)
+                self.bottom.offer(values, ids, None, maps, bottom)
+            else:  # gather once for both
+                v, i = values[b, u], ids[b]
+                m = maps[b, u].float() if maps is not None else None
+                is_top = top[b, u]
+                self.top.add(u, i, v, m, is_top)
+                self.bottom.add(u, i, v, m, ~is_top | bottom[b, u])
+        fraction = None
+        if sampled is not None:
+            rows = output if isinstance(sampled, slice) else output[sampled]
+            fraction = active_fraction(rows, self.threshold)
+        self._buffer.append((values, ids, labels, fraction))
+
+    def flush(self) -> None:
+        if self._raw:
+            raw, self._raw = self._raw, []
+            rows, offset = [], 0
+            for out, _, _, sampled in raw:
+                if isinstance(sampled, slice):
+                    rows.append(torch.arange(offset, offset + out.shape[0], device=out.device))
+                elif sampled is not None:
+                    rows.append(sampled + offset)
+                offset += out.shape[0]
+            everything = sum(len(r) for r in rows) == offset
+            self._process(torch.cat([r[0] for r in raw]), torch.cat([r[1] for r in raw]),
+                          torch.cat([r[2] for r in raw]),
+                          slice(None) if everything else torch.cat(rows) if rows else None)
+        if not self._buffer:
+            return
+        values, ids, labels = (torch.cat([b[i] for b in self._buffer]).cpu() for i in range(3))
+        fractions = [b[3] for b in self._buffer if b[3] is not None]
+        self._buffer = []
         self.moments.update(values)
-        self.activity.update(values, activity)
+        self.activity.update(values, torch.cat(fractions).cpu() if fractions else None)
+        self.classes.update(values, labels)
+        self.sample.update(values, ids)
+        self.top.fold()
+        self.bottom.fold()
+
+    def update(self, values, ids, labels, positions=None, maps=None, position_fraction=None) -> None:
+        """Feed already-reduced activations directly (tests, shard tools): values [R, U], maps [R, U, M]."""
+        self.top.update(values, ids, positions, maps)
+        self.bottom.update(values, ids, positions, maps)
+        self.moments.update(values)
+        self.activity.update(values, position_fraction)
         self.classes.update(values, labels)
         self.sample.update(values, ids)
 
     def merge(self, other: "LayerAccumulator") -> None:
+        self.flush()
+        other.flush()
         for name in ("top", "bottom", "moments", "activity", "classes", "sample"):
             getattr(self, name).merge(getattr(other, name))
 
@@ -401,28 +589,6 @@ def summarize(info: LayerInfo, acc: LayerAccumulator, cfg: ScanSection, class_na
 
 # --- the pass ------------------------------------------------------------------------
 
-class _Buffer:
-    """Chunks of reduced activations (and conv maps) waiting for the accumulators."""
-
-    def __init__(self, limit_bytes: int):
-        self.limit = limit_bytes
-        self.clear()
-
-    def clear(self) -> None:
-        self.ids, self.labels, self.layers, self.bytes = [], [], {}, 0
-
-    def add(self, ids: torch.Tensor, labels: torch.Tensor, probe: Probe) -> None:
-        self.ids.append(ids)
-        self.labels.append(labels)
-        for name in probe.layers:
-            parts = (probe.values[name], probe.positions[name], probe.activity[name], probe.maps.get(name))
-            self.layers.setdefault(name, []).append(parts)
-            self.bytes += sum(p.numel() * p.element_size() for p in parts if p is not None)
-
-    def full(self) -> bool:
-        return self.bytes >= self.limit
-
-
 def scan_model(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg: ScanSection,
                device: torch.device, seed: int = 0, progress: bool = True) -> ModelScan:
     """Stream the dataset through the model once and summarize every unit of `layers`."""
@@ -430,48 +596,46 @@ def scan_model(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg
     net = model.module.to(device)
     n_classes = max(len(dataset.class_names), 1)
     sample = sample_ids(len(dataset), cfg.sample_size, seed)
+    activity_rows = sample[:: max(1, -(-len(sample) // POSITION_SAMPLE))]  # evenly spread over the sample
     loader = DataLoader(dataset.data, batch_size=cfg.batch_size, shuffle=False,
                         pin_memory=device.type == "cuda")
     accs: dict[str, LayerAccumulator] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    buffer = _Buffer(cfg.buffer_mb * 2**20)
+    batch: dict = {}  # what the hooks need to know about the batch in flight
+
+    def sink(name: str, output: torch.Tensor) -> None:
+        if name not in accs:
+            accs[name] = LayerAccumulator(unit_count(tuple(output.shape[1:])), cfg, n_classes, sample)
+        batch["bytes"] += accs[name].observe(output, batch["ids"], batch["labels"], batch["sampled"])
+
     predicted, confidence, label_batches = [], [], []
     seen = 0
-
-    def flush() -> None:
-        if not buffer.ids:
-            return
-        ids, labels = torch.cat(buffer.ids), torch.cat(buffer.labels)
-        for name, chunks in buffer.layers.items():
-            values, positions, activity = (torch.cat([c[i] for c in chunks]).cpu() for i in range(3))
-            maps = torch.cat([c[3] for c in chunks]).cpu() if chunks[0][3] is not None else None
-            accs[name].update(values, positions, activity, ids, labels, maps)
-        buffer.clear()
-
-    with Probe(net, layers, cfg.reduce, threshold=cfg.active_threshold, keep_maps=True) as probe, \
-            torch.inference_mode():
+    batch["bytes"] = 0
+    with Probe(net, layers, cfg.reduce, sink=sink) as probe, torch.inference_mode():
         for x, y in tqdm(loader, desc=f"scan {model.name}", unit="batch", disable=not progress, leave=False):
-            out = net(x.to(device, non_blocking=True))
-            ids = torch.arange(seen, seen + x.shape[0])
+            n = x.shape[0]
             labels = torch.as_tensor(y).view(-1).long()
-            seen += x.shape[0]
+            batch["ids"], batch["labels"] = torch.arange(seen, seen + n, device=device), labels.to(device)
+            lo, hi = np.searchsorted(activity_rows, [seen, seen + n])
+            batch["sampled"] = (slice(None) if hi - lo == n else
+                                None if hi == lo else torch.as_tensor(activity_rows[lo:hi] - seen, device=device))
+            out = net(x.to(device, non_blocking=True))
+            seen += n
             label_batches.append(labels)
-            if not accs:
-                for name in layers:
-                    shapes[name] = probe.shapes[name]
-                    accs[name] = LayerAccumulator(probe.values[name].shape[1], cfg, n_classes, sample)
-            buffer.add(ids, labels, probe)
-            if buffer.full():
-                flush()
             if isinstance(out, torch.Tensor) and out.dim() == 2:
                 conf, pred = out.float().softmax(1).max(1)
                 predicted.append(pred.cpu())
                 confidence.append(conf.cpu())
-        flush()
+            # fold after the first batch (sets the top-k thresholds), then in chunks of bounded memory
+            if seen == n or batch["bytes"] >= cfg.buffer_mb * 2**20:
+                for acc in accs.values():
+                    acc.flush()
+                batch["bytes"] = 0
+        for acc in accs.values():
+            acc.flush()
     net.to("cpu")
     modules = dict(net.named_modules())
-    result_layers = [summarize(LayerInfo(name, type(modules[name]).__name__, shapes[name], True), accs[name], cfg,
-                               dataset.class_names) for name in layers]
+    result_layers = [summarize(LayerInfo(name, type(modules[name]).__name__, probe.shapes[name], True), accs[name],
+                               cfg, dataset.class_names) for name in layers]
     labels = torch.cat(label_batches).numpy().astype(np.int64) if label_batches else np.zeros(0, np.int64)
     pred = torch.cat(predicted).numpy() if predicted and sum(len(p) for p in predicted) == seen else None
     conf = torch.cat(confidence).numpy() if pred is not None else None

@@ -30,15 +30,26 @@ CREATE TABLE IF NOT EXISTS layers (
     model VARCHAR, layer VARCHAR, position INTEGER, module_type VARCHAR, shape_json VARCHAR,
     n_units INTEGER, spatial_h INTEGER, spatial_w INTEGER, PRIMARY KEY (model, layer));
 CREATE TABLE IF NOT EXISTS units (
-    model VARCHAR, layer VARCHAR, unit INTEGER, mean DOUBLE, max DOUBLE, PRIMARY KEY (model, layer, unit));
+    model VARCHAR, layer VARCHAR, unit INTEGER,
+    count BIGINT, nonfinite BIGINT, mean DOUBLE, std DOUBLE, min DOUBLE, max DOUBLE,
+    frac_active DOUBLE, position_activity DOUBLE, selectivity DOUBLE, top_class INTEGER,
+    dead BOOLEAN, saturated BOOLEAN, redundant_with INTEGER, redundant_corr DOUBLE, label VARCHAR,
+    hist_lo DOUBLE, hist_hi DOUBLE, hist INTEGER[], class_means DOUBLE[],
+    PRIMARY KEY (model, layer, unit));
+-- kind: 'top' (highest first) or 'bottom' (lowest first); map: float16 [H*W] bytes, top-k of conv units only
 CREATE TABLE IF NOT EXISTS topk (
-    model VARCHAR, layer VARCHAR, unit INTEGER, rank INTEGER, example INTEGER, value DOUBLE, position INTEGER);
+    model VARCHAR, layer VARCHAR, unit INTEGER, kind VARCHAR, rank INTEGER, example INTEGER, value DOUBLE,
+    position INTEGER, map BLOB);
+-- activations of the seeded sample of examples: float16 [n_units, n_examples] bytes per layer
+CREATE TABLE IF NOT EXISTS samples (model VARCHAR, layer VARCHAR, n_units INTEGER, n_examples INTEGER, matrix BLOB,
+    PRIMARY KEY (model, layer));
+CREATE TABLE IF NOT EXISTS sample_examples (model VARCHAR, position INTEGER, example INTEGER);
 CREATE TABLE IF NOT EXISTS classes (label INTEGER PRIMARY KEY, name VARCHAR);
 CREATE TABLE IF NOT EXISTS examples (example INTEGER PRIMARY KEY, label INTEGER);
 CREATE TABLE IF NOT EXISTS predictions (model VARCHAR, example INTEGER, predicted INTEGER, confidence DOUBLE);
 """
 
-MODEL_TABLES = ("layers", "units", "topk", "predictions")  # rows replaced when a model is re-scanned
+MODEL_TABLES = ("layers", "units", "topk", "predictions", "samples", "sample_examples")  # rows replaced when a model is re-scanned
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,7 @@ class TopKRecord:
     example: int
     value: float
     position: int  # flat index into the layer's spatial grid, -1 when flat
+    map: np.ndarray | None = None  # [H, W] float32 activation map (top-k of conv units)
 
 
 @dataclass(frozen=True)
@@ -77,9 +89,48 @@ class UnitRecord:
     model: str
     layer: str
     unit: int
-    mean: float
-    max: float
+    count: int  # finite activations seen
+    nonfinite: int  # NaN/Inf activations seen (left out of every statistic)
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+    frac_active: float  # fraction of examples on which it is active
+    position_activity: float  # mean fraction of positions on which it is active
+    selectivity: float | None  # class-selectivity index, None without labels
+    top_class: int  # -1 without labels
+    dead: bool
+    saturated: bool
+    redundant_with: int  # unit of the same layer it duplicates, -1 if none
+    redundant_corr: float | None
+    label: str
+    hist_lo: float
+    hist_hi: float
+    hist: tuple[int, ...]
+    class_means: tuple[float | None, ...]
     top: tuple[TopKRecord, ...]
+    bottom: tuple[TopKRecord, ...]
+
+    @property
+    def flags(self) -> list[str]:
+        return [name for name, on in (("dead", self.dead), ("saturated", self.saturated),
+                                      ("redundant", self.redundant_with >= 0), ("non-finite", self.nonfinite > 0))
+                if on]
+
+
+UNIT_COLUMNS = ("count, nonfinite, mean, std, min, max, frac_active, position_activity, selectivity, top_class, "
+                "dead, saturated, redundant_with, redundant_corr, label, hist_lo, hist_hi, hist, class_means")
+
+
+def _object_rows(matrix: np.ndarray) -> np.ndarray:
+    """A 2-D array as a 1-D object array of rows (DuckDB reads it as a LIST column)."""
+    out = np.empty(len(matrix), dtype=object)
+    out[:] = list(matrix)
+    return out
+
+
+def _none_if_nan(value):
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
 
 
 class Store:
@@ -176,17 +227,16 @@ class Store:
                 self.con.execute("INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [
                     model, info.name, position, info.module_type, json.dumps(list(info.shape)),
                     info.n_units, spatial[0], spatial[1]])
-                n_units, k = layer.topk_values.shape
-                units = np.arange(n_units, dtype=np.int32)
-                self._insert("units", {"model": np.full(n_units, model), "layer": np.full(n_units, info.name),
-                                       "unit": units, "mean": layer.mean.astype(np.float64),
-                                       "max": layer.max.astype(np.float64)})
-                self._insert("topk", {
-                    "model": np.full(n_units * k, model), "layer": np.full(n_units * k, info.name),
-                    "unit": np.repeat(units, k), "rank": np.tile(np.arange(k, dtype=np.int32), n_units),
-                    "example": layer.topk_ids.reshape(-1).astype(np.int32),
-                    "value": layer.topk_values.reshape(-1).astype(np.float64),
-                    "position": layer.topk_positions.reshape(-1).astype(np.int32)})
+                self._write_units(model, info.name, layer)
+                for kind, top in (("top", layer.top), ("bottom", layer.bottom)):
+                    self._write_topk(model, info.name, kind, top)
+                self.con.execute("INSERT INTO samples VALUES (?, ?, ?, ?, ?)", [
+                    model, info.name, layer.sample.shape[1], layer.sample.shape[0],
+                    np.ascontiguousarray(layer.sample.T.astype(np.float16)).tobytes()])
+            if scan.sample_ids is not None:
+                n = len(scan.sample_ids)
+                self._insert("sample_examples", {"model": np.full(n, model), "position": np.arange(n, dtype=np.int32),
+                                                 "example": np.asarray(scan.sample_ids, dtype=np.int32)})
             if scan.predicted is not None:
                 n = len(scan.predicted)
                 self._insert("predictions", {"model": np.full(n, model),
@@ -194,6 +244,40 @@ class Store:
                                              "predicted": scan.predicted.astype(np.int32),
                                              "confidence": scan.confidence.astype(np.float64)})
             self._mark_stage(f"scan:{model}", fingerprint, scan.seconds)
+
+    def _write_units(self, model: str, layer_name: str, layer) -> None:
+        st = layer.stats
+        n = len(st["mean"])
+        columns = {"model": np.full(n, model), "layer": np.full(n, layer_name), "unit": np.arange(n, dtype=np.int32)}
+        for key in ("count", "nonfinite"):
+            columns[key] = st[key].astype(np.int64)
+        for key in ("mean", "std", "min", "max", "frac_active", "position_activity", "selectivity"):
+            columns[key] = st[key].astype(np.float64)
+        columns["top_class"] = st["top_class"].astype(np.int32)
+        columns["dead"], columns["saturated"] = st["dead"].astype(bool), st["saturated"].astype(bool)
+        columns["redundant_with"] = st["redundant_with"].astype(np.int32)
+        columns["redundant_corr"] = st["redundant_corr"].astype(np.float64)
+        columns["label"] = np.array(layer.labels, dtype=object)
+        columns["hist_lo"], columns["hist_hi"] = layer.hist_lo.astype(np.float64), layer.hist_hi.astype(np.float64)
+        columns["hist"] = _object_rows(layer.hist_counts.astype(np.int32))
+        columns["class_means"] = _object_rows(layer.class_means.astype(np.float64))
+        self._insert("units", columns)
+
+    def _write_topk(self, model: str, layer_name: str, kind: str, top) -> None:
+        n_units, k = top.values.shape
+        keep = top.valid.reshape(-1)
+        rows = int(keep.sum())
+        maps = np.full(n_units * k, None, dtype=object)
+        if top.maps is not None and kind == "top":  # bottom-k maps would double the size for little
+            flat = top.maps.reshape(n_units * k, -1).astype(np.float16)
+            maps[:] = [row.tobytes() for row in flat]
+        self._insert("topk", {
+            "model": np.full(rows, model), "layer": np.full(rows, layer_name),
+            "unit": np.repeat(np.arange(n_units, dtype=np.int32), k)[keep], "kind": np.full(rows, kind),
+            "rank": np.tile(np.arange(k, dtype=np.int32), n_units)[keep],
+            "example": top.ids.reshape(-1).astype(np.int32)[keep],
+            "value": top.values.reshape(-1).astype(np.float64)[keep],
+            "position": top.positions.reshape(-1).astype(np.int32)[keep], "map": maps[keep]})
 
     def _insert(self, table: str, columns: dict[str, np.ndarray]) -> None:
         self.con.register("_rows", columns)
@@ -217,15 +301,36 @@ class Store:
                             (r[6], r[7]) if r[6] else None) for r in rows]
 
     def units(self, model: str, layer: str) -> list[UnitRecord]:
-        """Every unit of a layer with its top-k examples, in unit order."""
-        top: dict[int, list[TopKRecord]] = defaultdict(list)
-        for unit, rank, example, value, position in self.con.execute(
-                "SELECT unit, rank, example, value, position FROM topk WHERE model = ? AND layer = ? "
-                "ORDER BY unit, rank", [model, layer]).fetchall():
-            top[unit].append(TopKRecord(rank, example, value, position))
-        rows = self.con.execute("SELECT unit, mean, max FROM units WHERE model = ? AND layer = ? ORDER BY unit",
+        """Every unit of a layer with its statistics and top-/bottom-k examples, in unit order."""
+        spatial = self.con.execute("SELECT spatial_h, spatial_w FROM layers WHERE model = ? AND layer = ?",
+                                   [model, layer]).fetchone()
+        shape = (spatial[0], spatial[1]) if spatial and spatial[0] else None
+        ranked: dict[tuple[str, int], list[TopKRecord]] = defaultdict(list)
+        for unit, kind, rank, example, value, position, blob in self.con.execute(
+                "SELECT unit, kind, rank, example, value, position, map FROM topk WHERE model = ? AND layer = ? "
+                "ORDER BY unit, kind, rank", [model, layer]).fetchall():
+            heat = None
+            if blob is not None and shape is not None:
+                heat = np.frombuffer(blob, dtype=np.float16).astype(np.float32).reshape(shape)
+            ranked[(kind, unit)].append(TopKRecord(rank, example, value, position, heat))
+        rows = self.con.execute(f"SELECT unit, {UNIT_COLUMNS} FROM units WHERE model = ? AND layer = ? ORDER BY unit",
                                 [model, layer]).fetchall()
-        return [UnitRecord(model, layer, u, mean, mx, tuple(top[u])) for u, mean, mx in rows]
+        out = []
+        for r in rows:
+            unit, values = r[0], [_none_if_nan(v) for v in r[1:]]
+            values[17] = tuple(values[17] or ())
+            values[18] = tuple(_none_if_nan(v) for v in (values[18] or ()))
+            out.append(UnitRecord(model, layer, unit, *values, top=tuple(ranked[("top", unit)]),
+                                  bottom=tuple(ranked[("bottom", unit)])))
+        return out
+
+    def sample(self, model: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's sampled activations [U, S] (float16) and the example ids of its columns."""
+        row = self.con.execute("SELECT n_units, n_examples, matrix FROM samples WHERE model = ? AND layer = ?",
+                               [model, layer]).fetchone()
+        ids = self.con.execute("SELECT example FROM sample_examples WHERE model = ? ORDER BY position",
+                               [model]).fetchnumpy()["example"]
+        return np.frombuffer(row[2], dtype=np.float16).reshape(row[0], row[1]), ids
 
     def class_names(self) -> list[str]:
         return [r[0] for r in self.con.execute("SELECT name FROM classes ORDER BY label").fetchall()]
@@ -239,7 +344,7 @@ class Store:
         return {e: (p, c) for e, p, c in rows}
 
     def referenced_examples(self) -> list[int]:
-        """Examples some page shows (the union of every unit's top-k), ascending."""
+        """Examples some page shows (the union of every unit's top- and bottom-k), ascending."""
         return [r[0] for r in self.con.execute("SELECT DISTINCT example FROM topk ORDER BY example").fetchall()]
 
     def stages(self) -> dict[str, tuple[str, float]]:

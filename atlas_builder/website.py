@@ -28,7 +28,7 @@ from pathlib import Path
 import jinja2
 from tqdm import tqdm
 
-from . import atomic, urls
+from . import atomic, charts, urls
 from .errors import AtlasError
 from .ids import UnitId
 from .store import LayerRecord, ModelRecord, Store, UnitRecord
@@ -98,7 +98,7 @@ class Pages:
                 "n_units": sum(l.n_units for v in layers.values() for l in v),
                 "n_examples": n_examples, "dataset": dataset}
 
-    def model(self, m: ModelRecord, layers: list[LayerRecord]) -> dict:
+    def model(self, m: ModelRecord, layers: list[LayerRecord], units: dict[str, list[UnitRecord]]) -> dict:
         page = urls.model_page(m.model)
         facts = []
         if "test_accuracy" in m.info:
@@ -107,11 +107,16 @@ class Pages:
             if key in m.info:
                 facts.append((key.replace("_", " ").capitalize(), str(m.info[key])))
         rows = [{"position": l.position, "name": l.layer, "href": urls.rel(page, urls.layer_page(m.model, l.layer)),
-                 "module_type": l.module_type, "shape": shape_text(l.shape), "n_units": l.n_units} for l in layers]
+                 "module_type": l.module_type, "shape": shape_text(l.shape), "n_units": l.n_units,
+                 **health_counts(units[l.layer])} for l in layers]
+        heat_rows = [{"layer": l.layer, "href": urls.rel(page, urls.layer_page(m.model, l.layer)),
+                      "units": [{"href": urls.rel(page, urls.unit_page(UnitId(m.model, l.layer, u.unit))),
+                                 "activity": u.position_activity, "dead": u.dead, "saturated": u.saturated,
+                                 "label": u.label} for u in units[l.layer]]} for l in layers]
         return {**self.common(page, [(m.title, page)]),
                 "model": {"title": m.title, "source": m.source, "parameters": m.parameters,
                           "accuracy": fmt_accuracy(m.accuracy), "facts": facts},
-                "layers": rows}
+                "layers": rows, "heatmap": charts.health_heatmap_svg(heat_rows)}
 
     def layer(self, m: ModelRecord, layer: LayerRecord, units: list[UnitRecord],
               neighbours: tuple[LayerRecord | None, LayerRecord | None]) -> dict:
@@ -120,41 +125,65 @@ class Pages:
         for u in units:
             thumb = urls.rel(page, urls.example_image(u.top[0].example)) if u.top else None
             cells.append({"unit": u.unit, "href": urls.rel(page, urls.unit_page(UnitId(m.model, layer.layer, u.unit))),
-                          "thumb": thumb, "max": fmt(u.max), "mean": fmt(u.mean)})
+                          "thumb": thumb, "max": fmt(u.max), "mean": fmt(u.mean), "label": u.label,
+                          "flags": u.flags})
         prev, nxt = (None if n is None else {"text": n.layer, "href": urls.rel(page, urls.layer_page(m.model, n.layer))}
                      for n in neighbours)
         return {**self.common(page, [(m.title, urls.model_page(m.model)), (layer.layer, page)]),
                 "model_title": m.title, "units": cells, "prev": prev, "next": nxt,
                 "up": urls.rel(page, urls.model_page(m.model)),
                 "layer": {"name": layer.layer, "module_type": layer.module_type, "shape": shape_text(layer.shape),
-                          "n_units": layer.n_units}}
+                          "n_units": layer.n_units, **health_counts(units)}}
 
     def unit(self, m: ModelRecord, layer: LayerRecord, u: UnitRecord, n_units: int,
              predictions: dict[int, tuple[int, float]]) -> dict:
         uid = UnitId(m.model, layer.layer, u.unit)
         page = urls.unit_page(uid)
-        top = []
-        for t in u.top:
-            pred = predictions.get(t.example)
-            top.append({"example": t.example, "src": urls.rel(page, urls.example_image(t.example)),
-                        "value": fmt(t.value), "value_raw": repr(float(t.value)),
-                        "label": self.label(int(self.labels[t.example])),
-                        "predicted": self.label(pred[0]) if pred else None,
-                        "box": position_box(t.position, layer.spatial)})
+
+        def examples(records):
+            out = []
+            for t in records:
+                pred = predictions.get(t.example)
+                out.append({"example": t.example, "src": urls.rel(page, urls.example_image(t.example)),
+                            "value": fmt(t.value), "value_raw": repr(float(t.value)),
+                            "label": self.label(int(self.labels[t.example])),
+                            "predicted": self.label(pred[0]) if pred else None,
+                            "box": position_box(t.position, layer.spatial),
+                            "heat": charts.heat_uri(t.map) if t.map is not None else None})
+            return out
 
         def sibling(i: int):
             if not 0 <= i < n_units:
                 return None
             return {"text": f"unit {i}", "href": urls.rel(page, urls.unit_page(UnitId(m.model, layer.layer, i)))}
 
+        partner = None
+        if u.redundant_with >= 0:
+            partner = {**sibling(u.redundant_with), "corr": fmt(u.redundant_corr)}
+        stats = [("Mean", fmt(u.mean)), ("Std", fmt(u.std)), ("Min", fmt(u.min)), ("Max", fmt(u.max)),
+                 ("Active on (examples)", charts.percent(u.frac_active)),
+                 ("Active on (positions)", charts.percent(u.position_activity)),
+                 ("Class-selectivity index", fmt(u.selectivity)),
+                 ("Top class", self.label(u.top_class) if u.top_class >= 0 else "—"),
+                 ("Examples seen", f"{u.count:,}"), ("NaN/Inf activations", f"{u.nonfinite:,}")]
         permalink = urls.permalink(self.base_url, uid)
         return {**self.common(page, [(m.title, urls.model_page(m.model)),
                                      (layer.layer, urls.layer_page(m.model, layer.layer)), (str(u.unit), page)]),
-                "model_title": m.title, "unit": {"id": str(uid), "unit": u.unit, "layer": layer.layer,
-                                                 "mean": fmt(u.mean), "max": fmt(u.max)},
+                "model_title": m.title,
+                "unit": {"id": str(uid), "unit": u.unit, "layer": layer.layer, "label": u.label, "flags": u.flags},
+                "stats": stats, "partner": partner,
+                "histogram": charts.histogram_svg(u.hist, u.hist_lo, u.hist_hi),
+                "class_bars": charts.class_bars_svg(u.class_means, self.class_names, u.top_class),
                 "permalink": permalink, "permalink_href": permalink if self.base_url else urls.rel(page, page),
-                "top": top, "prev": sibling(u.unit - 1), "next": sibling(u.unit + 1),
+                "top": examples(u.top), "bottom": examples(u.bottom),
+                "prev": sibling(u.unit - 1), "next": sibling(u.unit + 1),
                 "up": urls.rel(page, urls.layer_page(m.model, layer.layer))}
+
+
+def health_counts(units: list[UnitRecord]) -> dict[str, int]:
+    return {"dead": sum(u.dead for u in units), "saturated": sum(u.saturated for u in units),
+            "redundant": sum(u.redundant_with >= 0 for u in units),
+            "nonfinite": sum(u.nonfinite > 0 for u in units)}
 
 
 def shape_text(shape: tuple[int, ...]) -> str:
@@ -212,11 +241,12 @@ def _write_tree(store: Store, out: Path, site_title: str, base_url: str, progres
     total_units = sum(l.n_units for v in layers.values() for l in v)
     bar = tqdm(total=total_units, desc="render", unit="page", disable=not progress, leave=False)
     for m in models:
-        write(urls.model_page(m.model), render("model.html", pages.model(m, layers[m.model])))
-        predictions = store.predictions(m.model)
         model_layers = layers[m.model]
+        all_units = {layer.layer: store.units(m.model, layer.layer) for layer in model_layers}
+        write(urls.model_page(m.model), render("model.html", pages.model(m, model_layers, all_units)))
+        predictions = store.predictions(m.model)
         for i, layer in enumerate(model_layers):
-            units = store.units(m.model, layer.layer)
+            units = all_units[layer.layer]
             neighbours = (model_layers[i - 1] if i > 0 else None,
                           model_layers[i + 1] if i + 1 < len(model_layers) else None)
             write(urls.layer_page(m.model, layer.layer), render("layer.html", pages.layer(m, layer, units, neighbours)))

@@ -52,3 +52,19 @@ def tiny_dataset() -> Dataset:
 
 def hostile_dataset() -> Dataset:
     return TinyDataset(classes=("<script>alert(1)</script>", "\"quoted\" & 'single'", "../../etc"))
+
+
+def planted_mlp() -> nn.Module:
+    """fc(64 -> 4) + ReLU with planted units: 0 ordinary, 1 dead (always -1), 2 = 2 x unit 0 (redundant),
+    3 constant +10 (saturated)."""
+    torch.manual_seed(4)
+    fc = nn.Linear(64, 4)
+    with torch.no_grad():
+        fc.bias[0] = -0.5 * fc.weight[0].sum()  # centred on the mean input: active about half the time
+        fc.weight[1].zero_()
+        fc.bias[1] = -1.0
+        fc.weight[2] = 2 * fc.weight[0]
+        fc.bias[2] = 2 * fc.bias[0]
+        fc.weight[3].zero_()
+        fc.bias[3] = 10.0
+    return nn.Sequential(OrderedDict([("flatten", nn.Flatten()), ("fc", fc), ("relu", nn.ReLU())]))

@@ -6,22 +6,40 @@ import numpy as np
 import pytest
 
 from atlas_builder.probe import LayerInfo
-from atlas_builder.scan import LayerScan, ModelScan
+from atlas_builder.scan import LayerScan, ModelScan, TopKResult
 from atlas_builder.store import ModelRecord, Store
+
+
+def fake_layer(info: LayerInfo, rng, n: int, k: int, n_classes: int = 3) -> LayerScan:
+    u = info.n_units
+    m = info.spatial[0] * info.spatial[1] if info.spatial else 0
+
+    def ranked(sign):
+        values = (sign * np.sort(-sign * rng.standard_normal((u, k)), axis=1)).astype(np.float32)
+        return TopKResult(values, rng.integers(0, n, (u, k)),
+                          rng.integers(0, max(m, 1), (u, k)) if m else np.full((u, k), -1),
+                          rng.standard_normal((u, k, m)).astype(np.float16) if m and sign == 1 else None,
+                          np.ones((u, k), dtype=bool))
+
+    top, bottom = ranked(1), ranked(-1)
+    top.valid[0, -1] = False  # fewer than k finite activations for unit 0
+    stats = {"count": np.full(u, n), "nonfinite": np.arange(u), "mean": rng.standard_normal(u),
+             "std": rng.random(u), "min": top.values[:, -1].astype(np.float64) - 1, "max": top.values[:, 0].astype(np.float64),
+             "frac_active": rng.random(u), "position_activity": rng.random(u), "selectivity": rng.random(u),
+             "top_class": rng.integers(0, n_classes, u), "dead": np.arange(u) == 1, "saturated": np.arange(u) == 2,
+             "redundant_with": np.where(np.arange(u) == 0, 1, -1), "redundant_corr": np.where(np.arange(u) == 0, 0.99, np.nan)}
+    sample = rng.standard_normal((n, u)).astype(np.float16)
+    return LayerScan(info, top, bottom, stats, [f"label {i}" for i in range(u)], rng.integers(0, 9, (u, 5)),
+                     rng.standard_normal(u), rng.standard_normal(u) + 5, rng.standard_normal((u, n_classes)), sample)
 
 
 def fake_scan(model="m", n=12, k=3, seed=0) -> ModelScan:
     rng = np.random.default_rng(seed)
     conv = LayerInfo("features.0", "Conv2d", (4, 5, 6), True)
     fc = LayerInfo("fc", "Linear", (3,), True)
-    layers = []
-    for info in (conv, fc):
-        u = info.n_units
-        values = -np.sort(-rng.standard_normal((u, k)), axis=1).astype(np.float32)
-        layers.append(LayerScan(info, values, rng.integers(0, n, (u, k)),
-                                rng.integers(0, 30, (u, k)) if info.spatial else np.full((u, k), -1),
-                                rng.standard_normal(u), values[:, 0].astype(np.float64)))
-    return ModelScan(model, layers, np.arange(n) % 3, rng.integers(0, 3, n), rng.random(n), n, 0.5, 0.25)
+    layers = [fake_layer(info, rng, n, k) for info in (conv, fc)]
+    return ModelScan(model, layers, np.arange(n) % 3, rng.integers(0, 3, n), rng.random(n), n, 0.5, 0.25,
+                     np.arange(n))
 
 
 def test_round_trip(tmp_path):
@@ -44,16 +62,42 @@ def test_round_trip(tmp_path):
             units = store.units("m", layer.layer)
             assert [u.unit for u in units] == list(range(layer.n_units))
             for u in units:
-                np.testing.assert_allclose([t.value for t in u.top], expected.topk_values[u.unit], rtol=1e-6)
-                assert [t.example for t in u.top] == list(expected.topk_ids[u.unit])
-                assert [t.position for t in u.top] == list(expected.topk_positions[u.unit])
-                assert [t.rank for t in u.top] == list(range(3))
-                assert u.mean == pytest.approx(expected.mean[u.unit])
+                for got, want in ((u.top, expected.top), (u.bottom, expected.bottom)):
+                    keep = want.valid[u.unit]
+                    np.testing.assert_allclose([t.value for t in got], want.values[u.unit][keep], rtol=1e-6)
+                    assert [t.example for t in got] == list(want.ids[u.unit][keep])
+                    assert [t.position for t in got] == list(want.positions[u.unit][keep])
+                    assert [t.rank for t in got] == list(np.arange(3)[keep])
+                    if want.maps is None or layer.spatial is None:
+                        assert all(t.map is None for t in got)
+                    else:
+                        for t in got:
+                            np.testing.assert_array_equal(
+                                t.map, want.maps[u.unit, t.rank].astype(np.float32).reshape(layer.spatial))
+                st = expected.stats
+                assert u.mean == pytest.approx(st["mean"][u.unit])
+                assert (u.count, u.nonfinite) == (st["count"][u.unit], st["nonfinite"][u.unit])
+                assert (u.std, u.frac_active, u.position_activity, u.selectivity) == pytest.approx(
+                    (st["std"][u.unit], st["frac_active"][u.unit], st["position_activity"][u.unit],
+                     st["selectivity"][u.unit]))
+                assert u.top_class == st["top_class"][u.unit]
+                assert (u.dead, u.saturated) == (u.unit == 1, u.unit == 2)
+                assert u.redundant_with == (1 if u.unit == 0 else -1)
+                assert u.redundant_corr == (pytest.approx(0.99) if u.unit == 0 else None)
+                assert u.label == f"label {u.unit}"
+                assert u.hist == tuple(expected.hist_counts[u.unit])
+                assert (u.hist_lo, u.hist_hi) == pytest.approx((expected.hist_lo[u.unit], expected.hist_hi[u.unit]))
+                assert u.class_means == pytest.approx(tuple(expected.class_means[u.unit]))
+                assert "dead" in u.flags if u.unit == 1 else "dead" not in u.flags
+            sample, ids = store.sample("m", layer.layer)
+            np.testing.assert_array_equal(sample, expected.sample.T)
+            np.testing.assert_array_equal(ids, np.arange(12))
         preds = store.predictions("m")
         assert preds[5] == (int(scan.predicted[5]), pytest.approx(scan.confidence[5]))
         assert store.stage_fingerprint("scan:m") == "scan-fp"
         assert store.meta() == {"title": "T"}
-        assert store.referenced_examples() == sorted(set(int(i) for l in scan.layers for i in l.topk_ids.ravel()))
+        shown = {int(i) for l in scan.layers for t in (l.top, l.bottom) for i in t.ids[t.valid]}
+        assert store.referenced_examples() == sorted(shown)
 
 
 def test_rescan_replaces_rows_and_dataset_change_clears(tmp_path):
@@ -62,7 +106,7 @@ def test_rescan_replaces_rows_and_dataset_change_clears(tmp_path):
         store.write_scan(fake_scan(seed=0), "f1")
         store.write_scan(fake_scan(seed=1), "f2")
         n = store.con.execute("SELECT count(*) FROM topk").fetchone()[0]
-        assert n == (4 + 3) * 3  # replaced, not appended
+        assert n == (4 + 3) * 3 * 2 - 2  # top and bottom, one invalid entry per layer; replaced, not appended
         assert store.stage_fingerprint("scan:m") == "f2"
         store.write_dataset(["x"], np.zeros(5, dtype=int), "d2")  # another dataset: old scans are void
         assert store.stage_fingerprint("scan:m") is None
@@ -86,8 +130,8 @@ def test_failed_write_leaves_previous_rows(tmp_path):
         store.write_dataset(["a", "b", "c"], np.arange(12) % 3, "d1")
         store.write_scan(fake_scan(seed=0), "f1")
         bad = fake_scan(seed=1)
-        bad.layers[1].topk_ids = None  # breaks half-way through the write
+        bad.layers[1].top = None  # breaks half-way through the write
         with pytest.raises(AttributeError):
             store.write_scan(bad, "f2")
         assert store.stage_fingerprint("scan:m") == "f1"
-        assert store.con.execute("SELECT count(*) FROM topk").fetchone()[0] == (4 + 3) * 3
+        assert store.con.execute("SELECT count(*) FROM topk").fetchone()[0] == (4 + 3) * 3 * 2 - 2

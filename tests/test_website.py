@@ -44,22 +44,33 @@ def test_unit_page_shows_top_examples_from_the_store(tiny_site):
     site = cfg.atlas.site_dir
     with Store(cfg.store_dir, read_only=True) as store:
         unit = store.units("tiny-cnn", "conv")[2]
+    html = (site / "tiny-cnn/conv/2/index.html").read_text()
     page = read_page(site / "tiny-cnn/conv/2/index.html")
     items = page.find("li", cls="example")
-    assert len(items) == 3
-    assert [int(i["data-example"]) for i in items] == [t.example for t in unit.top]
-    assert [float(i["data-value"]) for i in items] == pytest.approx([t.value for t in unit.top])
-    imgs = page.find("img")
-    assert [i["src"] for i in imgs] == [f"../../../media/examples/{t.example}.webp" for t in unit.top]
-    assert all(i.get("alt") for i in imgs)
-    assert len(page.find("span", cls="where")) == 3  # conv: where it fired
+    assert len(items) == 6  # top 3 and bottom 3
+    assert [int(i["data-example"]) for i in items] == [t.example for t in unit.top + unit.bottom]
+    assert [float(i["data-value"]) for i in items] == pytest.approx([t.value for t in unit.top + unit.bottom])
+    assert [t.value for t in unit.top] == sorted((t.value for t in unit.top), reverse=True)
+    assert [t.value for t in unit.bottom] == sorted(t.value for t in unit.bottom)
+    assert unit.top[0].value >= unit.bottom[0].value
+    imgs = [i for i in page.find("img") if "heat" not in (i.get("class") or "")]
+    assert [i["src"] for i in imgs] == [f"../../../media/examples/{t.example}.webp" for t in unit.top + unit.bottom]
+    assert all(i.get("alt") is not None for i in page.find("img"))
+    heats = page.find("img", cls="heat")
+    assert len(heats) == 3 and all(h["src"].startswith("data:image/png;base64,") for h in heats)  # top-k maps
+    assert len(page.find("span", cls="where")) == 6  # conv: where it fired
     rels = {a.get("rel"): a["href"] for a in page.find("a") if a.get("rel")}
     assert rels == {"prev": "../1/index.html", "up": "../index.html", "next": "../3/index.html"}
     first = read_page(site / "tiny-cnn/conv/0/index.html")
     assert "prev" not in {a.get("rel") for a in first.find("a")}
     assert "Unit 2" in page.text and "tiny-cnn/conv/2" in page.text
+    assert unit.label in page.text
+    assert f"{unit.std:.3g}" in page.text and "Class-selectivity index" in page.text
+    # histogram: one bar per bin, titles carry the counts; class bars: one per class, top class highlighted
+    assert html.count('class="bar"') + html.count('class="bar top"') == 30 + 3
+    assert html.count('class="bar top"') == 1
     mlp = read_page(site / "tiny-mlp/fc1/0/index.html")
-    assert mlp.find("span", cls="where") == []  # flat outputs have no position
+    assert mlp.find("span", cls="where") == [] and mlp.find("img", cls="heat") == []  # flat outputs
 
 
 def test_model_and_layer_pages(tiny_site):
@@ -70,11 +81,21 @@ def test_model_and_layer_pages(tiny_site):
         "tiny-cnn/index.html", "tiny-mlp/index.html"]
     model = read_page(site / "tiny-cnn/index.html")
     assert "4×8×8" in model.text and "Conv2d" in model.text
-    layer_links = [a["href"] for a in model.find("a") if a["href"].count("/") == 1 and ".." not in a["href"]]
-    assert layer_links == ["conv/index.html", "relu/index.html", "fc/index.html"]
+    table_links = [a["href"] for a in model.find("a") if a["href"].count("/") == 1 and ".." not in a["href"]]
+    assert table_links[:3] == ["conv/index.html", "relu/index.html", "fc/index.html"]
+    # the all-layer health heatmap: a row link per layer and a cell link per unit
+    heat_units = [a["href"] for a in model.find("a") if a["href"].count("/") == 2]
+    assert heat_units == [f"{l}/{u}/index.html" for l, n in (("conv", 4), ("relu", 4), ("fc", 3)) for u in range(n)]
     layer = read_page(site / "tiny-cnn/conv/index.html")
     unit_links = [a["href"] for a in layer.find("a") if a["href"].count("/") == 1 and a["href"][0].isdigit()]
     assert unit_links == [f"{i}/index.html" for i in range(4)]
+    with Store(cfg.store_dir, read_only=True) as store:
+        units = store.units("tiny-cnn", "conv")
+    html = (site / "tiny-cnn/conv/index.html").read_text()
+    assert f'<span data-count="dead">{sum(u.dead for u in units)} dead</span>' in html
+    assert f'<span data-count="saturated">{sum(u.saturated for u in units)} saturated</span>' in html
+    for u in units:
+        assert u.label in layer.text
 
 
 def test_hostile_class_names_are_escaped(tmp_path):
@@ -155,3 +176,39 @@ def test_render_is_pure_and_escapes():
     a, b = render("home.html", ctx), render("home.html", ctx)
     assert a == b
     assert "&lt;T&gt;" in a and "<T>" not in a and "&lt;d&gt;" in a
+
+
+def test_health_flags_of_planted_units_reach_the_pages(tmp_path):
+    path = write_config(tmp_path, f"""
+        [atlas]
+        name = "planted"
+        data_dir = "{tmp_path / 'data'}"
+        site_dir = "{tmp_path / 'site'}"
+        [dataset]
+        source = "fixtures_models:tiny_dataset"
+        [[models]]
+        name = "p"
+        source = "fixtures_models:planted_mlp"
+        """)
+    cfg = load_config(path)
+    build(cfg, progress=False)
+    with Store(cfg.store_dir, read_only=True) as store:
+        units = {u.unit: u for u in store.units("p", "relu")}
+    assert units[1].dead and units[1].label == "dead"
+    assert units[3].saturated and units[3].label == "saturated"
+    assert units[0].redundant_with == 2 and units[2].redundant_with == 0
+    assert units[2].redundant_corr == pytest.approx(1.0, abs=1e-3)
+    assert not units[0].dead and not units[0].saturated
+    site = cfg.atlas.site_dir
+    html = (site / "p/relu/index.html").read_text()
+    assert '<span data-count="dead">1 dead</span>' in html
+    assert '<span data-count="saturated">1 saturated</span>' in html
+    assert '<span data-count="redundant">2 redundant</span>' in html
+    unit2 = read_page(site / "p/relu/2/index.html")
+    [partner] = unit2.find("a", cls="partner")
+    assert partner["href"] == "../0/index.html"
+    assert {f.get("class") for f in unit2.find("span") if "flag" in (f.get("class") or "")} == {"flag flag-redundant"}
+    dead = read_page(site / "p/relu/1/index.html")
+    assert "flag flag-dead" in {f.get("class") for f in dead.find("span")}
+    model = (site / "p/index.html").read_text()
+    assert 'fill="#111111"' in model and 'fill="#e0312b"' in model  # dead and saturated cells in the heatmap

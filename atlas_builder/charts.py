@@ -1,0 +1,136 @@
+"""Charts: small inline SVGs and heatmap overlays for the pages, as markup strings.
+
+Pure functions: numbers (and already-relative links) in, markup out, same
+input same bytes. Every piece of text that can come from a model or dataset
+(class names, labels) is escaped here, since the result is inserted into
+templates as safe markup. No files are written: overlays are tiny PNG data
+URIs, so they travel inside the page that shows them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+
+import numpy as np
+from markupsafe import Markup, escape
+from PIL import Image
+
+
+def _num(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def histogram_svg(counts: tuple[int, ...], lo: float, hi: float, width: int = 360, height: int = 120) -> Markup:
+    """Bar chart of an activation histogram with the range on the axis."""
+    if not counts or sum(counts) == 0:
+        return Markup('<p class="muted">No finite activations to plot.</p>')
+    top, n = max(counts), len(counts)
+    plot_h = height - 18
+    bar_w = width / n
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+             f'aria-label="Histogram of activations from {_num(lo)} to {_num(hi)}">']
+    step = (hi - lo) / n if n else 0
+    for i, c in enumerate(counts):
+        h = plot_h * c / top
+        parts.append(f'<rect x="{i * bar_w:.2f}" y="{plot_h - h:.2f}" width="{max(bar_w - 1, 0.5):.2f}" '
+                     f'height="{h:.2f}" class="bar"><title>{_num(lo + i * step)} to {_num(lo + (i + 1) * step)}: '
+                     f'{c}</title></rect>')
+    parts.append(f'<text x="0" y="{height - 3}" class="axis">{_num(lo)}</text>')
+    parts.append(f'<text x="{width}" y="{height - 3}" class="axis" text-anchor="end">{_num(hi)}</text>')
+    if lo < 0 < hi:
+        x0 = width * (0 - lo) / (hi - lo)
+        parts.append(f'<line x1="{x0:.2f}" x2="{x0:.2f}" y1="0" y2="{plot_h}" class="zero"/>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def class_bars_svg(class_means: tuple[float | None, ...], class_names: list[str], top_class: int,
+                   width: int = 360) -> Markup:
+    """Horizontal bars of the mean activation per class; the top class highlighted."""
+    values = [v for v in class_means if v is not None]
+    if not values:
+        return Markup('<p class="muted">No labelled examples.</p>')
+    row, label_w = 16, 90
+    height = row * len(class_means) + 4
+    lo, hi = min(0.0, min(values)), max(0.0, max(values))
+    span = (hi - lo) or 1.0
+    plot_w = width - label_w - 50
+    zero = label_w + plot_w * (0 - lo) / span
+    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+             f'aria-label="Mean activation per class">']
+    for i, v in enumerate(class_means):
+        y = 2 + i * row
+        name = escape(class_names[i] if i < len(class_names) else str(i))
+        parts.append(f'<text x="{label_w - 6}" y="{y + 12}" class="axis" text-anchor="end">{name}</text>')
+        if v is None:
+            continue
+        x1 = label_w + plot_w * (v - lo) / span
+        cls = "bar top" if i == top_class else "bar"
+        parts.append(f'<rect x="{min(zero, x1):.2f}" y="{y + 2}" width="{abs(x1 - zero):.2f}" height="{row - 4}" '
+                     f'class="{cls}"><title>{name}: {_num(v)}</title></rect>')
+        parts.append(f'<text x="{max(zero, x1) + 4:.2f}" y="{y + 12}" class="axis">{_num(v)}</text>')
+    parts.append(f'<line x1="{zero:.2f}" x2="{zero:.2f}" y1="0" y2="{height}" class="zero"/>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def heat_uri(heat: np.ndarray) -> str:
+    """A unit's spatial map on one example as a translucent red PNG data URI (min..max scaled, squared)."""
+    m = np.nan_to_num(heat.astype(np.float32))
+    lo, hi = float(m.min()), float(m.max())
+    scaled = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+    rgba = np.zeros(m.shape + (4,), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2] = 255, 40, 0
+    rgba[..., 3] = np.round(scaled ** 2 * 200).astype(np.uint8)  # squared: the peak stands out
+    buf = io.BytesIO()
+    Image.fromarray(rgba, mode="RGBA").save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+ACTIVITY_STOPS = [(0.0, (68, 1, 84)), (0.25, (59, 82, 139)), (0.5, (33, 145, 140)), (0.75, (94, 201, 98)),
+                  (1.0, (253, 231, 37))]  # viridis
+
+
+def activity_colour(fraction: float, dead: bool, saturated: bool) -> str:
+    if dead:
+        return "#111111"
+    if saturated:
+        return "#e0312b"
+    f = min(max(fraction, 0.0), 1.0)
+    for (a, ca), (b, cb) in zip(ACTIVITY_STOPS, ACTIVITY_STOPS[1:]):
+        if f <= b:
+            t = (f - a) / (b - a)
+            return "#" + "".join(f"{round(x + (y - x) * t):02x}" for x, y in zip(ca, cb))
+    return "#fde725"
+
+
+def health_heatmap_svg(rows: list[dict], width: int = 900) -> Markup:
+    """Units × layers: one strip per layer, one cell per unit coloured by activity, linked to its page.
+
+    rows: [{"layer": str, "href": str, "units": [{"href", "activity", "dead", "saturated", "label"}]}]
+    """
+    label_w, row_h = 140, 18
+    plot_w = width - label_w
+    height = row_h * len(rows) + 4
+    parts = [f'<svg class="chart heatmap" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
+             f'role="img" aria-label="Activity of every unit of every layer">']
+    for i, r in enumerate(rows):
+        y = 2 + i * row_h
+        parts.append(f'<a href="{escape(r["href"])}"><text x="{label_w - 6}" y="{y + 13}" class="axis" '
+                     f'text-anchor="end">{escape(r["layer"])}</text></a>')
+        n = max(len(r["units"]), 1)
+        cell = plot_w / n
+        for j, u in enumerate(r["units"]):
+            colour = activity_colour(u["activity"], u["dead"], u["saturated"])
+            parts.append(f'<a href="{escape(u["href"])}"><rect x="{label_w + j * cell:.2f}" y="{y}" '
+                         f'width="{max(cell - (0.5 if cell > 3 else 0), 0.5):.2f}" height="{row_h - 3}" '
+                         f'fill="{colour}"><title>{escape(r["layer"])} unit {j}: {escape(u["label"])}, active on '
+                         f'{100 * u["activity"]:.0f}% of positions</title></rect></a>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def percent(x: float | None) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
