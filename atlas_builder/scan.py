@@ -50,10 +50,10 @@ from .sources import AtlasDataset, LoadedModel
 
 @dataclass
 class TopKResult:
-    values: np.ndarray  # [U, k] float32, best first (largest for top-k, smallest for bottom-k)
-    ids: np.ndarray  # [U, k] example ids
-    positions: np.ndarray  # [U, k] flat argmax position, -1 for flat outputs
-    maps: np.ndarray | None  # [U, k, H*W] float16 spatial maps, conv top-k only
+    values: np.ndarray  # [U, k] float32, best first (largest for top-k, smallest for bottom-k); NaN where invalid
+    ids: np.ndarray  # [U, k] example ids; -1 where invalid
+    positions: np.ndarray  # [U, k] flat argmax position of the map, -1 for flat outputs or where invalid
+    maps: np.ndarray | None  # [U, k, M] float32 map of each entry over its M positions (conv/token layers)
     valid: np.ndarray  # [U, k] False where fewer than k finite activations existed
 
 
@@ -184,7 +184,7 @@ POSITION_SAMPLE = 256  # examples (a subset of the sample) on which the fraction
 def exact_order(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """int64 keys that order like (key descending, id ascending) with no ties: keys [B, U] float, ids [B]."""
     k = keys.float() + 0.0  # -0.0 -> +0.0
-    k = torch.where(torch.isnan(k), -torch.inf, k)
+    k = torch.where(torch.isfinite(k), k, -torch.inf)  # non-finite never wins (fold drops it anyway)
     bits = k.view(torch.int32).long()
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # IEEE order as signed integers
     return ordered * 2**32 + (2**32 - 1 - ids.long()).view(-1, 1)
@@ -206,8 +206,9 @@ class Moments:
         if bool(torch.isfinite(values).all()):  # the usual case: fewer passes, float64 sums
             n = values.shape[0]
             other.count = torch.full((values.shape[1],), float(n), dtype=torch.float64)
-            other.mean = values.sum(0, dtype=torch.float64) / max(n, 1)
-            other.m2 = (values - other.mean.to(values.dtype)).square().sum(0, dtype=torch.float64)
+            v = values.double()  # float64 throughout: a large offset with a small spread stays exact
+            other.mean = v.sum(0) / max(n, 1)
+            other.m2 = (v - other.mean).square().sum(0)
             other.min, other.max = values.amin(0).double(), values.amax(0).double()
             other.nonfinite = torch.zeros(values.shape[1], dtype=torch.float64)
         else:
@@ -380,7 +381,7 @@ class LayerAccumulator:
                  sampled: torch.Tensor | slice | None) -> None:
         maps = unit_maps(output)
         if maps is None:
-            values = output
+            values = output.clone()  # buffered: an in-place op later in the forward must not reach it
         else:
             values = maps.amax(2) if self.reduce == "max" else maps.mean(2)
         if values.dtype != torch.float32:
@@ -641,7 +642,7 @@ def scan_model(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg
     conf = torch.cat(confidence).numpy() if pred is not None else None
     accuracy = None
     if pred is not None:
-        valid = labels >= 0
+        valid = (labels >= 0) & (labels < len(dataset.class_names))
         if valid.any():
             accuracy = float((pred[valid] == labels[valid]).mean())
     return ModelScan(model.name, result_layers, labels, pred, conf, seen, time.perf_counter() - start, accuracy,
