@@ -1,6 +1,6 @@
 """Build: run the stages in order for one config and report what it took.
 
-config -> sources (model, dataset) -> scan (per model) -> media -> website.
+config -> sources (model, dataset) -> scan, feature vis (per model) -> media -> website.
 Each compute stage records a fingerprint of its inputs in the store (config
 section, model weights, dataset, layers) and is skipped when it has not
 changed, so a re-run of `make site` only re-renders. The website reads the
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import media
+from . import media, visualize
 from .config import AtlasConfig
 from .errors import AtlasError
 from .probe import resolve_layers
@@ -28,6 +28,7 @@ from .store import ModelRecord, Store
 from .website import build_site
 
 SCAN_VERSION = 1  # bump when scan's output changes meaning (invalidates stored scans)
+FEATUREVIS_VERSION = 1  # likewise for the feature-vis stage
 
 
 @dataclass
@@ -96,6 +97,7 @@ def build(cfg: AtlasConfig, progress: bool = True) -> BuildReport:
                 report.add_time("scan", time.perf_counter() - start)
             store.write_model(ModelRecord(section.name, position, section.display_title, section.source,
                                           model.fingerprint, model.info["parameters"], accuracy, model.info))
+            run_featurevis(cfg, store, model, layers, dataset, device, report, progress)
             report.accuracy[section.name] = accuracy
         store.keep_models([m.name for m in cfg.models])
         store.write_meta({"title": cfg.site.title, "dataset": cfg.dataset.source,
@@ -113,6 +115,26 @@ def build(cfg: AtlasConfig, progress: bool = True) -> BuildReport:
             report.units += sum(l.n_units for l in layers)
     report.pages, report.site_bytes, report.site_path = site.pages, site.bytes, site.path
     return report
+
+
+def run_featurevis(cfg: AtlasConfig, store: Store, model, layers: list[str], dataset, device: torch.device,
+                   report: BuildReport, progress: bool) -> None:
+    """The feature-vis stage of one model, skipped when its inputs have not changed."""
+    stage = f"featurevis:{model.name}"
+    if not cfg.featurevis.enabled:
+        store.clear_featurevis(model.name)
+        return
+    shape = visualize.input_shape(dataset, cfg.featurevis)
+    fp = fingerprint(FEATUREVIS_VERSION, model.fingerprint, layers, cfg.featurevis.__dict__, cfg.atlas.seed, shape,
+                     dataset.mean, dataset.std)
+    if store.stage_fingerprint(stage) == fp:
+        report.skipped.append(stage)
+        return
+    n_units = {l.layer: l.n_units for l in store.layers(model.name)}
+    rows, weights, seconds = visualize.run(model, {name: n_units[name] for name in layers}, dataset, cfg.featurevis,
+                                           cfg.atlas.seed, device, store.media_dir, progress)
+    store.write_featurevis(model.name, rows, weights, fp, seconds)
+    report.add_time("featurevis", seconds)
 
 
 def layer_table(cfg: AtlasConfig) -> list[tuple[str, list]]:

@@ -36,6 +36,8 @@ from .errors import AtlasError
 SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # used with fullmatch
 DEVICES = ("auto", "cpu", "cuda")
 REDUCTIONS = ("max", "mean")
+FV_OBJECTIVES = ("channel", "neuron")
+FV_TRANSFORMS = ("standard", "none")
 MODEL_KINDS = ("builtin", "torchvision", "import")
 DATASET_KINDS = ("builtin", "imagefolder", "torchvision", "import")
 
@@ -94,6 +96,19 @@ class ScanSection:
 
 
 @dataclass(frozen=True)
+class FeatureVisSection:
+    enabled: bool = True  # render a feature visualization of every probed unit
+    steps: int = 256  # optimizer steps per run
+    lr: float = 0.05  # Adam learning rate on the image's Fourier coefficients
+    batch_size: int = 64  # units optimized together in one run
+    frames: int = 16  # animation frames, log-spaced over the steps
+    objective: str = "channel"  # channel (mean over positions) | neuron (centre position)
+    negative: bool = True  # also render the image that minimizes each unit
+    transforms: str = "standard"  # standard (lucid's pad/jitter/scale/rotate) | none
+    size: int = 0  # square image size in pixels; 0 = the dataset's image size
+
+
+@dataclass(frozen=True)
 class ModelSection:
     name: str  # slug used in URLs: <model>/<layer>/<unit>/
     source: str  # builtin:NAME | torchvision:NAME | pkg.mod:factory
@@ -121,6 +136,7 @@ class AtlasConfig:
     site: SiteSection
     dataset: DatasetSection
     scan: ScanSection
+    featurevis: FeatureVisSection = FeatureVisSection()
     models: tuple[ModelSection, ...] = field(default_factory=tuple)
     path: Path | None = None  # the file it was read from
     base_dir: Path = Path(".")  # relative paths inside the file resolve against this
@@ -159,6 +175,7 @@ SECTIONS = {
     "site": SiteSection,
     "dataset": DatasetSection,
     "scan": ScanSection,
+    "featurevis": FeatureVisSection,
 }
 
 
@@ -267,6 +284,20 @@ def _check(cfg: AtlasConfig, where: str) -> None:
         raise ConfigError(f"{where}atlas.name {a.name!r} must be a slug: lowercase letters, digits, '-' or '_'")
     if a.device not in DEVICES:
         raise ConfigError(f"{where}atlas.device {a.device!r} is not allowed; use one of {', '.join(DEVICES)}")
+    fv = cfg.featurevis
+    for key in ("steps", "batch_size", "frames"):
+        if getattr(fv, key) < 1:
+            raise ConfigError(f"{where}featurevis.{key} must be at least 1, got {getattr(fv, key)}")
+    if fv.lr <= 0:
+        raise ConfigError(f"{where}featurevis.lr must be greater than 0, got {fv.lr}")
+    if fv.size < 0:
+        raise ConfigError(f"{where}featurevis.size must be 0 (the dataset's size) or more, got {fv.size}")
+    if fv.objective not in FV_OBJECTIVES:
+        raise ConfigError(f"{where}featurevis.objective {fv.objective!r} is not allowed; use one of "
+                          f"{', '.join(FV_OBJECTIVES)}")
+    if fv.transforms not in FV_TRANSFORMS:
+        raise ConfigError(f"{where}featurevis.transforms {fv.transforms!r} is not allowed; use one of "
+                          f"{', '.join(FV_TRANSFORMS)}")
     if a.seed < 0:
         raise ConfigError(f"{where}atlas.seed must be 0 or more, got {a.seed}")
     for key in ("top_k", "batch_size", "histogram_bins", "buffer_mb"):

@@ -1,15 +1,20 @@
-"""Media: dataset example images encoded once each as WebP in the store's media folder.
+"""Media: images encoded as WebP in the store's media folder.
 
-Owns the encoding (lossless for small images such as 8x8 digits, where it is
-also the smallest; quality 80 otherwise) and the rule that each example's
-image is written once and referenced by id from every page. Does not decide
-which examples are needed (the store says) and does not build pages.
+Owns the encodings (lossless for small images such as 8x8 digits, where it
+is also the smallest; quality 80 otherwise; animated WebP for feature-vis
+animations; a red/blue heatmap for weights) and the rule that each dataset
+example's image is written once and referenced by id from every page. Does
+not decide which files are needed (the store and the stages say) and does
+not build pages.
 """
 
 from __future__ import annotations
 
 import io
 import shutil
+
+import numpy as np
+import torch
 from pathlib import Path
 
 from PIL import Image
@@ -46,3 +51,34 @@ def write_example_images(dataset: AtlasDataset, examples: list[int], folder: Pat
 def clear(folder: Path) -> None:
     """Forget every image (the dataset they came from changed)."""
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def tensor_image(x: torch.Tensor) -> Image.Image:
+    """[C, H, W] in [0, 1] (C = 1 or 3) as an L or RGB image."""
+    arr = (x.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    if arr.shape[0] == 1:
+        return Image.fromarray(arr[0], mode="L")
+    return Image.fromarray(np.ascontiguousarray(arr[:3].transpose(1, 2, 0)), mode="RGB")
+
+
+def encode_animation(frames: list[Image.Image], frame_ms: int = 120, hold_ms: int = 1500) -> bytes:
+    """An animated WebP that plays the frames once per loop and holds the last one."""
+    buf = io.BytesIO()
+    durations = [frame_ms] * (len(frames) - 1) + [hold_ms]
+    small = frames[0].width * frames[0].height <= LOSSLESS_MAX_PIXELS
+    frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], duration=durations, loop=0,
+                   lossless=small, quality=100 if small else 75, method=4 if small else 2)
+    return buf.getvalue()
+
+
+def weight_heatmap(weights: np.ndarray) -> Image.Image:
+    """A 2-D weight array as RGB: red excitatory, blue inhibitory, white zero (scaled by max |w|)."""
+    w = np.nan_to_num(weights.astype(np.float64))
+    scale = np.abs(w).max() or 1.0
+    t = np.clip(w / scale, -1, 1)
+    rgb = np.ones(w.shape + (3,))
+    pos, neg = np.clip(t, 0, 1), np.clip(-t, 0, 1)
+    rgb[..., 1] -= pos * 0.85 + neg * 0.55  # green falls either way
+    rgb[..., 2] -= pos * 0.85  # red: less blue
+    rgb[..., 0] -= neg * 0.85  # blue: less red
+    return Image.fromarray((rgb * 255).round().astype(np.uint8), mode="RGB")

@@ -44,12 +44,20 @@ CREATE TABLE IF NOT EXISTS topk (
 CREATE TABLE IF NOT EXISTS samples (model VARCHAR, layer VARCHAR, n_units INTEGER, n_examples INTEGER, matrix BLOB,
     PRIMARY KEY (model, layer));
 CREATE TABLE IF NOT EXISTS sample_examples (model VARCHAR, position INTEGER, example INTEGER);
+-- feature visualization; kind 'positive' or 'negative'; media paths relative to the media folder
+CREATE TABLE IF NOT EXISTS featurevis (
+    model VARCHAR, layer VARCHAR, unit INTEGER, kind VARCHAR, activation DOUBLE, image VARCHAR, animation VARCHAR,
+    PRIMARY KEY (model, layer, unit, kind));
+-- first-layer units: their weights drawn as a heatmap (excitatory red, inhibitory blue)
+CREATE TABLE IF NOT EXISTS weights (model VARCHAR, layer VARCHAR, unit INTEGER, image VARCHAR,
+    PRIMARY KEY (model, layer, unit));
 CREATE TABLE IF NOT EXISTS classes (label INTEGER PRIMARY KEY, name VARCHAR);
 CREATE TABLE IF NOT EXISTS examples (example INTEGER PRIMARY KEY, label INTEGER);
 CREATE TABLE IF NOT EXISTS predictions (model VARCHAR, example INTEGER, predicted INTEGER, confidence DOUBLE);
 """
 
-MODEL_TABLES = ("layers", "units", "topk", "predictions", "samples", "sample_examples")  # rows replaced when a model is re-scanned
+MODEL_TABLES = ("layers", "units", "topk", "predictions", "samples", "sample_examples")  # the scan's
+FEATUREVIS_TABLES = ("featurevis", "weights")  # rows replaced when a model is re-scanned
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,21 @@ class TopKRecord:
     value: float
     position: int  # flat index into the layer's spatial grid, -1 when flat
     map: np.ndarray | None = None  # [H, W] float32 activation map (top-k of conv units)
+
+
+@dataclass(frozen=True)
+class FeatureVisRecord:
+    image: str  # media path of the final image
+    animation: str | None  # media path of the optimization animation
+    activation: float  # objective reached on the final image, without transforms
+
+
+@dataclass(frozen=True)
+class VisualRecord:
+    """What the feature-vis stage stored for one unit (any part may be missing)."""
+    positive: FeatureVisRecord | None = None
+    negative: FeatureVisRecord | None = None
+    weights: str | None = None  # media path of the weight heatmap (first-layer units)
 
 
 @dataclass(frozen=True)
@@ -190,7 +213,7 @@ class Store:
         """Classes and example labels; clears everything that referred to an older dataset."""
         with self._transaction():
             if self.stage_fingerprint("dataset") != fingerprint:
-                for table in ("classes", "examples", "stages") + MODEL_TABLES:
+                for table in ("classes", "examples", "stages") + MODEL_TABLES + FEATUREVIS_TABLES:
                     self.con.execute(f"DELETE FROM {table}")
             self.con.execute("DELETE FROM classes")
             self.con.executemany("INSERT INTO classes VALUES (?, ?)", list(enumerate(class_names)))
@@ -211,9 +234,9 @@ class Store:
         with self._transaction():
             gone = [r[0] for r in self.con.execute("SELECT model FROM models").fetchall() if r[0] not in names]
             for model in gone:
-                for table in ("models",) + MODEL_TABLES:
+                for table in ("models",) + MODEL_TABLES + FEATUREVIS_TABLES:
                     self.con.execute(f"DELETE FROM {table} WHERE model = ?", [model])
-                self.con.execute("DELETE FROM stages WHERE stage = ?", [f"scan:{model}"])
+                self.con.execute("DELETE FROM stages WHERE stage IN (?, ?)", [f"scan:{model}", f"featurevis:{model}"])
 
     def write_scan(self, scan, fingerprint: str) -> None:
         """All rows of one model's scan (a scan.ModelScan), replacing its previous ones."""
@@ -244,6 +267,28 @@ class Store:
                                              "predicted": scan.predicted.astype(np.int32),
                                              "confidence": scan.confidence.astype(np.float64)})
             self._mark_stage(f"scan:{model}", fingerprint, scan.seconds)
+
+    def write_featurevis(self, model: str, rows: list[tuple], weights: list[tuple], fingerprint: str,
+                         seconds: float) -> None:
+        """All feature-vis rows of a model, replacing its previous ones.
+
+        rows: (layer, unit, kind, activation, image, animation); weights: (layer, unit, image).
+        """
+        with self._transaction():
+            for table in FEATUREVIS_TABLES:
+                self.con.execute(f"DELETE FROM {table} WHERE model = ?", [model])
+            if rows:
+                self.con.executemany("INSERT INTO featurevis VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                     [(model, *r) for r in rows])
+            if weights:
+                self.con.executemany("INSERT INTO weights VALUES (?, ?, ?, ?)", [(model, *w) for w in weights])
+            self._mark_stage(f"featurevis:{model}", fingerprint, seconds)
+
+    def clear_featurevis(self, model: str) -> None:
+        with self._transaction():
+            for table in FEATUREVIS_TABLES:
+                self.con.execute(f"DELETE FROM {table} WHERE model = ?", [model])
+            self.con.execute("DELETE FROM stages WHERE stage = ?", [f"featurevis:{model}"])
 
     def _write_units(self, model: str, layer_name: str, layer) -> None:
         st = layer.stats
@@ -331,6 +376,27 @@ class Store:
         ids = self.con.execute("SELECT example FROM sample_examples WHERE model = ? ORDER BY position",
                                [model]).fetchnumpy()["example"]
         return np.frombuffer(row[2], dtype=np.float16).reshape(row[0], row[1]), ids
+
+    def visuals(self, model: str, layer: str) -> dict[int, VisualRecord]:
+        """Feature visualizations and weight heatmaps of a layer's units, by unit."""
+        parts: dict[int, dict] = defaultdict(dict)
+        for unit, kind, activation, image, animation in self.con.execute(
+                "SELECT unit, kind, activation, image, animation FROM featurevis WHERE model = ? AND layer = ?",
+                [model, layer]).fetchall():
+            parts[unit][kind] = FeatureVisRecord(image, animation, activation)
+        for unit, image in self.con.execute("SELECT unit, image FROM weights WHERE model = ? AND layer = ?",
+                                            [model, layer]).fetchall():
+            parts[unit]["weights"] = image
+        return {u: VisualRecord(p.get("positive"), p.get("negative"), p.get("weights"))
+                for u, p in sorted(parts.items())}
+
+    def media_files(self) -> list[str]:
+        """Every media path (relative to the media folder) the pages reference, sorted."""
+        files = {f"examples/{e}.webp" for e in self.referenced_examples()}
+        for row in self.con.execute("SELECT image, animation FROM featurevis").fetchall():
+            files.update(p for p in row if p)
+        files.update(r[0] for r in self.con.execute("SELECT image FROM weights").fetchall())
+        return sorted(files)
 
     def class_names(self) -> list[str]:
         return [r[0] for r in self.con.execute("SELECT name FROM classes ORDER BY label").fetchall()]

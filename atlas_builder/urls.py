@@ -44,9 +44,19 @@ def unit_page(uid: UnitId) -> str:
     return f"{unit_dir(uid)}/index.html"
 
 
+def media(path: str) -> str:
+    """A file of the store's media folder (a path the store gives), as published in the site."""
+    return f"media/{path}"
+
+
 def example_image(example: int) -> str:
     """Each dataset example's image is stored once and referenced by every page."""
-    return f"media/examples/{example}.webp"
+    return media(f"examples/{example}.webp")
+
+
+def featurevis_media(model: str, layer: str, unit: int, kind: str) -> str:
+    """Store media path of a unit's feature-vis file; kind: positive, animation, negative, weights."""
+    return f"fv/{model}/{layer_slug(layer)}/{unit}.{kind}.webp"
 
 
 def static(name: str) -> str:

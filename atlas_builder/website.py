@@ -31,7 +31,7 @@ from tqdm import tqdm
 from . import atomic, charts, urls
 from .errors import AtlasError
 from .ids import UnitId
-from .store import LayerRecord, ModelRecord, Store, UnitRecord
+from .store import LayerRecord, ModelRecord, Store, UnitRecord, VisualRecord
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 MARKER = ".atlas-site"  # marks a folder as ours, so we never replace a folder we did not write
@@ -119,11 +119,15 @@ class Pages:
                 "layers": rows, "heatmap": charts.health_heatmap_svg(heat_rows)}
 
     def layer(self, m: ModelRecord, layer: LayerRecord, units: list[UnitRecord],
-              neighbours: tuple[LayerRecord | None, LayerRecord | None]) -> dict:
+              neighbours: tuple[LayerRecord | None, LayerRecord | None], visuals: dict[int, VisualRecord]) -> dict:
         page = urls.layer_page(m.model, layer.layer)
         cells = []
         for u in units:
-            thumb = urls.rel(page, urls.example_image(u.top[0].example)) if u.top else None
+            vis = visuals.get(u.unit)
+            if vis and vis.positive:
+                thumb = urls.rel(page, urls.media(vis.positive.image))
+            else:
+                thumb = urls.rel(page, urls.example_image(u.top[0].example)) if u.top else None
             cells.append({"unit": u.unit, "href": urls.rel(page, urls.unit_page(UnitId(m.model, layer.layer, u.unit))),
                           "thumb": thumb, "max": fmt(u.max), "mean": fmt(u.mean), "label": u.label,
                           "flags": u.flags})
@@ -136,7 +140,7 @@ class Pages:
                           "n_units": layer.n_units, **health_counts(units)}}
 
     def unit(self, m: ModelRecord, layer: LayerRecord, u: UnitRecord, n_units: int,
-             predictions: dict[int, tuple[int, float]]) -> dict:
+             predictions: dict[int, tuple[int, float]], vis: VisualRecord | None = None) -> dict:
         uid = UnitId(m.model, layer.layer, u.unit)
         page = urls.unit_page(uid)
 
@@ -175,9 +179,22 @@ class Pages:
                 "histogram": charts.histogram_svg(u.hist, u.hist_lo, u.hist_hi),
                 "class_bars": charts.class_bars_svg(u.class_means, self.class_names, u.top_class),
                 "permalink": permalink, "permalink_href": permalink if self.base_url else urls.rel(page, page),
-                "top": examples(u.top), "bottom": examples(u.bottom),
+                "top": examples(u.top), "bottom": examples(u.bottom), "featurevis": visual_context(page, vis),
                 "prev": sibling(u.unit - 1), "next": sibling(u.unit + 1),
                 "up": urls.rel(page, urls.layer_page(m.model, layer.layer))}
+
+
+def visual_context(page: str, vis: VisualRecord | None) -> dict | None:
+    """Links of a unit's feature visualization, negative image and weight heatmap (None if it has none)."""
+    if vis is None:
+        return None
+    ctx = {"weights": urls.rel(page, urls.media(vis.weights)) if vis.weights else None}
+    for kind, record in (("positive", vis.positive), ("negative", vis.negative)):
+        ctx[kind] = None if record is None else {
+            "image": urls.rel(page, urls.media(record.image)),
+            "animation": urls.rel(page, urls.media(record.animation)) if record.animation else None,
+            "activation": fmt(record.activation)}
+    return ctx
 
 
 def health_counts(units: list[UnitRecord]) -> dict[str, int]:
@@ -247,11 +264,13 @@ def _write_tree(store: Store, out: Path, site_title: str, base_url: str, progres
         predictions = store.predictions(m.model)
         for i, layer in enumerate(model_layers):
             units = all_units[layer.layer]
+            visuals = store.visuals(m.model, layer.layer)
             neighbours = (model_layers[i - 1] if i > 0 else None,
                           model_layers[i + 1] if i + 1 < len(model_layers) else None)
-            write(urls.layer_page(m.model, layer.layer), render("layer.html", pages.layer(m, layer, units, neighbours)))
+            write(urls.layer_page(m.model, layer.layer),
+                  render("layer.html", pages.layer(m, layer, units, neighbours, visuals)))
             for u in units:
-                ctx = pages.unit(m, layer, u, len(units), predictions)
+                ctx = pages.unit(m, layer, u, len(units), predictions, visuals.get(u.unit))
                 write(urls.unit_page(UnitId(m.model, layer.layer, u.unit)), render("unit.html", ctx))
                 unit_pages += 1
                 bar.update(1)
@@ -259,13 +278,13 @@ def _write_tree(store: Store, out: Path, site_title: str, base_url: str, progres
     atomic.write_bytes(out / css, css_bytes)
     atomic.write_bytes(out / ".nojekyll", b"")
     atomic.write_bytes(out / MARKER, b"Built by Neuron Atlas; this folder is replaced on every build.\n")
-    media = out / "media" / "examples"
-    media.mkdir(parents=True, exist_ok=True)
-    for example in store.referenced_examples():
-        src = store.media_dir / "examples" / f"{example}.webp"
+    for path in store.media_files():
+        src = store.media_dir / path
         if not src.is_file():
-            raise AtlasError(f"the store lacks the image of example {example} ({src}); rebuild with `atlas build`")
-        _link_or_copy(src, out / urls.example_image(example))
+            raise AtlasError(f"the store lacks the media file {path} ({src}); rebuild with `atlas build`")
+        dst = out / urls.media(path)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _link_or_copy(src, dst)
     files = [p for p in out.rglob("*") if p.is_file()]
     return SiteSummary(len(written), unit_pages, len(files), sum(p.stat().st_size for p in files), out)
 

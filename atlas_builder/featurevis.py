@@ -1,0 +1,356 @@
+"""Feature visualization: batched activation maximization from small callables.
+
+In the spirit of lucid/lucent's `optvis`, built from three kinds of pieces
+and one optimizer loop:
+
+- parametrization: `FourierImage`, a batch of images held as Fourier
+  coefficients scaled by 1/f (so low frequencies dominate), with decorrelated
+  colour for 3-channel images, squashed to [0, 1] by a sigmoid;
+- transforms: random each step (`pad`, `jitter`, `random_scale`,
+  `random_rotate`, composed by `compose`); `standard_transforms(size)` is the
+  lucid recipe scaled to the image size. Every pipeline ends by resizing back
+  to the parametrized size, so models with a fixed input size (MLPs, linear
+  heads) work;
+- objectives: `channel` (mean over positions), `neuron` (the centre
+  position), `diversity`; they compose with +, -, * and unary minus
+  (negative images are `-channel(...)`).
+
+`render` optimizes a whole batch of images at once, image i for unit
+units[i], and stops the forward pass at the target layer (`TruncatedModel`),
+so a 64-channel layer costs about one run and early layers cost a fraction of
+the network. Gradients flow to the image only (the model's parameters are
+frozen during the run). Seeds are explicit: the same call gives the same
+images. No file I/O here: the feature-vis stage (visualize.py) encodes and
+stores what this returns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import AtlasError
+from .probe import unknown_layer
+
+# lucid's colour decorrelation: square root of the ImageNet colour covariance's SVD
+COLOR_CORRELATION_SVD_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
+
+
+# --- parametrization -------------------------------------------------------------
+
+class FourierImage(nn.Module):
+    """A batch of images [B, C, H, W] in [0, 1], parametrized by a 1/f-scaled spectrum."""
+
+    def __init__(self, batch: int, channels: int, height: int, width: int, seeds: Sequence[int],
+                 decay_power: float = 1.0, sd: float = 0.01):
+        """seeds: one per image, so an image starts the same whatever batch it is optimized in."""
+        super().__init__()
+        self.shape = (batch, channels, height, width)
+        fy = torch.fft.fftfreq(height).view(-1, 1)
+        fx = torch.fft.rfftfreq(width).view(1, -1)
+        freqs = torch.sqrt(fx * fx + fy * fy)
+        scale = 1.0 / torch.clamp(freqs, min=1.0 / max(height, width)) ** decay_power
+        self.register_buffer("scale", (scale * math.sqrt(height * width)).unsqueeze(-1))
+        spectrum = torch.stack([torch.randn(channels, height, width // 2 + 1, 2,
+                                            generator=torch.Generator().manual_seed(int(s))) for s in seeds]) * sd
+        self.spectrum = nn.Parameter(spectrum)
+
+    def forward(self) -> torch.Tensor:
+        b, c, h, w = self.shape
+        spectrum = torch.view_as_complex((self.spectrum * self.scale).contiguous())
+        image = torch.fft.irfft2(spectrum, s=(h, w), norm="ortho") / 4.0
+        if c == 3:
+            matrix = COLOR_CORRELATION_SVD_SQRT.to(image.device)
+            matrix = matrix / matrix.norm(dim=0).max()
+            image = torch.einsum("bchw,dc->bdhw", image, matrix)
+        return torch.sigmoid(image)
+
+
+# --- transforms (image batch, generator) -> image batch -----------------------------
+
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def _randint(low: int, high: int, gen: torch.Generator) -> int:
+    return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+
+def _choice(options: Sequence[float], gen: torch.Generator) -> float:
+    return float(options[int(torch.randint(len(options), (1,), generator=gen))])
+
+
+def pad(width: int, value: float = 0.5) -> Transform:
+    def t(x, gen):
+        return F.pad(x, (width,) * 4, mode="constant", value=value) if width else x
+    return t
+
+
+def jitter(d: int) -> Transform:
+    """Crop a random window d pixels smaller (a random shift)."""
+    def t(x, gen):
+        if d <= 0:
+            return x
+        h, w = x.shape[2] - d, x.shape[3] - d
+        oy, ox = _randint(0, d, gen), _randint(0, d, gen)
+        return x[:, :, oy:oy + h, ox:ox + w]
+    return t
+
+
+def random_scale(scales: Sequence[float]) -> Transform:
+    def t(x, gen):
+        s = _choice(scales, gen)
+        if s == 1.0:
+            return x
+        size = (max(1, round(x.shape[2] * s)), max(1, round(x.shape[3] * s)))
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return t
+
+
+def random_rotate(degrees: Sequence[float]) -> Transform:
+    def t(x, gen):
+        angle = math.radians(_choice(degrees, gen))
+        if angle == 0:
+            return x
+        cos, sin = math.cos(angle), math.sin(angle)
+        theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype, device=x.device)
+        grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return t
+
+
+def resize_to(height: int, width: int) -> Transform:
+    def t(x, gen):
+        if x.shape[2:] == (height, width):
+            return x
+        return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+    return t
+
+
+def compose(transforms: Sequence[Transform]) -> Transform:
+    def t(x, gen):
+        for step in transforms:
+            x = step(x, gen)
+        return x
+    return t
+
+
+def standard_transforms(height: int, width: int) -> Transform:
+    """lucid's standard transforms (pad 12, jitter 8, scale ±5 %, rotate ±10°, jitter 4 at 224 px),
+    scaled to the image size, then back to the image size."""
+    size = min(height, width)
+    unit = max(1, round(size / 28))
+    return compose([pad(max(1, round(size * 12 / 224))), jitter(unit * 2 if size >= 56 else unit),
+                    random_scale([1 + (i - 5) / 50 for i in range(11)]),
+                    random_rotate(list(range(-10, 11)) + 5 * [0]), jitter(max(1, unit // 2)),
+                    resize_to(height, width)])
+
+
+def no_transforms(height: int, width: int) -> Transform:
+    return resize_to(height, width)
+
+
+# --- objectives: activations of the target layer -> score per image [B] ---------------
+
+class Objective:
+    """A score per image to maximize; composes with +, -, * (by a number) and unary minus."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], name: str):
+        self.fn, self.name = fn, name
+
+    def __call__(self, acts: torch.Tensor) -> torch.Tensor:
+        return self.fn(acts)
+
+    def __add__(self, other: "Objective") -> "Objective":
+        return Objective(lambda a: self(a) + other(a), f"{self.name} + {other.name}")
+
+    def __sub__(self, other: "Objective") -> "Objective":
+        return Objective(lambda a: self(a) - other(a), f"{self.name} - {other.name}")
+
+    def __mul__(self, k: float) -> "Objective":
+        return Objective(lambda a: self(a) * k, f"{k} * {self.name}")
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "Objective":
+        return Objective(lambda a: -self(a), f"-{self.name}")
+
+
+def _unit_values(acts: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """[B, M] values of unit units[b] of image b over its M positions (M = 1 for flat outputs)."""
+    rows = torch.arange(acts.shape[0], device=acts.device)
+    if acts.dim() == 4:
+        return acts[rows, units].flatten(1)
+    if acts.dim() == 3:
+        return acts[rows, :, units]
+    if acts.dim() == 2:
+        return acts[rows, units].unsqueeze(1)
+    raise AtlasError(f"cannot visualize a layer output of shape {tuple(acts.shape)}")
+
+
+def channel(units: Sequence[int] | torch.Tensor) -> Objective:
+    """Mean activation of unit units[b] over all positions, for image b."""
+    units = torch.as_tensor(units, dtype=torch.long)
+    return Objective(lambda a: _unit_values(a, units.to(a.device)).mean(1), "channel")
+
+
+def neuron(units: Sequence[int] | torch.Tensor) -> Objective:
+    """Activation of unit units[b] at the centre position (centre token), for image b."""
+    units = torch.as_tensor(units, dtype=torch.long)
+
+    def fn(a):
+        values = _unit_values(a, units.to(a.device))
+        if a.dim() == 4:
+            h, w = a.shape[2], a.shape[3]
+            return values[:, (h // 2) * w + w // 2]
+        return values[:, values.shape[1] // 2]
+    return Objective(fn, "neuron")
+
+
+def diversity(group: int) -> Objective:
+    """lucid's diversity term: images in each run of `group` consecutive images (one unit's
+    variants) are pushed apart: minus the mean cosine similarity of their activations' Gram
+    matrices (conv) or activation vectors (flat) with the others of the group."""
+    def fn(a):
+        b = a.shape[0]
+        if a.dim() == 4:
+            flat = a.flatten(2)
+            feats = torch.einsum("bcm,bdm->bcd", flat, flat).flatten(1) / flat.shape[2]
+        else:
+            feats = a.flatten(1)
+        feats = F.normalize(feats, dim=1)
+        sims = feats @ feats.T
+        same = (torch.arange(b, device=a.device) // group).view(-1, 1)
+        mask = (same == same.T) & ~torch.eye(b, dtype=torch.bool, device=a.device)
+        return -(sims * mask).sum(1) / max(group - 1, 1)
+    return Objective(fn, f"diversity({group})")
+
+
+# --- truncated forward ----------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+class TruncatedModel:
+    """Context manager: calling it runs the model only up to `layer` and returns that layer's output.
+
+    The forward is cut by raising from the layer's hook. A module called
+    more than once per forward (a shared ReLU) is not cut: the whole model
+    runs and the last call's output is returned, as the probe reports it.
+    """
+
+    def __init__(self, model: nn.Module, layer: str, example: torch.Tensor):
+        modules = dict(model.named_modules())
+        modules.pop("", None)
+        if layer not in modules:
+            raise unknown_layer(layer, modules)
+        self.model, self.module, self.example = model, modules[layer], example
+        self.output: torch.Tensor | None = None
+        self.cut = True
+        self._handle = None
+
+    def __enter__(self) -> "TruncatedModel":
+        calls = []
+        probe = self.module.register_forward_hook(lambda m, i, o: calls.append(1))
+        try:
+            with torch.no_grad():
+                self.model(self.example)
+        finally:
+            probe.remove()
+        self.cut = len(calls) == 1
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _hook(self, module, inputs, output):
+        if not isinstance(output, torch.Tensor):
+            raise AtlasError(f"layer {type(module).__name__} returns {type(output).__name__}, not a tensor")
+        self.output = output
+        if self.cut:
+            raise _Stop
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.output = None
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        return self.output
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+@dataclass
+class RenderResult:
+    images: torch.Tensor  # [B, C, H, W] in [0, 1], the final images
+    frames: torch.Tensor  # [T, B, C, H, W] the images at `frame_steps`
+    frame_steps: list[int]
+    activation: torch.Tensor  # [B] the objective on the final images, without transforms
+    seconds: float
+
+
+def frame_schedule(steps: int, n_frames: int) -> list[int]:
+    """Log-spaced steps at which to capture frames, always including the last."""
+    if n_frames <= 1:
+        return [steps]
+    marks = np.unique(np.round(np.geomspace(1, steps, n_frames)).astype(int))
+    return sorted(set(marks.tolist()) | {steps})
+
+
+def render(model: nn.Module, layer: str, objective: Objective, image_seeds: Sequence[int], channels: int,
+           height: int, width: int, steps: int = 256, lr: float = 0.05, transforms: Transform | None = None,
+           normalize: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
+           n_frames: int = 16, device: torch.device | str = "cpu") -> RenderResult:
+    """Optimize one image per entry of `image_seeds` to maximize `objective` at `layer`.
+
+    Image b starts from image_seeds[b] and is scored by the objective's b-th
+    entry; `seed` drives the random transforms (shared by the batch at each
+    step). So a unit's image does not depend on which other units share its
+    batch, up to float rounding.
+    """
+    import time
+
+    start = time.perf_counter()
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    param = FourierImage(len(image_seeds), channels, height, width, image_seeds).to(device)
+    transforms = transforms or standard_transforms(height, width)
+    normalize = normalize or (lambda x: x)
+    opt = torch.optim.Adam(param.parameters(), lr=lr)
+    schedule = set(frame_schedule(steps, n_frames))
+    frames: list[torch.Tensor] = []
+    was_training = model.training
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with TruncatedModel(model, layer, normalize(param().detach())) as truncated:
+            for step in range(1, steps + 1):
+                opt.zero_grad(set_to_none=True)
+                images = param()
+                acts = truncated(normalize(transforms(images, gen)))
+                loss = -objective(acts).sum()
+                loss.backward()
+                opt.step()
+                if step in schedule:
+                    frames.append(images.detach().cpu())
+            with torch.no_grad():
+                final = param()
+                activation = objective(truncated(normalize(final))).cpu()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+    return RenderResult(final.detach().cpu(), torch.stack(frames), sorted(schedule), activation,
+                        time.perf_counter() - start)
