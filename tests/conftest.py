@@ -38,6 +38,9 @@ def tiny_config(tmp_path: Path) -> Path:
         [scan]
         top_k = 3
         batch_size = 16
+        [featurevis]
+        steps = 24
+        frames = 12
         [[models]]
         name = "tiny-cnn"
         source = "fixtures_models:tiny_cnn"

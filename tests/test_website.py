@@ -53,7 +53,7 @@ def test_unit_page_shows_top_examples_from_the_store(tiny_site):
     assert [t.value for t in unit.top] == sorted((t.value for t in unit.top), reverse=True)
     assert [t.value for t in unit.bottom] == sorted(t.value for t in unit.bottom)
     assert unit.top[0].value >= unit.bottom[0].value
-    imgs = [i for i in page.find("img") if "heat" not in (i.get("class") or "")]
+    imgs = [i for i in page.find("img") if i["src"].startswith("../../../media/examples/")]
     assert [i["src"] for i in imgs] == [f"../../../media/examples/{t.example}.webp" for t in unit.top + unit.bottom]
     assert all(i.get("alt") is not None for i in page.find("img"))
     heats = page.find("img", cls="heat")
@@ -108,6 +108,8 @@ def test_hostile_class_names_are_escaped(tmp_path):
         title = "<script>alert('title')</script>"
         [dataset]
         source = "fixtures_models:hostile_dataset"
+        [featurevis]
+        steps = 8
         [[models]]
         name = "m"
         title = "<img src=x onerror=alert(1)>"
@@ -186,6 +188,8 @@ def test_health_flags_of_planted_units_reach_the_pages(tmp_path):
         site_dir = "{tmp_path / 'site'}"
         [dataset]
         source = "fixtures_models:tiny_dataset"
+        [featurevis]
+        enabled = false
         [[models]]
         name = "p"
         source = "fixtures_models:planted_mlp"
@@ -212,3 +216,30 @@ def test_health_flags_of_planted_units_reach_the_pages(tmp_path):
     assert "flag flag-dead" in {f.get("class") for f in dead.find("span")}
     model = (site / "p/index.html").read_text()
     assert 'fill="#111111"' in model and 'fill="#e0312b"' in model  # dead and saturated cells in the heatmap
+
+
+def test_feature_visualizations_on_unit_and_layer_pages(tiny_site):
+    cfg, _ = tiny_site
+    site = cfg.atlas.site_dir
+    page = read_page(site / "tiny-cnn/conv/2/index.html")
+    srcs = [i["src"] for i in page.find("img")]
+    base = "../../../media/fv/tiny-cnn/conv/2"
+    assert f"{base}.positive.webp" in srcs and f"{base}.negative.webp" in srcs
+    assert f"{base}.weights.webp" in srcs  # conv is the model's first layer
+    [source] = page.find("source")
+    assert source["srcset"] == f"{base}.animation.webp"
+    assert source["media"] == "(prefers-reduced-motion: no-preference)"
+    relu = read_page(site / "tiny-cnn/relu/1/index.html")
+    assert not any(i["src"].endswith(".weights.webp") for i in relu.find("img"))  # not a first layer
+    mlp = read_page(site / "tiny-mlp/fc1/0/index.html")
+    assert "../../../media/fv/tiny-mlp/fc1/0.weights.webp" in [i["src"] for i in mlp.find("img")]
+    layer = read_page(site / "tiny-cnn/conv/index.html")
+    thumbs = [i["src"] for i in layer.find("img")]
+    assert thumbs == [f"../../media/fv/tiny-cnn/conv/{u}.positive.webp" for u in range(4)]
+    from PIL import Image
+    anim = Image.open(site / "media/fv/tiny-cnn/conv/2.animation.webp")
+    assert anim.is_animated and anim.n_frames >= 10 and anim.size == (8, 8)
+    with Store(cfg.store_dir, read_only=True) as store:
+        vis = store.visuals("tiny-cnn", "conv")
+    assert sorted(vis) == [0, 1, 2, 3]
+    assert all(v.positive.activation > v.negative.activation for v in vis.values())
