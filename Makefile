@@ -28,8 +28,17 @@ serve:
 	@echo "serving site/ at http://127.0.0.1:$(PORT)/ (Ctrl-C to stop)"
 	$(BIN)/python -m http.server --directory site --bind 127.0.0.1 $(PORT)
 
-bench: $(STAMP)
-	@set -e; for script in bench/*.py; do [ -e "$$script" ] || continue; echo "== $$script"; $(BIN)/python "$$script"; done
+BENCH_STAMP := $(VENV)/.bench-installed
+
+# torch-lucent 0.1.8 pins kornia<=0.4.1 and test tools it never imports: install it alone, then what it needs.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps torch-lucent==0.1.8
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check kornia==0.9.0 decorator ipython
+	touch $(BENCH_STAMP)
+
+# every bench/*.py except helpers (bench/_*.py); each ends with its FIGURE lines
+bench: $(BENCH_STAMP)
+	@set -e; for script in bench/[!_]*.py; do echo "== $$script"; $(BIN)/python "$$script"; done
 
 clean:
 	rm -rf site data/demo

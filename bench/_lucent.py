@@ -38,7 +38,7 @@ Parameterization: lucent's `param.image` ignores `decorrelate` whenever
 `channels` is left out (lucent's default: 3 channels, FFT, decorrelated
 color), and for other counts it is passed (FFT, no decorrelation).
 
-Run: .venv/bin/python bench/lucent_baseline.py   (smoke run: demo CNN,
+Run: .venv/bin/python bench/_lucent.py   (smoke run: demo CNN,
 conv2, 4 units, 64 steps, both modes)
 """
 
