@@ -23,14 +23,15 @@ def write_config(folder: Path, body: str, name: str = "atlas.toml") -> Path:
     return path
 
 
+def atlas_section(folder: Path, name: str) -> str:
+    """The [atlas] table of a test config whose store and site live in `folder`."""
+    return (f'[atlas]\nname = "{name}"\ndata_dir = "{folder / "data"}"\nsite_dir = "{folder / "site"}"\n')
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     """A fast atlas: import-path tiny CNN + MLP over a 40-example synthetic dataset."""
-    return write_config(tmp_path, f"""
-        [atlas]
-        name = "tiny"
-        data_dir = "{tmp_path / 'data'}"
-        site_dir = "{tmp_path / 'site'}"
+    return write_config(tmp_path, atlas_section(tmp_path, "tiny") + """
         [site]
         title = "Tiny atlas"
         [dataset]

@@ -13,7 +13,7 @@ from atlas_builder.errors import AtlasError
 from atlas_builder.ids import UnitId, layer_slug
 from atlas_builder.store import Store
 from atlas_builder.website import position_box, render
-from conftest import write_config
+from conftest import atlas_section, write_config
 from sitecheck import broken_links, read_page
 
 
@@ -99,11 +99,7 @@ def test_model_and_layer_pages(tiny_site):
 
 
 def test_hostile_class_names_are_escaped(tmp_path):
-    path = write_config(tmp_path, f"""
-        [atlas]
-        name = "hostile"
-        data_dir = "{tmp_path / 'data'}"
-        site_dir = "{tmp_path / 'site'}"
+    path = write_config(tmp_path, atlas_section(tmp_path, "hostile") + """
         [site]
         title = "<script>alert('title')</script>"
         [dataset]
@@ -181,11 +177,7 @@ def test_render_is_pure_and_escapes():
 
 
 def test_health_flags_of_planted_units_reach_the_pages(tmp_path):
-    path = write_config(tmp_path, f"""
-        [atlas]
-        name = "planted"
-        data_dir = "{tmp_path / 'data'}"
-        site_dir = "{tmp_path / 'site'}"
+    path = write_config(tmp_path, atlas_section(tmp_path, "planted") + """
         [dataset]
         source = "fixtures_models:tiny_dataset"
         [featurevis]
