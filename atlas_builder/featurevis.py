@@ -56,7 +56,7 @@ class FourierImage(nn.Module):
         fx = torch.fft.rfftfreq(width).view(1, -1)
         freqs = torch.sqrt(fx * fx + fy * fy)
         scale = 1.0 / torch.clamp(freqs, min=1.0 / max(height, width)) ** decay_power
-        self.register_buffer("scale", (scale * math.sqrt(height * width)).unsqueeze(-1))
+        self.register_buffer("scale", scale.unsqueeze(-1))  # with norm="ortho" no sqrt(h*w) as in lucid's TF
         spectrum = torch.stack([torch.randn(channels, height, width // 2 + 1, 2,
                                             generator=torch.Generator().manual_seed(int(s))) for s in seeds]) * sd
         self.spectrum = nn.Parameter(spectrum)
@@ -250,7 +250,7 @@ class TruncatedModel:
         modules.pop("", None)
         if layer not in modules:
             raise unknown_layer(layer, modules)
-        self.model, self.module, self.example = model, modules[layer], example
+        self.model, self.module, self.example, self.layer = model, modules[layer], example, layer
         self.output: torch.Tensor | None = None
         self.cut = True
         self._handle = None
@@ -263,6 +263,9 @@ class TruncatedModel:
                 self.model(self.example)
         finally:
             probe.remove()
+        if not calls:
+            raise AtlasError(f"layer {self.layer!r} is never called in the model's forward pass; "
+                             f"visualize a layer the forward uses")
         self.cut = len(calls) == 1
         self._handle = self.module.register_forward_hook(self._hook)
         return self
@@ -293,7 +296,7 @@ class TruncatedModel:
 @dataclass
 class RenderResult:
     images: torch.Tensor  # [B, C, H, W] in [0, 1], the final images
-    frames: torch.Tensor  # [T, B, C, H, W] the images at `frame_steps`
+    frames: torch.Tensor  # [T, B, C, H, W] the images after each of `frame_steps` (the last is the final image)
     frame_steps: list[int]
     activation: torch.Tensor  # [B] the objective on the final images, without transforms
     seconds: float
@@ -343,8 +346,9 @@ def render(model: nn.Module, layer: str, objective: Objective, image_seeds: Sequ
                 loss = -objective(acts).sum()
                 loss.backward()
                 opt.step()
-                if step in schedule:
-                    frames.append(images.detach().cpu())
+                if step in schedule:  # the image after `step` updates
+                    with torch.no_grad():
+                        frames.append(param().cpu())
             with torch.no_grad():
                 final = param()
                 activation = objective(truncated(normalize(final))).cpu()

@@ -104,7 +104,6 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
                         if kind == "positive":
                             animation = urls.featurevis_media(model.name, layer, unit, "animation")
                             frames = [media.tensor_image(f[i]) for f in result.frames]
-                            frames.append(media.tensor_image(result.images[i]))
                             atomic.write_bytes(media_dir / animation, media.encode_animation(frames))
                         rows.append((layer, unit, kind, float(sign * result.activation[i]), image, animation))
                     bar.update(len(units))

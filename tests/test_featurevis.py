@@ -1,0 +1,560 @@
+"""Feature visualization: the optimizer loop, its pieces, the stage's helpers and the media encodings.
+
+Every test uses fixed seeds and tiny images (8x8 to 16x16, 16-64 steps) so the file runs in
+a few seconds on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from atlas_builder import featurevis as fv
+from atlas_builder import media, visualize
+from atlas_builder.config import FeatureVisSection
+from atlas_builder.errors import AtlasError
+from atlas_builder.sources import AtlasDataset
+
+import fixtures_models
+
+UNITS = [0, 1, 2, 3]
+SEEDS = [11, 12, 13, 14]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: one intra-op thread is fastest, and with two threads on a busy
+    2-core machine the spin-waiting makes each op ~50x slower. Restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def conv_acts(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.conv(images)
+
+
+def edge_model(units: int = 1) -> nn.Module:
+    """conv(1 -> units, 3x3, no padding, no bias) + ReLU; unit 0 a vertical-edge detector
+    ([[-1, 0, 1]] * 3), unit 1 (if any) its transpose, a horizontal-edge detector."""
+    kernel = torch.tensor([[-1.0, 0.0, 1.0]] * 3)
+    conv = nn.Conv2d(1, units, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.stack([kernel, kernel.T][:units]).unsqueeze(1))
+    return nn.Sequential(OrderedDict([("conv", conv), ("relu", nn.ReLU())]))
+
+
+def gradient_energy(x: torch.Tensor) -> tuple[float, float]:
+    """(energy of differences along the width = vertical edges, along the height = horizontal edges)."""
+    along_w = ((x[..., :, 1:] - x[..., :, :-1]) ** 2).sum()
+    along_h = ((x[..., 1:, :] - x[..., :-1, :]) ** 2).sum()
+    return float(along_w), float(along_h)
+
+
+def column_variance(x: torch.Tensor) -> float:
+    """How much the image changes from column to column: variance of the column means."""
+    return float(x.mean(-2).var(-1).mean())
+
+
+def row_variance(x: torch.Tensor) -> float:
+    return float(x.mean(-1).var(-1).mean())
+
+
+# --- 1. gradient ascent ------------------------------------------------------------------
+
+def test_gradient_ascent_raises_every_unit_and_the_negative_objective_lowers_it():
+    model = fixtures_models.tiny_cnn()
+    start = fv.channel(UNITS)(conv_acts(model, fv.FourierImage(4, 1, 16, 16, SEEDS)()))
+    one = fv.render(model, "conv", fv.channel(UNITS), SEEDS, 1, 16, 16, steps=1, seed=5, n_frames=4)
+    many = fv.render(model, "conv", fv.channel(UNITS), SEEDS, 1, 16, 16, steps=48, seed=5, n_frames=4)
+    # `activation` is the objective on the returned images, without transforms
+    torch.testing.assert_close(many.activation, fv.channel(UNITS)(conv_acts(model, many.images)))
+    assert (many.activation > one.activation).all(), (one.activation, many.activation)
+    assert (many.activation > start).all(), (start, many.activation)
+
+    negative = fv.render(model, "conv", -fv.channel(UNITS), SEEDS, 1, 16, 16, steps=48, seed=5, n_frames=4)
+    lowered = fv.channel(UNITS)(conv_acts(model, negative.images))
+    torch.testing.assert_close(negative.activation, -lowered)
+    assert (lowered < start).all(), (start, lowered)
+    assert (lowered < many.activation).all()
+
+
+def test_render_leaves_the_model_as_it_was():
+    model = fixtures_models.tiny_cnn()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = fv.render(model, "relu", fv.channel([0, 1]), [1, 2], 1, 8, 8, steps=4, n_frames=4)
+    assert model.training
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.conv._forward_hooks and not model.relu._forward_hooks
+    assert result.images.shape == (2, 1, 8, 8)
+    assert result.frames.shape == (len(result.frame_steps), 2, 1, 8, 8)
+    assert result.frame_steps == fv.frame_schedule(4, 4)
+
+
+# --- 2. batching -------------------------------------------------------------------------
+
+def test_a_batch_of_units_equals_each_unit_alone():
+    model = fixtures_models.tiny_cnn()
+    together = fv.render(model, "conv", fv.channel(UNITS), SEEDS, 1, 16, 16, steps=32, seed=5, n_frames=4)
+    for i, (unit, image_seed) in enumerate(zip(UNITS, SEEDS)):
+        alone = fv.render(model, "conv", fv.channel([unit]), [image_seed], 1, 16, 16, steps=32, seed=5, n_frames=4)
+        torch.testing.assert_close(together.images[i], alone.images[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(together.activation[i], alone.activation[0], atol=1e-4, rtol=0)
+    # and the units really got different images (the comparison above is not vacuous)
+    assert (together.images[0] - together.images[1]).abs().max() > 0.05
+
+
+# --- 3. truncated forward ------------------------------------------------------------------
+
+def test_truncated_forward_equals_the_full_models_activation():
+    model = fixtures_models.tiny_cnn().eval()
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    captured = []
+    handle = model.relu.register_forward_hook(lambda m, i, o: captured.append(o.detach().clone()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    with fv.TruncatedModel(model, "relu", x[:1]) as truncated:
+        assert truncated.cut is True
+        out = truncated(x)
+    assert out.shape == (3, 4, 8, 8)
+    torch.testing.assert_close(out, captured[0], rtol=0, atol=0)
+    assert not model.relu._forward_hooks
+
+
+class Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+def test_truncation_stops_the_forward_at_the_layer():
+    model = nn.Sequential(OrderedDict([("conv", nn.Conv2d(1, 2, 3)), ("relu", nn.ReLU()), ("after", Counter())]))
+    x = torch.rand(2, 1, 6, 6)
+    with fv.TruncatedModel(model, "relu", x) as truncated:
+        probing_calls = model.after.calls  # the probe run in __enter__ runs the whole model once
+        assert probing_calls == 1
+        for _ in range(3):
+            out = truncated(x)
+        assert model.after.calls == probing_calls  # nothing after the target ran
+    torch.testing.assert_close(out, torch.relu(model.conv(x)))
+    model(x)  # without truncation the module runs again
+    assert model.after.calls == probing_calls + 1
+
+
+class SharedReLU(nn.Module):
+    """Calls the same ReLU twice per forward; `after` counts the calls past the second use."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(4, 4)
+        self.after = Counter()
+
+    def forward(self, x):
+        return self.after(self.relu(self.fc2(self.relu(self.fc1(x)))))
+
+
+def test_a_module_called_twice_is_not_cut_and_returns_the_last_call():
+    torch.manual_seed(0)
+    model = SharedReLU()
+    x = torch.randn(5, 4)
+    calls = []
+    handle = model.relu.register_forward_hook(lambda m, i, o: calls.append(o.detach().clone()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    assert len(calls) == 2 and not torch.allclose(calls[0], calls[1])
+    with fv.TruncatedModel(model, "relu", x[:1]) as truncated:
+        assert truncated.cut is False
+        before = model.after.calls
+        out = truncated(x)
+        assert model.after.calls == before + 1  # the whole model ran
+    torch.testing.assert_close(out, calls[1], rtol=0, atol=0)
+    assert not model.relu._forward_hooks
+
+
+def test_hooks_are_removed_even_when_the_forward_raises():
+    model = nn.Sequential(OrderedDict([("fc", nn.Linear(4, 3)), ("relu", nn.ReLU())]))
+    with pytest.raises(RuntimeError):
+        with fv.TruncatedModel(model, "relu", torch.randn(1, 4)) as truncated:
+            assert len(model.relu._forward_hooks) == 1
+            truncated(torch.randn(2, 7))  # wrong width: the forward fails before the layer
+    assert not model.relu._forward_hooks and not model.fc._forward_hooks
+    # a failing probe run in __enter__ leaves no hook either
+    with pytest.raises(RuntimeError):
+        with fv.TruncatedModel(model, "relu", torch.randn(1, 9)):
+            pass
+    assert not model.relu._forward_hooks
+    # and the model still works as usual
+    assert model(torch.randn(2, 4)).shape == (2, 3)
+
+
+def test_truncated_model_rejects_an_unknown_layer():
+    with pytest.raises(AtlasError, match="nope"):
+        fv.TruncatedModel(fixtures_models.tiny_cnn(), "nope", torch.zeros(1, 1, 8, 8))
+
+
+# --- 4. planted units ----------------------------------------------------------------------
+
+def test_planted_edge_detectors_get_edges_along_their_axis():
+    """conv + ReLU: the mean of relu(derivative) is largest for stripes across the filter's axis,
+    so the vertical-edge unit gets vertical edges (differences along the width) and the
+    horizontal-edge unit, its transpose, gets horizontal ones."""
+    model = edge_model(units=2)
+    units = [0] * 4 + [1] * 4  # four images of the vertical-edge unit, four of the horizontal one
+    result = fv.render(model, "relu", fv.channel(units), list(range(8)), 1, 16, 16, steps=48,
+                       transforms=fv.no_transforms(16, 16), seed=1)
+    assert (result.activation > 0.5).all(), result.activation  # from ~0 on the grey start
+    vertical, horizontal = result.images[:4], result.images[4:]
+    # energy of the differences along each axis (about 2.2x today; 1.5x leaves room for the
+    # Fourier amplitude fix, see test_fourier_image_starts_near_grey_at_any_size)
+    vertical_w, vertical_h = gradient_energy(vertical)
+    horizontal_w, horizontal_h = gradient_energy(horizontal)
+    assert vertical_w > 1.5 * vertical_h, (vertical_w, vertical_h)
+    assert horizontal_h > 1.5 * horizontal_w, (horizontal_w, horizontal_h)
+    # stripes: the image varies from column to column far more than from row to row (~9x)
+    assert column_variance(vertical) > 3 * row_variance(vertical)
+    assert row_variance(horizontal) > 3 * column_variance(horizontal)
+
+
+def test_planted_linear_edge_unit_gets_a_left_to_right_ramp():
+    """Without the ReLU the mean response of a zero-sum derivative filter only sees the borders
+    (it telescopes to right columns minus left columns), so the image gets dark on the side the
+    filter weighs negatively and bright on the other, and stays level along the other axis."""
+    model = edge_model(units=2)
+    result = fv.render(model, "conv", fv.channel([0] * 4 + [1] * 4), list(range(8)), 1, 16, 16, steps=48,
+                       transforms=fv.no_transforms(16, 16), seed=1)
+    x = result.images
+    left_to_right = x[..., :, -4:].mean((1, 2, 3)) - x[..., :, :4].mean((1, 2, 3))
+    top_to_bottom = x[..., -4:, :].mean((1, 2, 3)) - x[..., :4, :].mean((1, 2, 3))
+    assert (left_to_right[:4] > 0.5).all() and (top_to_bottom[:4].abs() < 0.2).all(), (left_to_right, top_to_bottom)
+    assert (top_to_bottom[4:] > 0.5).all() and (left_to_right[4:].abs() < 0.2).all(), (left_to_right, top_to_bottom)
+
+
+# --- 5. seeds ------------------------------------------------------------------------------
+
+def test_render_is_deterministic_and_seeded():
+    model = fixtures_models.tiny_cnn()
+
+    def go(seed=3, image_seeds=(1, 2)):
+        return fv.render(model, "conv", fv.channel([0, 1]), list(image_seeds), 1, 12, 12, steps=16, seed=seed,
+                         n_frames=4)
+
+    a, b = go(), go()
+    assert torch.equal(a.images, b.images) and torch.equal(a.frames, b.frames)
+    assert torch.equal(a.activation, b.activation)
+    other_transforms = go(seed=4)
+    assert (other_transforms.images - a.images).abs().max() > 1e-3
+    other_images = go(image_seeds=(5, 6))
+    assert (other_images.images - a.images).abs().max() > 1e-3
+
+
+def test_fourier_image_start_depends_on_the_image_seed_not_the_batch_position():
+    pair = fv.FourierImage(2, 3, 9, 9, [7, 8])()
+    alone = fv.FourierImage(1, 3, 9, 9, [8])()
+    torch.testing.assert_close(pair[1], alone[0], rtol=0, atol=1e-7)
+    assert (pair[0] - pair[1]).abs().max() > 1e-4
+    again = fv.FourierImage(2, 3, 9, 9, [8, 7])()
+    torch.testing.assert_close(again[1], pair[0], rtol=0, atol=1e-7)
+
+
+# --- 6. parametrization --------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("height,width", [(8, 8), (7, 9), (9, 7), (16, 12)])
+def test_fourier_image_shape_and_range(channels, height, width):
+    for sd in (0.01, 5.0):  # 5.0 drives the sigmoid to its ends
+        param = fv.FourierImage(2, channels, height, width, [1, 2], sd=sd)
+        image = param()
+        assert image.shape == (2, channels, height, width)
+        assert image.min() >= 0 and image.max() <= 1
+        assert image.std() > 0  # not a constant image
+        image.sum().backward()
+        assert param.spectrum.grad is not None and param.spectrum.grad.abs().sum() > 0
+    assert image.max() - image.min() > 0.5
+    start = fv.FourierImage(2, channels, height, width, [1, 2])()
+    assert (start - 0.5).abs().max() < 0.25  # sd=0.01: a faint texture on grey, not saturated
+
+
+def test_fourier_image_colours_are_correlated_like_natural_images():
+    rgb = fv.FourierImage(2, 3, 16, 16, [1, 2])().detach()
+    corr = torch.corrcoef(rgb.transpose(0, 1).flatten(1))
+    # lucid's decorrelated colour space: luminance dominates (independent channels would give ~0)
+    assert (corr[0, 1:] > 0.5).all(), corr
+
+
+def test_fourier_image_starts_near_grey_at_any_size():
+    """lucid/lucent: at sd=0.01 the start is grey within ~0.003 at any size."""
+    def spread(size):
+        return float((fv.FourierImage(1, 3, size, size, [0])().detach() - 0.5).abs().mean())
+
+    assert spread(224) < 0.01, spread(224)
+    assert spread(224) < 3 * spread(8)
+
+
+# --- 7. transforms -------------------------------------------------------------------------
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_each_transform_keeps_batch_and_channels():
+    x = torch.rand(2, 3, 12, 12, generator=gen(1))
+    padded = fv.pad(2)(x, gen())
+    assert padded.shape == (2, 3, 16, 16)
+    assert torch.equal(padded[..., 2:-2, 2:-2], x)
+    assert torch.all(padded[..., 0, :] == 0.5) and torch.all(padded[..., :, -1] == 0.5)
+
+    cropped = fv.jitter(3)(x, gen())
+    assert cropped.shape == (2, 3, 9, 9)
+    windows = [x[..., oy:oy + 9, ox:ox + 9] for oy in range(4) for ox in range(4)]
+    assert any(torch.equal(cropped, w) for w in windows)
+
+    assert fv.random_scale([0.5])(x, gen()).shape == (2, 3, 6, 6)
+    assert fv.random_scale([1.25])(x, gen()).shape == (2, 3, 15, 15)
+    assert torch.equal(fv.random_scale([1.0])(x, gen()), x)
+
+    assert fv.random_rotate([7])(x, gen()).shape == (2, 3, 12, 12)
+    assert torch.equal(fv.random_rotate([0])(x, gen()), x)
+    torch.testing.assert_close(fv.random_rotate([180])(x, gen()), x.flip(2, 3), rtol=0, atol=1e-5)
+
+    assert fv.resize_to(5, 7)(x, gen()).shape == (2, 3, 5, 7)
+    assert torch.equal(fv.resize_to(12, 12)(x, gen()), x)
+    assert fv.compose([fv.pad(1), fv.jitter(2), fv.resize_to(4, 6)])(x, gen()).shape == (2, 3, 4, 6)
+    assert fv.no_transforms(6, 5)(x, gen()).shape == (2, 3, 6, 5)
+
+
+@pytest.mark.parametrize("height,width", [(8, 8), (32, 32), (7, 9)])
+def test_standard_transforms_return_the_image_size_and_are_seeded(height, width):
+    x = torch.rand(3, 1, height, width, generator=gen(2))
+    t = fv.standard_transforms(height, width)
+    outputs = [t(x, gen(seed)) for seed in range(6)]
+    for out in outputs:
+        assert out.shape == (3, 1, height, width)
+    assert torch.equal(t(x, gen(4)), outputs[4])
+    assert any(not torch.allclose(outputs[0], out) for out in outputs[1:])
+
+
+def test_random_transforms_draw_from_the_generator():
+    x = torch.rand(1, 2, 12, 12, generator=gen(7))
+    crops = [fv.jitter(3)(x, gen(seed)) for seed in range(12)]
+    assert len({tuple(c.flatten().tolist()) for c in crops}) > 3  # several windows
+    assert torch.equal(fv.jitter(3)(x, gen(5)), crops[5])
+    sizes = {fv.random_scale([0.5, 1.0, 2.0])(x, gen(seed)).shape[-1] for seed in range(12)}
+    assert sizes == {6, 12, 24}
+    rotated = [fv.random_rotate([-10, 0, 10])(x, gen(seed)) for seed in range(12)]
+    assert len({tuple(r.flatten().tolist()) for r in rotated}) == 3
+    t = fv.compose([fv.jitter(2), fv.jitter(2)])  # one generator drives the whole pipeline
+    g = gen(3)
+    first, second = t(x, g), t(x, g)
+    assert first.shape == second.shape == (1, 2, 8, 8)
+    assert torch.equal(t(x, gen(3)), first)
+
+
+def test_transforms_are_differentiable():
+    x = torch.rand(1, 1, 16, 16, requires_grad=True)
+    fv.standard_transforms(16, 16)(x, gen()).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+# --- 8. objectives -------------------------------------------------------------------------
+
+@pytest.fixture
+def acts4():
+    return torch.randn(3, 5, 7, 6, generator=gen(3))
+
+
+def test_objectives_compose(acts4):
+    units = [4, 0, 2]
+    c, n = fv.channel(units), fv.neuron(units)
+    torch.testing.assert_close((c + 2 * n)(acts4), c(acts4) + 2 * n(acts4))
+    torch.testing.assert_close((c * 3 - n)(acts4), 3 * c(acts4) - n(acts4))
+    torch.testing.assert_close((-c)(acts4), -c(acts4))
+    assert torch.equal((c - c)(acts4), torch.zeros(3))
+    assert (c + 2 * n).name == "channel + 2 * neuron"
+    assert (-c).name == "-channel"
+
+
+def test_channel_and_neuron_against_brute_force(acts4):
+    units = [4, 0, 2]
+    b, _, h, w = acts4.shape
+    expected_channel = torch.stack([acts4[i, units[i]].mean() for i in range(b)])
+    expected_neuron = torch.stack([acts4[i, units[i], h // 2, w // 2] for i in range(b)])
+    torch.testing.assert_close(fv.channel(units)(acts4), expected_channel)
+    torch.testing.assert_close(fv.neuron(units)(acts4), expected_neuron)
+
+    tokens = torch.randn(3, 5, 4, generator=gen(4))  # [B, T, D]: units index D, positions T
+    torch.testing.assert_close(fv.channel([3, 1, 0])(tokens),
+                               torch.stack([tokens[i, :, u].mean() for i, u in enumerate([3, 1, 0])]))
+    torch.testing.assert_close(fv.neuron([3, 1, 0])(tokens),
+                               torch.stack([tokens[i, 2, u] for i, u in enumerate([3, 1, 0])]))
+
+    flat = torch.randn(3, 6, generator=gen(5))
+    expected = torch.stack([flat[i, u] for i, u in enumerate([5, 0, 3])])
+    torch.testing.assert_close(fv.channel([5, 0, 3])(flat), expected)
+    torch.testing.assert_close(fv.neuron([5, 0, 3])(flat), expected)
+
+    with pytest.raises(AtlasError):
+        fv.channel([0])(torch.zeros(1, 1, 1, 1, 1))
+
+
+def test_neuron_picks_the_centre():
+    acts = torch.zeros(2, 2, 5, 4)
+    acts[0, 1, 2, 2] = 7.0  # centre of a 5x4 map: row 5 // 2, column 4 // 2
+    acts[1, 0, 2, 2] = 3.0
+    acts[1, 0, 0, 0] = 100.0  # off-centre: ignored
+    torch.testing.assert_close(fv.neuron([1, 0])(acts), torch.tensor([7.0, 3.0]))
+
+
+def test_diversity_prefers_dissimilar_images_within_a_group():
+    v = torch.tensor([1.0, 2.0, 0.0, 0.0])
+    w = torch.tensor([0.0, 0.0, 3.0, 1.0])
+    flat = torch.stack([v, v, v, w])  # group (0, 1) identical; group (2, 3) orthogonal
+    div = fv.diversity(2)(flat)
+    torch.testing.assert_close(div, torch.tensor([-1.0, -1.0, 0.0, 0.0]))  # image 2 == image 0: other group
+
+    g = gen(6)
+    a = torch.rand(1, 3, 4, 4, generator=g)
+    b = torch.zeros(1, 3, 4, 4)
+    b[0, 0] = 1.0  # one channel only: a very different Gram matrix
+    maps = torch.cat([a, a, a, b])
+    div = fv.diversity(2)(maps)
+    torch.testing.assert_close(div[:2], torch.tensor([-1.0, -1.0]))
+    assert (div[2:] > div[:2].max() + 0.2).all(), div
+
+
+# --- 9. frame schedule ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("steps,n_frames", [(1, 16), (2, 2), (16, 4), (48, 12), (256, 16), (10, 100), (1000, 7)])
+def test_frame_schedule(steps, n_frames):
+    marks = fv.frame_schedule(steps, n_frames)
+    assert marks[0] == 1 and marks[-1] == steps
+    assert all(a < b for a, b in zip(marks, marks[1:]))
+    assert len(marks) <= n_frames + 1
+    assert len(marks) == min(steps, len(marks))
+    if steps >= 4 * n_frames:
+        assert len(marks) >= n_frames - 1  # log-spaced marks barely collide when there is room
+
+
+def test_frame_schedule_with_one_frame_is_the_last_step():
+    assert fv.frame_schedule(32, 1) == [32]
+    assert fv.frame_schedule(32, 0) == [32]
+
+
+# --- 10. MLP on flat input -----------------------------------------------------------------
+
+def test_render_an_mlp_layer_on_images():
+    model = fixtures_models.tiny_mlp()
+    result = fv.render(model, "fc1", fv.channel([0, 1, 4]), [1, 2, 3], 1, 8, 8, steps=16, n_frames=4)
+    assert result.images.shape == (3, 1, 8, 8)
+    assert result.images.min() >= 0 and result.images.max() <= 1
+    with torch.no_grad():
+        fc1 = model.fc1(result.images.flatten(1))
+    torch.testing.assert_close(result.activation, fc1[torch.arange(3), torch.tensor([0, 1, 4])])
+    start = fv.FourierImage(3, 1, 8, 8, [1, 2, 3])().detach()
+    with torch.no_grad():
+        before = model.fc1(start.flatten(1))[torch.arange(3), torch.tensor([0, 1, 4])]
+    assert (result.activation > before).all()
+
+
+# --- 11. the stage's helpers ----------------------------------------------------------------
+
+def test_first_layer():
+    assert visualize.first_layer(fixtures_models.tiny_cnn()) == "conv"
+    assert visualize.first_layer(fixtures_models.tiny_mlp()) == "fc1"
+    assert visualize.first_layer(fixtures_models.planted_mlp()) == "fc"
+    assert visualize.first_layer(nn.Sequential(nn.ReLU(), nn.Flatten())) is None
+
+
+def test_weight_maps():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 4, 3)
+    maps = visualize.weight_maps(conv, (1, 8, 8))
+    assert maps.shape == (4, 3, 3)
+    np.testing.assert_allclose(maps, conv.weight.detach().mean(1).numpy())
+    conv3 = nn.Conv2d(3, 2, 5)
+    np.testing.assert_allclose(visualize.weight_maps(conv3, (3, 8, 8)), conv3.weight.detach().mean(1).numpy())
+
+    fc = nn.Linear(64, 5)
+    maps = visualize.weight_maps(fc, (1, 8, 8))
+    assert maps.shape == (5, 8, 8)
+    np.testing.assert_array_equal(maps, fc.weight.detach().view(5, 8, 8).numpy())
+    assert maps[2, 1, 3] == fc.weight[2, 1 * 8 + 3].item()  # row-major: input pixel (1, 3)
+    assert visualize.weight_maps(fc, (1, 4, 4)) is None  # the weights do not match the image
+    assert visualize.weight_maps(nn.ReLU(), (1, 8, 8)) is None
+
+
+def test_derived_seed():
+    assert visualize.derived_seed(0, "m", "conv", 3, "positive") == visualize.derived_seed(0, "m", "conv", 3, "positive")
+    seeds = {visualize.derived_seed(0, "m", "conv", u, "positive") for u in range(200)}
+    assert len(seeds) == 200
+    assert all(0 <= s < 2 ** 32 for s in seeds)
+    base = visualize.derived_seed(0, "m", "conv", 3, "positive")
+    assert base != visualize.derived_seed(0, "m", "conv", 3, "negative")
+    assert base != visualize.derived_seed(1, "m", "conv", 3, "positive")
+    assert base != visualize.derived_seed(0, "m", "fc", 3, "positive")
+
+
+def test_input_shape():
+    def dataset(x):
+        return AtlasDataset([(x, 0)], ("a",), (), (), "", "")
+
+    assert visualize.input_shape(dataset(torch.zeros(1, 8, 8)), FeatureVisSection()) == (1, 8, 8)
+    assert visualize.input_shape(dataset(torch.zeros(3, 8, 6)), FeatureVisSection(size=32)) == (3, 32, 32)
+    assert visualize.input_shape(dataset(torch.zeros(10)), FeatureVisSection()) is None
+
+
+# --- 12. media -----------------------------------------------------------------------------
+
+def test_weight_heatmap_colours():
+    image = media.weight_heatmap(np.array([[2.0, 0.0, -2.0, 1.0]]))
+    assert image.mode == "RGB" and image.size == (4, 1)
+    red, white, blue, pale_red = (image.getpixel((i, 0)) for i in range(4))
+    assert white == (255, 255, 255)
+    assert red == (255, 38, 38)
+    assert blue == (38, 115, 255)
+    assert pale_red[0] == 255 and pale_red[1] == pale_red[2] and 38 < pale_red[1] < 255  # half strength
+    assert media.weight_heatmap(np.zeros((2, 2))).getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_tensor_image():
+    x = torch.tensor([[[0.0, 0.5], [1.0, 2.0]]])
+    gray = media.tensor_image(x)
+    assert gray.mode == "L" and gray.size == (2, 2)
+    assert np.array(gray).tolist() == [[0, 128], [255, 255]]
+    rgb = media.tensor_image(torch.stack([x[0], torch.zeros(2, 2), torch.ones(2, 2)]))
+    assert rgb.mode == "RGB" and rgb.getpixel((1, 0)) == (128, 0, 255)
+
+
+def test_encode_animation_ends_on_the_final_image():
+    model = fixtures_models.tiny_cnn()
+    result = fv.render(model, "conv", fv.channel([2]), [9], 1, 16, 16, steps=24, n_frames=6)
+    assert torch.equal(result.frames[-1], result.images)  # the last frame is the final image
+    frames = [media.tensor_image(f[0]) for f in result.frames]
+    data = media.encode_animation(frames)
+    with Image.open(io.BytesIO(data)) as webp:
+        assert webp.format == "WEBP"
+        assert webp.is_animated and webp.n_frames == len(frames)
+        webp.seek(webp.n_frames - 1)
+        last = np.array(webp.convert("L"))
+        webp.seek(0)
+        first = np.array(webp.convert("L"))
+    np.testing.assert_array_equal(last, np.array(frames[-1]))  # lossless at this size
+    np.testing.assert_array_equal(first, np.array(frames[0]))
+    assert not np.array_equal(first, last)
