@@ -56,7 +56,8 @@ class FourierImage(nn.Module):
         fx = torch.fft.rfftfreq(width).view(1, -1)
         freqs = torch.sqrt(fx * fx + fy * fy)
         scale = 1.0 / torch.clamp(freqs, min=1.0 / max(height, width)) ** decay_power
-        self.register_buffer("scale", scale.unsqueeze(-1))  # with norm="ortho" no sqrt(h*w) as in lucid's TF
+        # with norm="ortho" no sqrt(h*w) as in lucid's TF; lucid's "magic" 1/4 folded in
+        self.register_buffer("scale", scale.unsqueeze(-1) / 4.0)
         spectrum = torch.stack([torch.randn(channels, height, width // 2 + 1, 2,
                                             generator=torch.Generator().manual_seed(int(s))) for s in seeds]) * sd
         self.spectrum = nn.Parameter(spectrum)
@@ -64,7 +65,7 @@ class FourierImage(nn.Module):
     def forward(self) -> torch.Tensor:
         b, c, h, w = self.shape
         spectrum = torch.view_as_complex((self.spectrum * self.scale).contiguous())
-        image = torch.fft.irfft2(spectrum, s=(h, w), norm="ortho") / 4.0
+        image = torch.fft.irfft2(spectrum, s=(h, w), norm="ortho")
         if c == 3:
             matrix = COLOR_CORRELATION_SVD_SQRT.to(image.device)
             matrix = matrix / matrix.norm(dim=0).max()
@@ -150,12 +151,13 @@ def random_affine(pad_px: int, jitter_px: int, scales: Sequence[float], degrees:
     """
     def t(x, gen):
         h, w = x.shape[2], x.shape[3]
-        s = _choice(scales, gen)
-        angle = math.radians(_choice(degrees, gen))
+        draw = torch.randint(0, 2**31 - 1, (4,), generator=gen).tolist()  # one call for the four choices
+        s = scales[draw[0] % len(scales)]
+        angle = math.radians(degrees[draw[1] % len(degrees)])
         # output pixel -> input pixel, in normalized coordinates of the padded canvas, then of the image
         grow_x, grow_y = (w + 2 * pad_px) / w, (h + 2 * pad_px) / h
-        dx = 2 * (_randint(0, jitter_px, gen) - jitter_px / 2) / w
-        dy = 2 * (_randint(0, jitter_px, gen) - jitter_px / 2) / h
+        dx = 2 * (draw[2] % (jitter_px + 1) - jitter_px / 2) / w
+        dy = 2 * (draw[3] % (jitter_px + 1) - jitter_px / 2) / h
         cos, sin = math.cos(angle) / s, math.sin(angle) / s
         theta = torch.tensor([[cos * grow_x, -sin * grow_x, dx], [sin * grow_y, cos * grow_y, dy]],
                              dtype=x.dtype, device=x.device)
