@@ -337,20 +337,15 @@ class SampleRows:
         return self.matrix.numpy()
 
 
-SMALL_OUTPUT_BYTES = 0  # a batch's layer output up to this size is buffered whole and handled in bulk
-
-
 class LayerAccumulator:
     """Every accumulator of one layer. `observe` runs in the forward hook; the rest is buffered.
 
-    Large outputs (a conv layer of a real network) are handled at once in the
-    hook, where only what needs the full output is done: the reduction to one
-    value per unit, the top-/bottom-k offers (which copy the maps of the few
-    candidates) and the position activity of sampled rows; the [B, U] values
-    wait in a buffer and feed the other accumulators in chunks. Small outputs
-    (up to SMALL_OUTPUT_BYTES per batch, where the cost is the number of
-    tensor operations rather than the bytes) are copied whole into the buffer
-    and go through the same steps in bulk at `flush`.
+    Per batch, only what needs the full output is done at once, in the hook
+    (before any later in-place op can change the output): the reduction to
+    one value per unit, the top-/bottom-k offers (which copy the maps of just
+    the candidates that beat a unit's current k-th value) and the position
+    activity of sampled rows. The [B, U] values wait in a buffer and feed the
+    other accumulators in chunks at `flush`.
     """
 
     def __init__(self, n_units: int, cfg: ScanSection, n_classes: int, sample: np.ndarray):
@@ -362,7 +357,6 @@ class LayerAccumulator:
         self.classes = ClassMeans(n_classes, n_units)
         self.sample = SampleRows(sample, n_units)
         self._buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-        self._raw: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | slice | None]] = []
 
     def observe(self, output: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
                 sampled: torch.Tensor | slice | None) -> int:
@@ -370,15 +364,6 @@ class LayerAccumulator:
 
         Returns the bytes this call added to the buffer.
         """
-        size = output.numel() * output.element_size()
-        if size <= SMALL_OUTPUT_BYTES:
-            self._raw.append((output.clone(), ids, labels, sampled))  # a copy: later in-place ops can't reach it
-            return size
-        self._process(output, ids, labels, sampled)
-        return output.shape[0] * self.top.n_units * 16
-
-    def _process(self, output: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
-                 sampled: torch.Tensor | slice | None) -> None:
         maps = unit_maps(output)
         if maps is None:
             values = output.clone()  # buffered: an in-place op later in the forward must not reach it
@@ -404,21 +389,9 @@ class LayerAccumulator:
             rows = output if isinstance(sampled, slice) else output[sampled]
             fraction = active_fraction(rows, self.threshold)
         self._buffer.append((values, ids, labels, fraction))
+        return output.shape[0] * self.top.n_units * 16
 
     def flush(self) -> None:
-        if self._raw:
-            raw, self._raw = self._raw, []
-            rows, offset = [], 0
-            for out, _, _, sampled in raw:
-                if isinstance(sampled, slice):
-                    rows.append(torch.arange(offset, offset + out.shape[0], device=out.device))
-                elif sampled is not None:
-                    rows.append(sampled + offset)
-                offset += out.shape[0]
-            everything = sum(len(r) for r in rows) == offset
-            self._process(torch.cat([r[0] for r in raw]), torch.cat([r[1] for r in raw]),
-                          torch.cat([r[2] for r in raw]),
-                          slice(None) if everything else torch.cat(rows) if rows else None)
         if not self._buffer:
             return
         values, ids, labels = (torch.cat([b[i] for b in self._buffer]).cpu() for i in range(3))
