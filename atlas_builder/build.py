@@ -1,6 +1,6 @@
 """Build: run the stages in order for one config and report what it took.
 
-config -> sources (model, dataset) -> scan, feature vis (per model) -> media -> website.
+config -> sources (model, dataset) -> scan, feature vis, embed (per model) -> media -> website.
 Each compute stage records a fingerprint of its inputs in the store (config
 section, model weights, dataset, layers) and is skipped when it has not
 changed, so a re-run of `make site` only re-renders. The website reads the
@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import media, visualize
@@ -29,6 +30,7 @@ from .website import build_site
 
 SCAN_VERSION = 1  # bump when scan's output changes meaning (invalidates stored scans)
 FEATUREVIS_VERSION = 1  # likewise for the feature-vis stage
+EMBED_VERSION = 1  # and the embed stage
 
 
 @dataclass
@@ -98,6 +100,7 @@ def build(cfg: AtlasConfig, progress: bool = True) -> BuildReport:
             store.write_model(ModelRecord(section.name, position, section.display_title, section.source,
                                           model.fingerprint, model.info["parameters"], accuracy, model.info))
             run_featurevis(cfg, store, model, layers, dataset, device, report, progress)
+            run_embed(cfg, store, section.name, report)
             report.accuracy[section.name] = accuracy
         store.keep_models([m.name for m in cfg.models])
         store.write_meta({"title": cfg.site.title, "dataset": cfg.dataset.source,
@@ -135,6 +138,26 @@ def run_featurevis(cfg: AtlasConfig, store: Store, model, layers: list[str], dat
                                            cfg.atlas.seed, device, store.media_dir, progress)
     store.write_featurevis(model.name, rows, weights, fp, seconds)
     report.add_time("featurevis", seconds)
+
+
+def run_embed(cfg: AtlasConfig, store: Store, model: str, report: BuildReport) -> None:
+    """The embed stage of one model: maps and nearest units from the stored sample matrices."""
+    from . import embed
+
+    stage = f"embed:{model}"
+    if not cfg.embed.enabled:
+        return
+    fp = fingerprint(EMBED_VERSION, store.stage_fingerprint(f"scan:{model}"), cfg.embed.__dict__, cfg.atlas.seed)
+    if store.stage_fingerprint(stage) == fp:
+        report.skipped.append(stage)
+        return
+    samples = {}
+    sample_ids = np.zeros(0, dtype=np.int64)
+    for layer in store.layers(model):
+        samples[layer.layer], sample_ids = store.sample(model, layer.layer)
+    emb = embed.embed_model(samples, cfg.atlas.seed, cfg.embed.n_neighbors, cfg.embed.neighbours)
+    store.write_embedding(model, emb, sample_ids, fp)
+    report.add_time("embed", emb.seconds)
 
 
 def layer_table(cfg: AtlasConfig) -> list[tuple[str, list]]:

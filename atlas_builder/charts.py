@@ -134,3 +134,41 @@ def health_heatmap_svg(rows: list[dict], width: int = 900) -> Markup:
 
 def percent(x: float | None) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf"]  # category10
+
+
+def class_colour(label: int) -> str:
+    return "#999999" if label < 0 else PALETTE[label % len(PALETTE)]
+
+
+def scatter_svg(points: list[dict], method: str, size: int = 420, radius: float = 4.0) -> Markup:
+    """A 2-D map: points {x, y, colour, title, href?, thumb?, highlight?}, scaled to fit, links optional.
+
+    Points with `thumb` carry it in data-thumb for the hover preview (static/atlas.js);
+    without JavaScript the <title> tooltip and the links still work.
+    """
+    if not points:
+        return Markup('<p class="muted">No map.</p>')
+    xs = [p["x"] for p in points]
+    ys = [p["y"] for p in points]
+    lo_x, hi_x, lo_y, hi_y = min(xs), max(xs), min(ys), max(ys)
+    span_x, span_y = (hi_x - lo_x) or 1.0, (hi_y - lo_y) or 1.0
+    pad = 10
+    inner = size - 2 * pad
+    parts = [f'<svg class="chart scatter" data-method="{method}" viewBox="0 0 {size} {size}" width="{size}" '
+             f'height="{size}" role="img" aria-label="{escape(method.upper())} map of {len(points)} points">']
+    ordered = sorted(points, key=lambda p: bool(p.get("highlight")))  # highlighted point drawn last, on top
+    for p in ordered:
+        cx = pad + inner * (p["x"] - lo_x) / span_x
+        cy = pad + inner * (1 - (p["y"] - lo_y) / span_y)
+        r = radius * 2 if p.get("highlight") else radius
+        cls = ' class="highlight"' if p.get("highlight") else ""
+        thumb = f' data-thumb="{escape(p["thumb"])}"' if p.get("thumb") else ""
+        circle = (f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{r}" fill="{p["colour"]}"{cls}{thumb}>'
+                  f'<title>{escape(p["title"])}</title></circle>')
+        parts.append(f'<a href="{escape(p["href"])}">{circle}</a>' if p.get("href") else circle)
+    parts.append("</svg>")
+    return Markup("".join(parts))

@@ -109,6 +109,13 @@ class FeatureVisSection:
 
 
 @dataclass(frozen=True)
+class EmbedSection:
+    enabled: bool = True  # compute unit and input maps (PCA, UMAP) and nearest units
+    n_neighbors: int = 15  # UMAP's neighbourhood size (capped below the number of points)
+    neighbours: int = 8  # nearest units listed on each unit page
+
+
+@dataclass(frozen=True)
 class ModelSection:
     name: str  # slug used in URLs: <model>/<layer>/<unit>/
     source: str  # builtin:NAME | torchvision:NAME | pkg.mod:factory
@@ -137,6 +144,7 @@ class AtlasConfig:
     dataset: DatasetSection
     scan: ScanSection
     featurevis: FeatureVisSection = FeatureVisSection()
+    embed: EmbedSection = EmbedSection()
     models: tuple[ModelSection, ...] = field(default_factory=tuple)
     path: Path | None = None  # the file it was read from
     base_dir: Path = Path(".")  # relative paths inside the file resolve against this
@@ -176,6 +184,7 @@ SECTIONS = {
     "dataset": DatasetSection,
     "scan": ScanSection,
     "featurevis": FeatureVisSection,
+    "embed": EmbedSection,
 }
 
 
@@ -284,6 +293,10 @@ def _check(cfg: AtlasConfig, where: str) -> None:
         raise ConfigError(f"{where}atlas.name {a.name!r} must be a slug: lowercase letters, digits, '-' or '_'")
     if a.device not in DEVICES:
         raise ConfigError(f"{where}atlas.device {a.device!r} is not allowed; use one of {', '.join(DEVICES)}")
+    if cfg.embed.n_neighbors < 2:
+        raise ConfigError(f"{where}embed.n_neighbors must be at least 2, got {cfg.embed.n_neighbors}")
+    if cfg.embed.neighbours < 0:
+        raise ConfigError(f"{where}embed.neighbours must be 0 or more, got {cfg.embed.neighbours}")
     fv = cfg.featurevis
     for key in ("steps", "batch_size", "frames"):
         if getattr(fv, key) < 1:

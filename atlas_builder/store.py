@@ -48,6 +48,13 @@ CREATE TABLE IF NOT EXISTS sample_examples (model VARCHAR, position INTEGER, exa
 CREATE TABLE IF NOT EXISTS featurevis (
     model VARCHAR, layer VARCHAR, unit INTEGER, kind VARCHAR, activation DOUBLE, image VARCHAR, animation VARCHAR,
     PRIMARY KEY (model, layer, unit, kind));
+-- maps: map_layer '' is the all-layer unit map of a model; kind 'units' (point = unit of `layer`)
+-- or 'inputs' (point = example); method 'pca' or 'umap'
+CREATE TABLE IF NOT EXISTS map_points (
+    model VARCHAR, map_layer VARCHAR, kind VARCHAR, method VARCHAR, layer VARCHAR, point INTEGER, x DOUBLE, y DOUBLE);
+CREATE TABLE IF NOT EXISTS maps (model VARCHAR, map_layer VARCHAR, kind VARCHAR, umap_ran BOOLEAN, note VARCHAR);
+CREATE TABLE IF NOT EXISTS neighbours (
+    model VARCHAR, layer VARCHAR, unit INTEGER, rank INTEGER, other INTEGER, similarity DOUBLE);
 -- first-layer units: their weights drawn as a heatmap (excitatory red, inhibitory blue)
 CREATE TABLE IF NOT EXISTS weights (model VARCHAR, layer VARCHAR, unit INTEGER, image VARCHAR,
     PRIMARY KEY (model, layer, unit));
@@ -57,7 +64,8 @@ CREATE TABLE IF NOT EXISTS predictions (model VARCHAR, example INTEGER, predicte
 """
 
 MODEL_TABLES = ("layers", "units", "topk", "predictions", "samples", "sample_examples")  # the scan's
-FEATUREVIS_TABLES = ("featurevis", "weights")  # rows replaced when a model is re-scanned
+FEATUREVIS_TABLES = ("featurevis", "weights")
+EMBED_TABLES = ("map_points", "maps", "neighbours")  # rows replaced when a model is re-scanned
 
 
 @dataclass(frozen=True)
@@ -213,7 +221,7 @@ class Store:
         """Classes and example labels; clears everything that referred to an older dataset."""
         with self._transaction():
             if self.stage_fingerprint("dataset") != fingerprint:
-                for table in ("classes", "examples", "stages") + MODEL_TABLES + FEATUREVIS_TABLES:
+                for table in ("classes", "examples", "stages") + MODEL_TABLES + FEATUREVIS_TABLES + EMBED_TABLES:
                     self.con.execute(f"DELETE FROM {table}")
             self.con.execute("DELETE FROM classes")
             self.con.executemany("INSERT INTO classes VALUES (?, ?)", list(enumerate(class_names)))
@@ -234,9 +242,10 @@ class Store:
         with self._transaction():
             gone = [r[0] for r in self.con.execute("SELECT model FROM models").fetchall() if r[0] not in names]
             for model in gone:
-                for table in ("models",) + MODEL_TABLES + FEATUREVIS_TABLES:
+                for table in ("models",) + MODEL_TABLES + FEATUREVIS_TABLES + EMBED_TABLES:
                     self.con.execute(f"DELETE FROM {table} WHERE model = ?", [model])
-                self.con.execute("DELETE FROM stages WHERE stage IN (?, ?)", [f"scan:{model}", f"featurevis:{model}"])
+                self.con.execute("DELETE FROM stages WHERE stage IN (?, ?, ?)",
+                                 [f"scan:{model}", f"featurevis:{model}", f"embed:{model}"])
 
     def write_scan(self, scan, fingerprint: str) -> None:
         """All rows of one model's scan (a scan.ModelScan), replacing its previous ones."""
@@ -283,6 +292,69 @@ class Store:
             if weights:
                 self.con.executemany("INSERT INTO weights VALUES (?, ?, ?, ?)", [(model, *w) for w in weights])
             self._mark_stage(f"featurevis:{model}", fingerprint, seconds)
+
+    def write_embedding(self, model: str, emb, sample_ids: np.ndarray, fingerprint: str) -> None:
+        """An embed.ModelEmbedding of a model, replacing the previous one."""
+        layers = [l.layer for l in self.layers(model)]
+        n_units = {l.layer: l.n_units for l in self.layers(model)}
+        with self._transaction():
+            for table in EMBED_TABLES:
+                self.con.execute(f"DELETE FROM {table} WHERE model = ?", [model])
+            cols: dict[str, list] = {k: [] for k in ("model", "map_layer", "kind", "method", "layer", "point", "x", "y")}
+
+            def add(map_layer, kind, point_layers, points, m):
+                for method, coords in (("pca", m.pca), ("umap", m.umap)):
+                    n = len(coords)
+                    cols["model"].append(np.full(n, model))
+                    cols["map_layer"].append(np.full(n, map_layer))
+                    cols["kind"].append(np.full(n, kind))
+                    cols["method"].append(np.full(n, method))
+                    cols["layer"].append(np.asarray(point_layers, dtype=object))
+                    cols["point"].append(np.asarray(points, dtype=np.int32))
+                    cols["x"].append(coords[:, 0].astype(np.float64))
+                    cols["y"].append(coords[:, 1].astype(np.float64))
+                self.con.execute("INSERT INTO maps VALUES (?, ?, ?, ?, ?)", [model, map_layer, kind, m.umap_ran, m.note])
+
+            for name, m in emb.units.items():
+                if name:
+                    add(name, "units", [name] * n_units[name], np.arange(n_units[name]), m)
+                else:
+                    add("", "units", [l for l in layers for _ in range(n_units[l])],
+                        np.concatenate([np.arange(n_units[l]) for l in layers]), m)
+            for name, m in emb.inputs.items():
+                add(name, "inputs", [name] * len(sample_ids), sample_ids, m)
+            if cols["model"]:
+                self._insert("map_points", {k: np.concatenate(v) for k, v in cols.items()})
+            for name, (ids, sims) in emb.neighbours.items():
+                u, k = ids.shape
+                if u and k:
+                    self._insert("neighbours", {
+                        "model": np.full(u * k, model), "layer": np.full(u * k, name),
+                        "unit": np.repeat(np.arange(u, dtype=np.int32), k),
+                        "rank": np.tile(np.arange(k, dtype=np.int32), u),
+                        "other": ids.reshape(-1).astype(np.int32), "similarity": sims.reshape(-1).astype(np.float64)})
+            self._mark_stage(f"embed:{model}", fingerprint, emb.seconds)
+
+    def map_points(self, model: str, map_layer: str, kind: str) -> dict:
+        """{"pca": [(layer, point, x, y)...], "umap": [...], "umap_ran": bool, "note": str} or {} if none."""
+        info = self.con.execute("SELECT umap_ran, note FROM maps WHERE model = ? AND map_layer = ? AND kind = ?",
+                                [model, map_layer, kind]).fetchone()
+        if info is None:
+            return {}
+        out = {"umap_ran": info[0], "note": info[1]}
+        for method in ("pca", "umap"):
+            out[method] = self.con.execute(
+                "SELECT layer, point, x, y FROM map_points WHERE model = ? AND map_layer = ? AND kind = ? AND "
+                "method = ? ORDER BY rowid", [model, map_layer, kind, method]).fetchall()
+        return out
+
+    def neighbours(self, model: str, layer: str) -> dict[int, list[tuple[int, float]]]:
+        out: dict[int, list[tuple[int, float]]] = defaultdict(list)
+        for unit, other, sim in self.con.execute(
+                "SELECT unit, other, similarity FROM neighbours WHERE model = ? AND layer = ? ORDER BY unit, rank",
+                [model, layer]).fetchall():
+            out[unit].append((other, sim))
+        return dict(out)
 
     def clear_featurevis(self, model: str) -> None:
         with self._transaction():

@@ -74,12 +74,13 @@ class SiteSummary:
 class Pages:
     """Builds page contexts for one store snapshot; URLs are relative to each page."""
 
-    def __init__(self, site_title: str, base_url: str, css: str, class_names: list[str], labels):
-        self.site_title, self.base_url, self.css = site_title, base_url, css
+    def __init__(self, site_title: str, base_url: str, css: str, class_names: list[str], labels, js: str = ""):
+        self.site_title, self.base_url, self.css, self.js = site_title, base_url, css, js
         self.class_names, self.labels = class_names, labels  # labels: [N] label of every example
 
     def common(self, page: str, crumbs: list[tuple[str, str]]) -> dict:
         return {"site_title": self.site_title, "css": urls.rel(page, self.css), "home": urls.rel(page, urls.HOME),
+                "js": urls.rel(page, self.js) if self.js else "",
                 "breadcrumbs": [{"text": text, "href": urls.rel(page, target)} for text, target in crumbs],
                 "generator": ""}
 
@@ -98,8 +99,26 @@ class Pages:
                 "n_units": sum(l.n_units for v in layers.values() for l in v),
                 "n_examples": n_examples, "dataset": dataset}
 
-    def model(self, m: ModelRecord, layers: list[LayerRecord], units: dict[str, list[UnitRecord]]) -> dict:
+    def model(self, m: ModelRecord, layers: list[LayerRecord], units: dict[str, list[UnitRecord]],
+              all_units_map: dict | None = None, input_maps: dict[str, dict] | None = None,
+              predictions: dict[int, tuple[int, float]] | None = None) -> dict:
         page = urls.model_page(m.model)
+        index = {l.layer: i for i, l in enumerate(layers)}
+        records = {(name, u.unit): u for name, us in units.items() for u in us}
+
+        def unit_point(layer_name, unit, x, y):
+            u = records[(layer_name, unit)]
+            return {"x": x, "y": y, "colour": charts.PALETTE[index[layer_name] % len(charts.PALETTE)],
+                    "title": f"{layer_name} unit {unit}: {u.label}",
+                    "href": urls.rel(page, urls.unit_page(UnitId(m.model, layer_name, unit)))}
+
+        def input_point(layer_name, example, x, y):
+            label = int(self.labels[example])
+            pred = (predictions or {}).get(example)
+            return {"x": x, "y": y, "colour": charts.class_colour(label),
+                    "title": f"example {example}: label {self.label(label)}"
+                             + (f", predicted {self.label(pred[0])}" if pred else ""),
+                    "thumb": urls.rel(page, urls.example_image(example))}
         facts = []
         if "test_accuracy" in m.info:
             facts.append(("Held-out test accuracy (training record)", fmt_accuracy(m.info["test_accuracy"])))
@@ -116,18 +135,36 @@ class Pages:
         return {**self.common(page, [(m.title, page)]),
                 "model": {"title": m.title, "source": m.source, "parameters": m.parameters,
                           "accuracy": fmt_accuracy(m.accuracy), "facts": facts},
-                "layers": rows, "heatmap": charts.health_heatmap_svg(heat_rows)}
+                "layers": rows, "heatmap": charts.health_heatmap_svg(heat_rows),
+                "unit_map": map_views(all_units_map or {}, unit_point),
+                "input_maps": [{"layer": name, "id": f"in{i}", **map_views(points, input_point, INPUT_MAP_POINTS)}
+                               for i, (name, points) in enumerate((input_maps or {}).items()) if points],
+                "legend": [{"colour": charts.PALETTE[i % len(charts.PALETTE)], "text": l.layer}
+                           for i, l in enumerate(layers)],
+                "class_legend": [{"colour": charts.class_colour(i), "text": name}
+                                 for i, name in enumerate(self.class_names)]}
+
+    def thumb(self, page: str, u: UnitRecord, vis: VisualRecord | None) -> str | None:
+        """A unit's picture: its feature visualization, else its top example."""
+        if vis and vis.positive:
+            return urls.rel(page, urls.media(vis.positive.image))
+        return urls.rel(page, urls.example_image(u.top[0].example)) if u.top else None
 
     def layer(self, m: ModelRecord, layer: LayerRecord, units: list[UnitRecord],
-              neighbours: tuple[LayerRecord | None, LayerRecord | None], visuals: dict[int, VisualRecord]) -> dict:
+              neighbours: tuple[LayerRecord | None, LayerRecord | None], visuals: dict[int, VisualRecord],
+              unit_map: dict) -> dict:
         page = urls.layer_page(m.model, layer.layer)
+        by_unit = {u.unit: u for u in units}
+
+        def point(layer_name, unit, x, y):
+            u = by_unit[unit]
+            return {"x": x, "y": y, "colour": unit_colour(u), "title": f"unit {unit}: {u.label}",
+                    "href": urls.rel(page, urls.unit_page(UnitId(m.model, layer.layer, unit))),
+                    "thumb": self.thumb(page, u, visuals.get(unit))}
+
         cells = []
         for u in units:
-            vis = visuals.get(u.unit)
-            if vis and vis.positive:
-                thumb = urls.rel(page, urls.media(vis.positive.image))
-            else:
-                thumb = urls.rel(page, urls.example_image(u.top[0].example)) if u.top else None
+            thumb = self.thumb(page, u, visuals.get(u.unit))
             cells.append({"unit": u.unit, "href": urls.rel(page, urls.unit_page(UnitId(m.model, layer.layer, u.unit))),
                           "thumb": thumb, "max": fmt(u.max), "mean": fmt(u.mean), "label": u.label,
                           "flags": u.flags})
@@ -135,12 +172,14 @@ class Pages:
                      for n in neighbours)
         return {**self.common(page, [(m.title, urls.model_page(m.model)), (layer.layer, page)]),
                 "model_title": m.title, "units": cells, "prev": prev, "next": nxt,
+                "unit_map": map_views(unit_map, point),
                 "up": urls.rel(page, urls.model_page(m.model)),
                 "layer": {"name": layer.layer, "module_type": layer.module_type, "shape": shape_text(layer.shape),
                           "n_units": layer.n_units, **health_counts(units)}}
 
     def unit(self, m: ModelRecord, layer: LayerRecord, u: UnitRecord, n_units: int,
-             predictions: dict[int, tuple[int, float]], vis: VisualRecord | None = None) -> dict:
+             predictions: dict[int, tuple[int, float]], vis: VisualRecord | None = None,
+             near: list[tuple[UnitRecord, float, VisualRecord | None]] = (), unit_map: dict | None = None) -> dict:
         uid = UnitId(m.model, layer.layer, u.unit)
         page = urls.unit_page(uid)
 
@@ -180,6 +219,11 @@ class Pages:
                 "class_bars": charts.class_bars_svg(u.class_means, self.class_names, u.top_class),
                 "permalink": permalink, "permalink_href": permalink if self.base_url else urls.rel(page, page),
                 "top": examples(u.top), "bottom": examples(u.bottom), "featurevis": visual_context(page, vis),
+                "neighbours": [{"href": urls.rel(page, urls.unit_page(UnitId(m.model, layer.layer, o.unit))),
+                                "text": f"unit {o.unit}", "label": o.label, "similarity": fmt(sim),
+                                "thumb": self.thumb(page, o, ovis)} for o, sim, ovis in near],
+                "position": position_map(unit_map, u.unit),
+                "map_href": urls.rel(page, urls.layer_page(m.model, layer.layer)) + "#unit-map",
                 "prev": sibling(u.unit - 1), "next": sibling(u.unit + 1),
                 "up": urls.rel(page, urls.layer_page(m.model, layer.layer))}
 
@@ -195,6 +239,43 @@ def visual_context(page: str, vis: VisualRecord | None) -> dict | None:
             "animation": urls.rel(page, urls.media(record.animation)) if record.animation else None,
             "activation": fmt(record.activation)}
     return ctx
+
+
+MAX_POSITION_POINTS = 512  # larger layers: the unit page links to the layer's map instead of drawing it
+
+
+def position_map(unit_map: dict | None, unit: int):
+    """A small static UMAP of the layer with `unit` highlighted (no links, so it stays small)."""
+    if not unit_map or len(unit_map["umap"]) > MAX_POSITION_POINTS:
+        return None
+    return charts.scatter_svg([{"x": x, "y": y, "colour": "#e0312b" if p == unit else "#b8c2cc",
+                                "title": f"unit {p}", "highlight": p == unit} for _, p, x, y in unit_map["umap"]],
+                              "umap", size=220, radius=3.0)
+
+
+def unit_colour(u: UnitRecord) -> str:
+    if u.dead:
+        return "#111111"
+    if u.saturated:
+        return "#e0312b"
+    if u.label.startswith("class-selective"):
+        return charts.class_colour(u.top_class)
+    return "#8a96a3"
+
+
+INPUT_MAP_POINTS = 200  # per input map on the model page (one map per layer, all on one page)
+MAX_MAP_POINTS = 1000  # points drawn per map; a larger map shows an evenly spread subset (said under it)
+
+
+def map_views(points: dict, make_point, limit: int = MAX_MAP_POINTS) -> dict | None:
+    """Both methods of a stored map as SVGs: {"umap", "pca", "note"}; make_point(layer, point, x, y) -> dict."""
+    if not points:
+        return None
+    n = len(points["umap"])
+    step = max(1, -(-n // limit))
+    note = points["note"] + (f"; showing every {step}th of {n} points" if step > 1 else "")
+    return {method: charts.scatter_svg([make_point(*row) for row in points[method][::step]], method)
+            for method in ("umap", "pca")} | {"note": note}
 
 
 def health_counts(units: list[UnitRecord]) -> dict[str, int]:
@@ -241,9 +322,13 @@ def build_site(store: Store, site_dir: Path, site_title: str, base_url: str, pro
 
 
 def _write_tree(store: Store, out: Path, site_title: str, base_url: str, progress: bool) -> SiteSummary:
-    css_bytes = (TEMPLATES / "static" / "style.css").read_bytes()
-    css = urls.static(f"style.{hashlib.sha1(css_bytes).hexdigest()[:10]}.css")
-    pages = Pages(site_title, base_url, css, store.class_names(), store.labels())
+    assets = {}
+    for name in ("style.css", "atlas.js"):
+        data = (TEMPLATES / "static" / name).read_bytes()
+        stem, ext = name.rsplit(".", 1)
+        assets[name] = (urls.static(f"{stem}.{hashlib.sha1(data).hexdigest()[:10]}.{ext}"), data)
+    pages = Pages(site_title, base_url, assets["style.css"][0], store.class_names(), store.labels(),
+                  assets["atlas.js"][0])
     written: list[str] = []
 
     def write(path: str, html: str) -> None:
@@ -260,22 +345,28 @@ def _write_tree(store: Store, out: Path, site_title: str, base_url: str, progres
     for m in models:
         model_layers = layers[m.model]
         all_units = {layer.layer: store.units(m.model, layer.layer) for layer in model_layers}
-        write(urls.model_page(m.model), render("model.html", pages.model(m, model_layers, all_units)))
         predictions = store.predictions(m.model)
+        input_maps = {layer.layer: store.map_points(m.model, layer.layer, "inputs") for layer in model_layers}
+        write(urls.model_page(m.model), render("model.html", pages.model(
+            m, model_layers, all_units, store.map_points(m.model, "", "units"), input_maps, predictions)))
         for i, layer in enumerate(model_layers):
             units = all_units[layer.layer]
             visuals = store.visuals(m.model, layer.layer)
+            unit_map = store.map_points(m.model, layer.layer, "units")
+            near = store.neighbours(m.model, layer.layer)
             neighbours = (model_layers[i - 1] if i > 0 else None,
                           model_layers[i + 1] if i + 1 < len(model_layers) else None)
             write(urls.layer_page(m.model, layer.layer),
-                  render("layer.html", pages.layer(m, layer, units, neighbours, visuals)))
+                  render("layer.html", pages.layer(m, layer, units, neighbours, visuals, unit_map)))
             for u in units:
-                ctx = pages.unit(m, layer, u, len(units), predictions, visuals.get(u.unit))
+                close = [(units[o], sim, visuals.get(o)) for o, sim in near.get(u.unit, [])]
+                ctx = pages.unit(m, layer, u, len(units), predictions, visuals.get(u.unit), close, unit_map)
                 write(urls.unit_page(UnitId(m.model, layer.layer, u.unit)), render("unit.html", ctx))
                 unit_pages += 1
                 bar.update(1)
     bar.close()
-    atomic.write_bytes(out / css, css_bytes)
+    for path, data in assets.values():
+        atomic.write_bytes(out / path, data)
     atomic.write_bytes(out / ".nojekyll", b"")
     atomic.write_bytes(out / MARKER, b"Built by Neuron Atlas; this folder is replaced on every build.\n")
     for path in store.media_files():

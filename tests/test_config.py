@@ -56,7 +56,7 @@ def test_model_lookup_by_unknown_name_lists_names(tmp_path):
 BAD_CONFIGS = [
     ("malformed-toml", '[atlas\nname = "x"\n' + MODEL, ["not valid TOML", "fix the syntax"]),
     ("unknown-section", '[sitee]\ntitle = "x"\n' + MODEL,
-     ["unknown section [sitee]", "allowed sections are atlas, dataset, featurevis, models, scan, site"]),
+     ["unknown section [sitee]", "allowed sections are atlas, dataset, embed, featurevis, models, scan, site"]),
     ("unknown-key", "[scan]\ntopk = 3\n" + MODEL,
      ["unknown key scan.topk", "allowed keys in this section are active_threshold, batch_size, buffer_mb"]),
     ("unknown-model-key", MODEL + 'wieghts = "DEFAULT"\n',
