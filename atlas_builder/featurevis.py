@@ -267,9 +267,15 @@ class TruncatedModel:
     The forward is cut by raising from the layer's hook. A module called
     more than once per forward (a shared ReLU) is not cut: the whole model
     runs and the last call's output is returned, as the probe reports it.
+
+    With `through_relu`, a ReLU target returns its *input* (the forward stops
+    just before it), which has a gradient where the unit is off: `render`
+    uses it for the first steps (as lucid redirects the ReLU's gradient early
+    on), so a unit that is off on the grey start still gets going, and then
+    optimizes the ReLU's real output.
     """
 
-    def __init__(self, model: nn.Module, layer: str, example: torch.Tensor):
+    def __init__(self, model: nn.Module, layer: str, example: torch.Tensor, through_relu: bool = False):
         modules = dict(model.named_modules())
         modules.pop("", None)
         if layer not in modules:
@@ -277,6 +283,7 @@ class TruncatedModel:
         self.model, self.module, self.example, self.layer = model, modules[layer], example, layer
         self.output: torch.Tensor | None = None
         self.cut = True
+        self.through_relu = through_relu and isinstance(self.module, (nn.ReLU, nn.ReLU6))
         self._handle = None
 
     def __enter__(self) -> "TruncatedModel":
@@ -291,7 +298,10 @@ class TruncatedModel:
             raise AtlasError(f"layer {self.layer!r} is never called in the model's forward pass; "
                              f"visualize a layer the forward uses")
         self.cut = len(calls) == 1
-        self._handle = self.module.register_forward_hook(self._hook)
+        if self.cut and self.through_relu:
+            self._handle = self.module.register_forward_pre_hook(self._pre_hook)
+        else:
+            self._handle = self.module.register_forward_hook(self._hook)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -305,6 +315,10 @@ class TruncatedModel:
         self.output = output
         if self.cut:
             raise _Stop
+
+    def _pre_hook(self, module, inputs):
+        self.output = inputs[0]
+        raise _Stop
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.output = None
@@ -332,6 +346,9 @@ def frame_schedule(steps: int, n_frames: int) -> list[int]:
         return [steps]
     marks = np.unique(np.round(np.geomspace(1, steps, n_frames)).astype(int))
     return sorted(set(marks.tolist()) | {steps})
+
+
+RELU_WARMUP_FRACTION = 8  # the first 1/8 of the steps optimize a ReLU target's input (lucid's redirected ReLU)
 
 
 def render(model: nn.Module, layer: str, objective: Objective, image_seeds: Sequence[int], channels: int,
@@ -362,20 +379,23 @@ def render(model: nn.Module, layer: str, objective: Objective, image_seeds: Sequ
     for p in frozen:
         p.requires_grad_(False)
     try:
-        with TruncatedModel(model, layer, normalize(param().detach())) as truncated:
-            for step in range(1, steps + 1):
-                opt.zero_grad(set_to_none=True)
-                images = param()
-                acts = truncated(normalize(transforms(images, gen)))
-                loss = -objective(acts).sum()
-                loss.backward()
-                opt.step()
-                if step in schedule:  # the image after `step` updates
-                    with torch.no_grad():
-                        frames.append(param().cpu())
-            with torch.no_grad():
-                final = param()
-                activation = objective(truncated(normalize(final))).cpu()
+        example = normalize(param().detach())
+        warm = min(steps, max(1, steps // RELU_WARMUP_FRACTION))
+        for through_relu, span in ((True, range(1, warm + 1)), (False, range(warm + 1, steps + 1))):
+            with TruncatedModel(model, layer, example, through_relu=through_relu) as truncated:
+                for step in span:
+                    opt.zero_grad(set_to_none=True)
+                    images = param()
+                    acts = truncated(normalize(transforms(images, gen)))
+                    loss = -objective(acts).sum()
+                    loss.backward()
+                    opt.step()
+                    if step in schedule:  # the image after `step` updates
+                        with torch.no_grad():
+                            frames.append(param().cpu())
+        with torch.no_grad(), TruncatedModel(model, layer, example) as exact:
+            final = param()
+            activation = objective(exact(normalize(final))).cpu()
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -222,12 +222,12 @@ def test_planted_edge_detectors_get_edges_along_their_axis():
                        transforms=fv.no_transforms(16, 16), seed=1)
     assert (result.activation > 0.5).all(), result.activation  # from ~0 on the grey start
     vertical, horizontal = result.images[:4], result.images[4:]
-    # energy of the differences along each axis (about 2.2x today; 1.5x leaves room for the
-    # Fourier amplitude fix, see test_fourier_image_starts_near_grey_at_any_size)
+    # energy of the differences along each axis (about 1.3x: the first 1/8 of the steps optimize
+    # the ReLU's input, whose optimum is a ramp, before the edges form)
     vertical_w, vertical_h = gradient_energy(vertical)
     horizontal_w, horizontal_h = gradient_energy(horizontal)
-    assert vertical_w > 1.5 * vertical_h, (vertical_w, vertical_h)
-    assert horizontal_h > 1.5 * horizontal_w, (horizontal_w, horizontal_h)
+    assert vertical_w > 1.2 * vertical_h, (vertical_w, vertical_h)
+    assert horizontal_h > 1.2 * horizontal_w, (horizontal_w, horizontal_h)
     # stripes: the image varies from column to column far more than from row to row (~9x)
     assert column_variance(vertical) > 3 * row_variance(vertical)
     assert row_variance(horizontal) > 3 * column_variance(horizontal)
@@ -558,3 +558,16 @@ def test_encode_animation_ends_on_the_final_image():
     np.testing.assert_array_equal(last, np.array(frames[-1]))  # lossless at this size
     np.testing.assert_array_equal(first, np.array(frames[0]))
     assert not np.array_equal(first, last)
+
+
+def test_a_relu_unit_that_is_off_on_the_grey_start_still_gets_going():
+    """The ReLU's output has no gradient where the unit is off; the first steps optimize its input."""
+    torch.manual_seed(0)
+    fc = nn.Linear(64, 2)
+    with torch.no_grad():
+        fc.bias.copy_(-0.5 * fc.weight.sum(1) - 0.2)  # -0.2 on a grey image: off near the grey start
+    model = nn.Sequential(nn.Flatten(), fc, nn.ReLU())
+    start = fv.render(model, "2", fv.channel([0, 1]), [0, 1], 1, 8, 8, steps=1, transforms=fv.no_transforms(8, 8))
+    assert (start.activation == 0).all()
+    result = fv.render(model, "2", fv.channel([0, 1]), [0, 1], 1, 8, 8, steps=64, transforms=fv.no_transforms(8, 8))
+    assert (result.activation > 0).all(), result.activation
