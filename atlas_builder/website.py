@@ -241,7 +241,7 @@ def visual_context(page: str, vis: VisualRecord | None) -> dict | None:
     return ctx
 
 
-MAX_POSITION_POINTS = 512  # larger layers: the unit page links to the layer's map instead of drawing it
+MAX_POSITION_POINTS = 128  # larger layers: the unit page links to the layer's map instead of drawing it (page size)
 
 
 def position_map(unit_map: dict | None, unit: int):
