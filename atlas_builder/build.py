@@ -30,7 +30,7 @@ from .website import build_site
 
 SCAN_VERSION = 1  # bump when scan's output changes meaning (invalidates stored scans)
 FEATUREVIS_VERSION = 1  # likewise for the feature-vis stage
-EMBED_VERSION = 1  # and the embed stage
+EMBED_VERSION = 2  # and the embed stage
 
 
 @dataclass

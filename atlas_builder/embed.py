@@ -14,8 +14,9 @@ the seeded sample of examples) and computes:
 - nearest units: for every unit the `neighbours` most similar units of the
   same layer by cosine similarity of the standardized profiles.
 
-Everything is seeded and single-threaded (UMAP's random_state, n_jobs=1), so
-the same store gives the same coordinates. Small maps fall back: with fewer
+Everything is seeded (PCA's full SVD is exact; UMAP runs with random_state
+and n_jobs=1), so the same store gives the same coordinates. One SVD per map
+gives both the 2-D PCA and the 50 dims UMAP starts from. Small maps fall back: with fewer
 than MIN_UMAP_POINTS points UMAP is not run and the PCA coordinates stand in
 (the map records why); n_neighbors is capped below the number of points.
 umap-learn is slow to import, so it is imported only inside this stage.
@@ -61,15 +62,7 @@ def standardize(x: np.ndarray) -> np.ndarray:
 
 
 def pca_2d(x: np.ndarray, seed: int) -> np.ndarray:
-    from sklearn.decomposition import PCA
-
-    n, d = x.shape
-    if n < 2 or d == 0:
-        return np.zeros((n, 2))
-    k = min(2, n, d)
-    coords = PCA(n_components=k, svd_solver="full", random_state=seed).fit_transform(x)
-    coords = _fix_signs(coords)
-    return np.pad(coords, ((0, 0), (0, 2 - k)))
+    return principal_components(x, 2, seed)
 
 
 def _fix_signs(coords: np.ndarray) -> np.ndarray:
@@ -79,17 +72,28 @@ def _fix_signs(coords: np.ndarray) -> np.ndarray:
     return coords * np.where(signs == 0, 1, signs)
 
 
+def principal_components(x: np.ndarray, dims: int, seed: int) -> np.ndarray:
+    """The first `dims` principal components of the rows of x (sign-fixed), zero-padded to `dims` columns."""
+    from sklearn.decomposition import PCA
+
+    n, d = x.shape
+    k = min(dims, n, d)
+    if n < 2 or k == 0:
+        return np.zeros((n, dims))
+    coords = _fix_signs(PCA(n_components=k, svd_solver="full", random_state=seed).fit_transform(x))
+    return np.pad(coords, ((0, 0), (0, dims - k)))
+
+
 def map_2d(x: np.ndarray, seed: int, n_neighbors: int, timer: dict) -> Map2D:
-    """PCA and UMAP of the rows of x (already standardized)."""
+    """PCA and UMAP of the rows of x (already standardized); one SVD serves both."""
     n = x.shape[0]
-    pca = pca_2d(x, seed)
+    components = principal_components(x, PCA_DIMS if n >= MIN_UMAP_POINTS and x.shape[1] > PCA_DIMS else 2, seed)
+    pca = components[:, :2]
     if n < MIN_UMAP_POINTS:
         return Map2D(pca, pca, False, f"UMAP needs at least {MIN_UMAP_POINTS} points, this map has {n}: "
                                       f"showing PCA")
     if x.shape[1] > PCA_DIMS:
-        from sklearn.decomposition import PCA
-
-        x = PCA(n_components=min(PCA_DIMS, n), svd_solver="full", random_state=seed).fit_transform(x)
+        x = components
     k = max(2, min(n_neighbors, n - 1))
     start = time.perf_counter()
     import umap  # slow to import: only here
