@@ -273,7 +273,7 @@ def map_views(points: dict, make_point, limit: int = MAX_MAP_POINTS) -> dict | N
         return None
     n = len(points["umap"])
     step = max(1, -(-n // limit))
-    note = points["note"] + (f"; showing every {step}th of {n} points" if step > 1 else "")
+    note = points["note"] + (f"; showing {len(range(0, n, step))} of its {n} points, evenly spread" if step > 1 else "")
     return {method: charts.scatter_svg([make_point(*row) for row in points[method][::step]], method)
             for method in ("umap", "pca")} | {"note": note}
 
