@@ -96,21 +96,22 @@ class TopK:
             chosen = torch.zeros_like(mask)
             chosen.scatter_(0, rows, True)
             b, u = (mask & chosen).nonzero(as_tuple=True)
-        self._pending.append((u.cpu(), ids[b].cpu(), keys[b, u].cpu(),
-                              None if positions is None else positions[b, u].long().cpu(),
-                              None if maps is None else maps[b, u].float().cpu()))
-        self._pending_rows += len(b)
-        if self._pending_rows >= self.n_units * self.k:  # keep the thresholds fresh
-            self.fold()
+        self._push(u, ids[b], keys[b, u], None if positions is None else positions[b, u].long(),
+                   None if maps is None else maps[b, u].float())
 
     def add(self, units: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, maps: torch.Tensor | None,
             select: torch.Tensor) -> None:
         """Candidates already gathered by the caller ([N] each, maps [N, M]); `select` marks those for us."""
         if not bool(select.any()):
             return
-        units, ids, values = units[select], ids[select], values[select]
-        self._pending.append((units.cpu(), ids.cpu(), (values if self.sign > 0 else -values).float().cpu(), None,
-                              None if maps is None else maps[select].cpu()))
+        values = values[select].float()
+        self._push(units[select], ids[select], values if self.sign > 0 else -values, None,
+                   None if maps is None else maps[select])
+
+    def _push(self, units, ids, keys, positions, maps) -> None:
+        """Queue candidates (positions None: argmax of the map once chosen) and fold when enough wait."""
+        self._pending.append((units.cpu(), ids.cpu(), keys.cpu(), None if positions is None else positions.cpu(),
+                              None if maps is None else maps.cpu()))
         self._pending_rows += len(units)
         if self._pending_rows >= self.n_units * self.k:  # keep the thresholds fresh
             self.fold()
