@@ -295,8 +295,8 @@ class Store:
 
     def write_embedding(self, model: str, emb, sample_ids: np.ndarray, fingerprint: str) -> None:
         """An embed.ModelEmbedding of a model, replacing the previous one."""
-        layers = [l.layer for l in self.layers(model)]
-        n_units = {l.layer: l.n_units for l in self.layers(model)}
+        n_units = {l.layer: l.n_units for l in self.layers(model)}  # in layer order
+        layers = list(n_units)
         with self._transaction():
             for table in EMBED_TABLES:
                 self.con.execute(f"DELETE FROM {table} WHERE model = ?", [model])

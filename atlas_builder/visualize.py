@@ -107,13 +107,13 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
                             atomic.write_bytes(media_dir / animation, media.encode_animation(frames))
                         rows.append((layer, unit, kind, float(sign * result.activation[i]), image, animation))
                     bar.update(len(units))
-        first = first_layer(net)
-        if first in layers:
-            maps = weight_maps(dict(net.named_modules())[first], (c, h, w))
+        input_layer = first_layer(net)
+        if input_layer in layers:
+            maps = weight_maps(dict(net.named_modules())[input_layer], (c, h, w))
             for unit in range(len(maps) if maps is not None else 0):
-                path = urls.featurevis_media(model.name, first, unit, "weights")
+                path = urls.featurevis_media(model.name, input_layer, unit, "weights")
                 atomic.write_bytes(media_dir / path, media.encode_webp(media.weight_heatmap(maps[unit])))
-                weights.append((first, unit, path))
+                weights.append((input_layer, unit, path))
     finally:
         bar.close()
         net.to("cpu")

@@ -81,8 +81,7 @@ class Pages:
     def common(self, page: str, crumbs: list[tuple[str, str]]) -> dict:
         return {"site_title": self.site_title, "css": urls.rel(page, self.css), "home": urls.rel(page, urls.HOME),
                 "js": urls.rel(page, self.js) if self.js else "",
-                "breadcrumbs": [{"text": text, "href": urls.rel(page, target)} for text, target in crumbs],
-                "generator": ""}
+                "breadcrumbs": [{"text": text, "href": urls.rel(page, target)} for text, target in crumbs]}
 
     def label(self, label: int) -> str:
         return self.class_names[label] if 0 <= label < len(self.class_names) else "?"

@@ -171,7 +171,7 @@ def test_position_box():
 
 
 def test_render_is_pure_and_escapes():
-    ctx = {"site_title": "<T>", "css": "s.css", "home": "index.html", "breadcrumbs": [], "generator": "",
+    ctx = {"site_title": "<T>", "css": "s.css", "home": "index.html", "breadcrumbs": [],
            "models": [], "n_models": 0, "n_layers": 0, "n_units": 0, "n_examples": 0, "dataset": "<d>"}
     a, b = render("home.html", ctx), render("home.html", ctx)
     assert a == b
