@@ -89,28 +89,25 @@ class TopK:
         b, u = mask.nonzero(as_tuple=True)  # NaN never passes; +-Inf is dropped in fold
         if len(b) == 0:
             return
-        keys = values.float() if self.sign > 0 else -values.float()
         if len(b) > self.k * self.n_units and values.shape[0] > self.k:
             # a flood (the first batches): only the batch's own k best per unit can matter
+            keys = values.float() if self.sign > 0 else -values.float()
             rows = torch.topk(exact_order(keys, ids), self.k, dim=0).indices  # [k, U], ties to the lower id
             chosen = torch.zeros_like(mask)
             chosen.scatter_(0, rows, True)
             b, u = (mask & chosen).nonzero(as_tuple=True)
-        self._push(u, ids[b], keys[b, u], None if positions is None else positions[b, u].long(),
-                   None if maps is None else maps[b, u].float())
+        self.queue(u, ids[b], values[b, u], None if maps is None else maps[b, u].float(),
+                   None if positions is None else positions[b, u].long())
 
-    def add(self, units: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, maps: torch.Tensor | None,
-            select: torch.Tensor) -> None:
-        """Candidates already gathered by the caller ([N] each, maps [N, M]); `select` marks those for us."""
-        if not bool(select.any()):
-            return
-        values = values[select].float()
-        self._push(units[select], ids[select], values if self.sign > 0 else -values, None,
-                   None if maps is None else maps[select])
+    def queue(self, units: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, maps: torch.Tensor | None,
+              positions: torch.Tensor | None = None) -> None:
+        """Queue candidates ([N] each, maps [N, M] float32) and fold when enough wait.
 
-    def _push(self, units, ids, keys, positions, maps) -> None:
-        """Queue candidates (positions None: argmax of the map once chosen) and fold when enough wait."""
-        self._pending.append((units.cpu(), ids.cpu(), keys.cpu(), None if positions is None else positions.cpu(),
+        A candidate need not beat the current k-th value: `fold` ranks it with
+        the rest, so one gather can be queued on a top-k and a bottom-k alike.
+        positions None: the argmax of the map once chosen (or -1 without maps).
+        """
+        self._pending.append((units.cpu(), ids.cpu(), values.cpu(), None if positions is None else positions.cpu(),
                               None if maps is None else maps.cpu()))
         self._pending_rows += len(units)
         if self._pending_rows >= self.n_units * self.k:  # keep the thresholds fresh
@@ -122,10 +119,11 @@ class TopK:
         self.fold()
 
     def _state_entries(self) -> tuple:
+        """The kept entries as candidates: units, ids, values, positions, maps."""
         filled = self.keys > -torch.inf
         units = torch.arange(self.n_units).view(-1, 1).expand_as(self.keys)[filled]
         maps = self.maps[filled] if self.maps is not None else None
-        return units, self.ids[filled], self.keys[filled], self.positions[filled], maps
+        return units, self.ids[filled], self.keys[filled] * self.sign, self.positions[filled], maps
 
     def fold(self) -> None:
         """Merge pending candidates into the state: per unit the k best keys, ties to the lower id."""
@@ -133,11 +131,12 @@ class TopK:
             return
         entries = [self._state_entries()] + self._pending
         self._pending, self._pending_rows = [], 0
-        units, ids, keys = (torch.cat([e[i] for e in entries]) for i in range(3))
+        units, ids, values = (torch.cat([e[i] for e in entries]) for i in range(3))
         positions = torch.cat([e[3] if e[3] is not None else torch.full((len(e[0]),), -2, dtype=torch.long)
                                for e in entries])  # -2: take the argmax of the map once chosen
         with_maps = [e[4] for e in entries if e[4] is not None]
         maps = torch.cat(with_maps) if with_maps else None
+        keys = values.float() * self.sign
         keys = torch.where(torch.isfinite(keys), keys, -torch.inf)
         order = torch.argsort(ids, stable=True)
         order = order[torch.argsort(keys[order], descending=True, stable=True)]
@@ -360,10 +359,14 @@ class LayerAccumulator:
         self._buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
 
     def observe(self, output: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
-                sampled: torch.Tensor | slice | None) -> int:
-        """output: the live layer output [B, ...]; sampled: rows of the batch in the sample (slice = all).
+                sampled: torch.Tensor | None) -> int:
+        """output: the live layer output [B, ...]; sampled: rows of the batch whose active positions count.
 
-        Returns the bytes this call added to the buffer.
+        Returns the bytes this call added to the buffer. Every op here is paid
+        on every batch, so it is kept to a handful: the reduction, one
+        candidate test for top- and bottom-k together, one gather of the
+        candidates (queued on both: each fold ranks them), and a copy of the
+        sampled rows (their active fraction is measured at `flush`).
         """
         maps = unit_maps(output)
         if maps is None:
@@ -372,34 +375,39 @@ class LayerAccumulator:
             values = maps.amax(2) if self.reduce == "max" else maps.mean(2)
         if values.dtype != torch.float32:
             values = values.float()
-        top, bottom = self.top.might_take(values), self.bottom.might_take(values)
-        either = top | bottom
-        b, u = either.nonzero(as_tuple=True)  # grows rarer as the pass goes on
-        if len(b):
-            if len(b) > self.top.k * self.top.n_units:  # a flood (first batches): per-TopK pre-selection
-                self.top.offer(values, ids, None, maps, top)
-                self.bottom.offer(values, ids, None, maps, bottom)
-            else:  # gather once for both
-                v, i = values[b, u], ids[b]
-                m = maps[b, u].float() if maps is not None else None
-                is_top = top[b, u]
-                self.top.add(u, i, v, m, is_top)
-                self.bottom.add(u, i, v, m, ~is_top | bottom[b, u])
-        fraction = None
+        n_units = self.top.n_units
+        either = torch.logical_or(self.top.might_take(values), self.bottom.might_take(values))
+        flat = either.view(-1).nonzero().view(-1)  # candidates grow rarer as the pass goes on
+        if len(flat) > self.top.k * n_units:  # a flood (first batches): per-TopK pre-selection
+            self.top.offer(values, ids, None, maps)
+            self.bottom.offer(values, ids, None, maps)
+        elif len(flat):
+            units = flat % n_units
+            if maps is None:
+                candidate_maps = None
+            elif maps.is_contiguous():
+                candidate_maps = maps.flatten(0, 1).index_select(0, flat).float()
+            else:
+                candidate_maps = maps[flat // n_units, units].float()
+            candidates = (units, ids.index_select(0, flat // n_units), values.view(-1).index_select(0, flat),
+                          candidate_maps)
+            self.top.queue(*candidates)
+            self.bottom.queue(*candidates)
+        rows = None
         if sampled is not None:
-            rows = output if isinstance(sampled, slice) else output[sampled]
-            fraction = active_fraction(rows, self.threshold)
-        self._buffer.append((values, ids, labels, fraction))
-        return output.shape[0] * self.top.n_units * 16
+            rows = output.index_select(0, sampled)  # a copy: later in-place ops cannot reach it
+        self._buffer.append((values, ids, labels, rows))
+        return values.numel() * 16 + (rows.numel() * rows.element_size() if rows is not None else 0)
 
     def flush(self) -> None:
         if not self._buffer:
             return
         values, ids, labels = (torch.cat([b[i] for b in self._buffer]).cpu() for i in range(3))
-        fractions = [b[3] for b in self._buffer if b[3] is not None]
+        rows = [b[3] for b in self._buffer if b[3] is not None]
         self._buffer = []
+        fraction = active_fraction(torch.cat(rows).cpu(), self.threshold) if rows else None
         self.moments.update(values)
-        self.activity.update(values, torch.cat(fractions).cpu() if fractions else None)
+        self.activity.update(values, fraction)
         self.classes.update(values, labels)
         self.sample.update(values, ids)
         self.top.fold()
@@ -582,31 +590,37 @@ def scan_model(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg
             accs[name] = LayerAccumulator(unit_count(tuple(output.shape[1:])), cfg, n_classes, sample)
         batch["bytes"] += accs[name].observe(output, batch["ids"], batch["labels"], batch["sampled"])
 
-    predicted, confidence, label_batches = [], [], []
+    predicted, confidence, label_batches, outputs = [], [], [], []
     seen = 0
     batch["bytes"] = 0
+
+    def flush() -> None:
+        for acc in accs.values():
+            acc.flush()
+        if outputs:  # the model's prediction and confidence, a chunk of batches at a time
+            conf, pred = torch.cat(outputs).float().softmax(1).max(1)
+            predicted.append(pred.cpu())
+            confidence.append(conf.cpu())
+            outputs.clear()
+        batch["bytes"] = 0
+
     with Probe(net, layers, cfg.reduce, sink=sink) as probe, torch.inference_mode():
         for x, y in tqdm(loader, desc=f"scan {model.name}", unit="batch", disable=not progress, leave=False):
             n = x.shape[0]
             labels = torch.as_tensor(y).view(-1).long()
             batch["ids"], batch["labels"] = torch.arange(seen, seen + n, device=device), labels.to(device)
             lo, hi = np.searchsorted(activity_rows, [seen, seen + n])
-            batch["sampled"] = (slice(None) if hi - lo == n else
-                                None if hi == lo else torch.as_tensor(activity_rows[lo:hi] - seen, device=device))
+            batch["sampled"] = None if hi == lo else torch.as_tensor(activity_rows[lo:hi] - seen, device=device)
             out = net(x.to(device, non_blocking=True))
             seen += n
             label_batches.append(labels)
             if isinstance(out, torch.Tensor) and out.dim() == 2:
-                conf, pred = out.float().softmax(1).max(1)
-                predicted.append(pred.cpu())
-                confidence.append(conf.cpu())
+                outputs.append(out)
+                batch["bytes"] += out.numel() * out.element_size()
             # fold after the first batch (sets the top-k thresholds), then in chunks of bounded memory
             if seen == n or batch["bytes"] >= cfg.buffer_mb * 2**20:
-                for acc in accs.values():
-                    acc.flush()
-                batch["bytes"] = 0
-        for acc in accs.values():
-            acc.flush()
+                flush()
+        flush()
     net.to("cpu")
     modules = dict(net.named_modules())
     result_layers = [summarize(LayerInfo(name, type(modules[name]).__name__, probe.shapes[name], True), accs[name],

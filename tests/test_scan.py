@@ -730,7 +730,7 @@ def test_layer_accumulator_observe_matches_brute_force(batch, flush_every):
     for step, i in enumerate(range(0, 50, batch)):
         n = min(batch, 50 - i)
         rows = sample[(sample >= i) & (sample < i + n)] - i
-        sampled = slice(None) if len(rows) == n else None if not len(rows) else torch.from_numpy(rows)
+        sampled = None if not len(rows) else torch.from_numpy(rows)
         acc.observe(out[i:i + n], torch.arange(i, i + n), labels[i:i + n], sampled)
         if step % flush_every == 0:
             acc.flush()
