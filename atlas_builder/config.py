@@ -58,7 +58,13 @@ class AtlasSection:
 @dataclass(frozen=True)
 class SiteSection:
     title: str = "Neuron Atlas"  # shown in every page header
-    base_url: str = ""  # public URL of the site root, for citations; "" = unknown
+    base_url: str = ""  # public URL of the site root (permalinks, citations, sitemap.xml); "" = unknown
+    citation_author: str = ""  # BibTeX author(s) of the atlas, "A and B"; "" = the site title
+    citation_year: int = 0  # year in citations; 0 = the year of SOURCE_DATE_EPOCH, else none
+    input_pages: int = 50  # inputs (a seeded sample) that get a page of per-layer heatmaps; 0 = none
+    budget_total_mb: int = 1024  # the build fails when the site is larger (GitHub Pages' soft limit: 1 GB)
+    budget_file_mb: int = 100  # ... or when any one file is larger (GitHub's hard limit: 100 MB)
+    show_timings: bool = False  # stage timings on the about page (then two builds differ in those bytes)
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,7 @@ class ModelSection:
     weights: str = ""  # torchvision weights enum name (e.g. DEFAULT); "" = random init
     checkpoint: Path | None = None  # state_dict file loaded with weights_only=True
     layers: tuple[str, ...] = ()  # module paths to probe; () = every conv/linear/activation
+    unsafe_pickle: bool = False  # load the checkpoint with weights_only=False: runs code in the file; trusted files only
 
     @property
     def kind(self) -> str:
@@ -311,6 +318,16 @@ def _check(cfg: AtlasConfig, where: str) -> None:
     if fv.transforms not in FV_TRANSFORMS:
         raise ConfigError(f"{where}featurevis.transforms {fv.transforms!r} is not allowed; use one of "
                           f"{', '.join(FV_TRANSFORMS)}")
+    site = cfg.site
+    for key in ("input_pages", "citation_year"):
+        if getattr(site, key) < 0:
+            raise ConfigError(f"{where}site.{key} must be 0 or more, got {getattr(site, key)}")
+    for key in ("budget_total_mb", "budget_file_mb"):
+        if getattr(site, key) < 1:
+            raise ConfigError(f"{where}site.{key} must be at least 1, got {getattr(site, key)}")
+    if site.base_url and not re.fullmatch(r"https?://[^\s<>\"']+", site.base_url):
+        raise ConfigError(f"{where}site.base_url {site.base_url!r} must be an http(s) URL such as "
+                          f"\"https://user.github.io/atlas/\", or \"\"")
     if a.seed < 0:
         raise ConfigError(f"{where}atlas.seed must be 0 or more, got {a.seed}")
     for key in ("top_k", "batch_size", "histogram_bins", "buffer_mb"):
