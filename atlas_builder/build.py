@@ -28,7 +28,7 @@ from .sources import load_dataset, load_model
 from .store import ModelRecord, Store
 from .website import build_site
 
-SCAN_VERSION = 1  # bump when scan's output changes meaning (invalidates stored scans)
+SCAN_VERSION = 2  # bump when scan's output changes meaning (invalidates stored scans)
 FEATUREVIS_VERSION = 1  # likewise for the feature-vis stage
 EMBED_VERSION = 2  # and the embed stage
 
@@ -44,6 +44,8 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
     skipped: list[str] = field(default_factory=list)
     accuracy: dict[str, float | None] = field(default_factory=dict)
+    rendered: int = 0  # pages rendered (the others were unchanged and linked from the previous site)
+    size_report: list[str] = field(default_factory=list)
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
@@ -52,8 +54,25 @@ class BuildReport:
         total = sum(self.seconds.values())
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
         skipped = f"; unchanged, skipped: {', '.join(self.skipped)}" if self.skipped else ""
-        return (f"built {self.models} models, {self.layers} layers, {self.units} units, {self.pages} pages in "
+        line = (f"built {self.models} models, {self.layers} layers, {self.units} units, {self.pages} pages "
+                f"({self.rendered} rendered, {self.pages - self.rendered} unchanged) in "
                 f"{total:.1f} s ({parts}){skipped}; site {self.site_bytes / 1e6:.2f} MB in {self.site_path}")
+        return "\n".join([line] + self.size_report)
+
+
+def versions() -> dict[str, str]:
+    """The versions an atlas was built with (shown on its about page)."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for package in ("neuron-atlas", "torch", "torchvision", "numpy", "scikit-learn", "umap-learn", "duckdb",
+                    "jinja2", "pillow"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,14 +102,15 @@ def build(cfg: AtlasConfig, progress: bool = True) -> BuildReport:
             report.add_time("train/load", time.perf_counter() - start)
             layers = resolve_layers(model.module, section.layers, section.name)
             fp = fingerprint(SCAN_VERSION, model.fingerprint, dataset.fingerprint, layers, cfg.scan.__dict__,
-                             cfg.atlas.seed)
+                             cfg.atlas.seed, cfg.site.input_pages)
             stage = f"scan:{section.name}"
             if labels_written and store.stage_fingerprint(stage) == fp:
                 report.skipped.append(stage)
                 accuracy = next((m.accuracy for m in store.models() if m.model == section.name), None)
             else:
                 start = time.perf_counter()
-                result = scan_model(model, dataset, layers, cfg.scan, device, cfg.atlas.seed, progress)
+                result = scan_model(model, dataset, layers, cfg.scan, device, cfg.atlas.seed, progress,
+                                    cfg.site.input_pages)
                 if not labels_written:
                     store.write_dataset(dataset.class_names, result.labels, dataset.fingerprint)
                     labels_written = True
@@ -103,13 +123,15 @@ def build(cfg: AtlasConfig, progress: bool = True) -> BuildReport:
             run_embed(cfg, store, section.name, report)
             report.accuracy[section.name] = accuracy
         store.keep_models([m.name for m in cfg.models])
-        store.write_meta({"title": cfg.site.title, "dataset": cfg.dataset.source,
-                          "torch": torch.__version__, "seed": str(cfg.atlas.seed)})
+        store.write_meta({"title": cfg.site.title, "dataset": cfg.dataset.source, "seed": str(cfg.atlas.seed),
+                          "versions": json.dumps(versions(), sort_keys=True),
+                          "config_name": cfg.path.name if cfg.path else "",
+                          "config_toml": cfg.path.read_text(encoding="utf-8") if cfg.path else ""})
         start = time.perf_counter()
         media.write_example_images(dataset, store.referenced_examples(), store.media_dir / "examples")
         report.add_time("media", time.perf_counter() - start)
         start = time.perf_counter()
-        site = build_site(store, cfg.atlas.site_dir, cfg.site.title, cfg.site.base_url, progress)
+        site = build_site(store, cfg.atlas.site_dir, cfg.site, progress)
         report.add_time("render", time.perf_counter() - start)
         report.models = len(cfg.models)
         for m in store.models():
@@ -117,6 +139,7 @@ def build(cfg: AtlasConfig, progress: bool = True) -> BuildReport:
             report.layers += len(layers)
             report.units += sum(l.n_units for l in layers)
     report.pages, report.site_bytes, report.site_path = site.pages, site.bytes, site.path
+    report.rendered, report.size_report = site.rendered, site.size_report
     return report
 
 

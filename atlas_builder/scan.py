@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import ScanSection
-from .probe import LayerInfo, Probe, active_fraction, unit_count, unit_maps
+from .probe import LayerInfo, Probe, active_fraction, reduce_output, unit_count, unit_maps
 from .sources import AtlasDataset, LoadedModel
 
 
@@ -456,6 +456,51 @@ class ModelScan:
     seconds: float
     accuracy: float | None = None  # on labelled examples whose label is a valid class index
     sample_ids: np.ndarray | None = None  # [S] example ids of the sample rows
+    inputs: "InputActivations | None" = None  # the input pages' most active units per layer
+
+
+INPUT_UNITS = 8  # most active units of each layer shown on an input page
+
+
+@dataclass
+class InputActivations:
+    """For a few inputs (the input pages), each layer's most active units and their maps."""
+    examples: np.ndarray  # [E] example ids, ascending
+    units: dict[str, np.ndarray]  # layer -> [E, n] unit indices, most active first
+    values: dict[str, np.ndarray]  # layer -> [E, n] their activations
+    maps: dict[str, np.ndarray | None]  # layer -> [E, n, M] float32 maps (conv/token layers), None for flat
+
+
+def input_examples(n_examples: int, count: int, seed: int) -> np.ndarray:
+    """The seeded sample of examples that get an input page (ascending ids)."""
+    return sample_ids(n_examples, count, seed + 1)  # +1: not the same draw as the scan's sample
+
+
+def input_activations(net: torch.nn.Module, dataset: AtlasDataset, layers: list[str], examples: np.ndarray,
+                      reduce: str, device: torch.device, top: int = INPUT_UNITS) -> InputActivations:
+    """A second, small pass over `examples`: per layer the `top` units with the highest activation on each."""
+    outputs: dict[str, torch.Tensor] = {}
+    units, values, maps = {}, {}, {}
+    if len(examples):
+        x = torch.stack([torch.as_tensor(dataset.data[int(i)][0]) for i in examples]).to(device)
+        with Probe(net, layers, reduce, sink=lambda name, out: outputs.__setitem__(name, out.clone())), \
+                torch.inference_mode():
+            net(x)
+    for name in layers:
+        if name not in outputs:
+            units[name] = np.zeros((len(examples), 0), np.int64)
+            values[name], maps[name] = np.zeros((len(examples), 0), np.float32), None
+            continue
+        out = outputs[name].float().cpu()
+        reduced = reduce_output(out, reduce)[0]
+        finite = torch.where(torch.isfinite(reduced), reduced, -torch.inf)
+        best = torch.argsort(finite, dim=1, descending=True, stable=True)[:, :top]  # ties to the lower unit
+        units[name] = best.numpy().astype(np.int64)
+        values[name] = torch.gather(reduced, 1, best).numpy()
+        layer_maps = unit_maps(out)
+        maps[name] = None if layer_maps is None else \
+            torch.gather(layer_maps, 1, best[:, :, None].expand(-1, -1, layer_maps.shape[2])).numpy()
+    return InputActivations(np.asarray(examples, dtype=np.int64), units, values, maps)
 
 
 def histogram(sample: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -573,8 +618,12 @@ def summarize(info: LayerInfo, acc: LayerAccumulator, cfg: ScanSection, class_na
 # --- the pass ------------------------------------------------------------------------
 
 def scan_model(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg: ScanSection,
-               device: torch.device, seed: int = 0, progress: bool = True) -> ModelScan:
-    """Stream the dataset through the model once and summarize every unit of `layers`."""
+               device: torch.device, seed: int = 0, progress: bool = True, input_pages: int = 0) -> ModelScan:
+    """Stream the dataset through the model once and summarize every unit of `layers`.
+
+    input_pages: how many inputs (a seeded sample) get their layers' most
+    active units recorded, by a second pass over just those.
+    """
     start = time.perf_counter()
     net = model.module.to(device)
     n_classes = max(len(dataset.class_names), 1)
@@ -621,6 +670,8 @@ def scan_model(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg
             if seen == n or batch["bytes"] >= cfg.buffer_mb * 2**20:
                 flush()
         flush()
+    inputs = input_activations(net, dataset, layers, input_examples(len(dataset), input_pages, seed), cfg.reduce,
+                               device) if input_pages else None
     net.to("cpu")
     modules = dict(net.named_modules())
     result_layers = [summarize(LayerInfo(name, type(modules[name]).__name__, probe.shapes[name], True), accs[name],
@@ -634,4 +685,4 @@ def scan_model(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg
         if valid.any():
             accuracy = float((pred[valid] == labels[valid]).mean())
     return ModelScan(model.name, result_layers, labels, pred, conf, seen, time.perf_counter() - start, accuracy,
-                     sample)
+                     sample, inputs)

@@ -61,9 +61,12 @@ CREATE TABLE IF NOT EXISTS weights (model VARCHAR, layer VARCHAR, unit INTEGER, 
 CREATE TABLE IF NOT EXISTS classes (label INTEGER PRIMARY KEY, name VARCHAR);
 CREATE TABLE IF NOT EXISTS examples (example INTEGER PRIMARY KEY, label INTEGER);
 CREATE TABLE IF NOT EXISTS predictions (model VARCHAR, example INTEGER, predicted INTEGER, confidence DOUBLE);
+-- input pages: each layer's most active units on a few sampled inputs; map: float16 [H*W] bytes (conv units)
+CREATE TABLE IF NOT EXISTS input_units (
+    model VARCHAR, example INTEGER, layer VARCHAR, rank INTEGER, unit INTEGER, value DOUBLE, map BLOB);
 """
 
-MODEL_TABLES = ("layers", "units", "topk", "predictions", "samples", "sample_examples")  # the scan's
+MODEL_TABLES = ("layers", "units", "topk", "predictions", "samples", "sample_examples", "input_units")  # the scan's
 FEATUREVIS_TABLES = ("featurevis", "weights")
 EMBED_TABLES = ("map_points", "maps", "neighbours")  # rows replaced when a model is re-scanned
 
@@ -269,6 +272,8 @@ class Store:
                 n = len(scan.sample_ids)
                 self._insert("sample_examples", {"model": np.full(n, model), "position": np.arange(n, dtype=np.int32),
                                                  "example": np.asarray(scan.sample_ids, dtype=np.int32)})
+            if scan.inputs is not None:
+                self._write_inputs(model, scan.inputs)
             if scan.predicted is not None:
                 n = len(scan.predicted)
                 self._insert("predictions", {"model": np.full(n, model),
@@ -276,6 +281,18 @@ class Store:
                                              "predicted": scan.predicted.astype(np.int32),
                                              "confidence": scan.confidence.astype(np.float64)})
             self._mark_stage(f"scan:{model}", fingerprint, scan.seconds)
+
+    def _write_inputs(self, model: str, inputs) -> None:
+        rows = []
+        for layer, units in inputs.units.items():
+            maps = inputs.maps[layer]
+            for e, example in enumerate(inputs.examples):
+                for rank, unit in enumerate(units[e]):
+                    blob = None if maps is None else maps[e, rank].astype(np.float16).tobytes()
+                    rows.append((model, int(example), layer, rank, int(unit), float(inputs.values[layer][e, rank]),
+                                 blob))
+        if rows:
+            self.con.executemany("INSERT INTO input_units VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
     def write_featurevis(self, model: str, rows: list[tuple], weights: list[tuple], fingerprint: str,
                          seconds: float) -> None:
@@ -482,8 +499,28 @@ class Store:
         return {e: (p, c) for e, p, c in rows}
 
     def referenced_examples(self) -> list[int]:
-        """Examples some page shows (the union of every unit's top- and bottom-k), ascending."""
-        return [r[0] for r in self.con.execute("SELECT DISTINCT example FROM topk ORDER BY example").fetchall()]
+        """Examples some page shows (top- and bottom-k, input pages, input maps' hover images), ascending."""
+        return [r[0] for r in self.con.execute(
+            "SELECT example FROM topk UNION SELECT example FROM input_units "
+            "UNION SELECT point FROM map_points WHERE kind = 'inputs' ORDER BY 1").fetchall()]
+
+    def input_examples(self) -> list[int]:
+        """Examples that have an input page, ascending."""
+        return [r[0] for r in self.con.execute("SELECT DISTINCT example FROM input_units ORDER BY example").fetchall()]
+
+    def input_units(self, model: str) -> dict[int, dict[str, list[tuple[int, float, np.ndarray | None]]]]:
+        """example -> layer -> [(unit, value, map [H, W] or None)], most active first, layers in model order."""
+        rows = self.con.execute(
+            "SELECT i.example, i.layer, i.unit, i.value, i.map, l.spatial_h, l.spatial_w FROM input_units i "
+            "JOIN layers l ON l.model = i.model AND l.layer = i.layer WHERE i.model = ? "
+            "ORDER BY i.example, l.position, i.rank", [model]).fetchall()
+        out: dict[int, dict[str, list]] = defaultdict(dict)
+        for example, layer, unit, value, blob, h, w in rows:
+            heat = None
+            if blob is not None and h:
+                heat = np.frombuffer(blob, dtype=np.float16).astype(np.float32).reshape(h, w)
+            out[example].setdefault(layer, []).append((unit, _none_if_nan(value), heat))
+        return dict(out)
 
     def stages(self) -> dict[str, tuple[str, float]]:
         return {s: (f, sec) for s, f, sec in self.con.execute("SELECT * FROM stages ORDER BY stage").fetchall()}

@@ -18,6 +18,11 @@ import posixpath
 from .ids import UnitId, layer_slug
 
 HOME = "index.html"
+SEARCH = "search/index.html"
+ABOUT = "about/index.html"
+INPUTS = "inputs/index.html"
+NOT_FOUND = "404.html"  # GitHub Pages serves it for any missing path, at any depth
+SITEMAP = "sitemap.xml"
 
 
 def model_dir(model: str) -> str:
@@ -44,6 +49,15 @@ def unit_page(uid: UnitId) -> str:
     return f"{unit_dir(uid)}/index.html"
 
 
+def unit_json(uid: UnitId) -> str:
+    """The unit's JSON export: every number its page shows, and its media paths."""
+    return f"{unit_dir(uid)}/data.json"
+
+
+def input_page(example: int) -> str:
+    return f"inputs/{example}/index.html"
+
+
 def media(path: str) -> str:
     """A file of the store's media folder (a path the store gives), as published in the site."""
     return f"media/{path}"
@@ -65,8 +79,18 @@ def static(name: str) -> str:
 
 def permalink(base_url: str, uid: UnitId) -> str:
     """Absolute, citable URL of a unit page (its folder), or the relative folder without a base URL."""
-    path = unit_dir(uid) + "/"
+    return absolute(base_url, unit_dir(uid) + "/")
+
+
+def absolute(base_url: str, path: str) -> str:
+    """`path` (site-root-relative) under the public base URL; unchanged when the base URL is unknown."""
     return f"{base_url.rstrip('/')}/{path}" if base_url else path
+
+
+def page_url(base_url: str, page: str) -> str:
+    """The public URL of a page: its folder for index.html pages (the citable form)."""
+    folder = page[: -len("index.html")] if page.endswith("index.html") else page
+    return absolute(base_url, folder)
 
 
 def rel(from_page: str, to_path: str) -> str:

@@ -8,20 +8,35 @@ Two halves, kept apart:
   writes the whole tree into a temporary folder beside the site, which is
   swapped in only when complete, so a failed build leaves the old site.
 
-Pages: home, model, layer, one per unit (`<model>/<layer>/<unit>/`).
-Dataset images are copied once from the store's media folder and referenced
-by every page. Static assets get a content hash in their names. Reads only
-the store (never the model or the dataset), so the site can be rebuilt
-without either. Every URL comes from urls.py.
+Pages: home, model, layer, one per unit (`<model>/<layer>/<unit>/`, with
+its JSON export `data.json` beside it), input pages (`inputs/<example>/`),
+search, about and 404; plus `.nojekyll`, and `sitemap.xml` when a base URL
+is configured. Dataset images are linked once from the store's media folder
+and referenced by every page. Static assets get a content hash in their
+names. Reads only the store (never the model or the dataset), so the site
+can be rebuilt without either. Every URL comes from urls.py.
+
+Incremental: each file's key (the templates' hash and the page's context,
+or the file's bytes) is kept in `.atlas-manifest.json`; a file whose key is
+unchanged is hard-linked from the previous site instead of being rendered
+and written again, so a re-run with nothing changed rewrites nothing (same
+inodes, same mtimes), and a changed template re-renders only the pages.
+The size report and budget (`site.budget_*`) are checked before the swap:
+a site over budget fails the build and leaves the previous site in place.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
+import platform
+import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,6 +44,7 @@ import jinja2
 from tqdm import tqdm
 
 from . import atomic, charts, urls
+from .config import SiteSection
 from .errors import AtlasError
 from .ids import UnitId
 from .store import LayerRecord, ModelRecord, Store, UnitRecord, VisualRecord
@@ -67,6 +83,8 @@ class SiteSummary:
     files: int
     bytes: int
     path: Path
+    rendered: int = 0  # pages rendered this time (the others were unchanged, linked from the previous site)
+    size_report: list[str] = field(default_factory=list)  # lines printed at the end of the build
 
 
 # --- page contexts (pure: records in, dicts out) -----------------------------
@@ -74,29 +92,48 @@ class SiteSummary:
 class Pages:
     """Builds page contexts for one store snapshot; URLs are relative to each page."""
 
-    def __init__(self, site_title: str, base_url: str, css: str, class_names: list[str], labels, js: str = ""):
-        self.site_title, self.base_url, self.css, self.js = site_title, base_url, css, js
+    def __init__(self, site: SiteSection, css: str, class_names: list[str], labels, js: str = "",
+                 search_js: tuple[str, str] = ("", "")):
+        self.site, self.site_title, self.base_url = site, site.title, site.base_url
+        self.css, self.js = css, js
+        self.search_js = search_js  # (the search code, the index) as static paths
         self.class_names, self.labels = class_names, labels  # labels: [N] label of every example
 
-    def common(self, page: str, crumbs: list[tuple[str, str]]) -> dict:
+    def common(self, page: str, crumbs: list[tuple[str, str]], description: str = "",
+               image: str | None = None) -> dict:
+        """What every page has: header links, breadcrumbs, and Open Graph tags (absolute with a base URL)."""
+        og = {"title": crumbs[-1][0] if crumbs else self.site_title, "site_name": self.site_title,
+              "description": description or f"{self.site_title}: a neuron atlas built with Neuron Atlas",
+              "url": urls.page_url(self.base_url, page) if self.base_url else "",
+              "image": (urls.absolute(self.base_url, image) if self.base_url else urls.rel(page, image))
+              if image else ""}
         return {"site_title": self.site_title, "css": urls.rel(page, self.css), "home": urls.rel(page, urls.HOME),
-                "js": urls.rel(page, self.js) if self.js else "",
+                "js": urls.rel(page, self.js) if self.js else "", "og": og,
+                "nav": [{"text": text, "href": urls.rel(page, target), "current": target == page}
+                        for text, target in (("Inputs", urls.INPUTS), ("Search", urls.SEARCH),
+                                             ("About", urls.ABOUT))],
                 "breadcrumbs": [{"text": text, "href": urls.rel(page, target)} for text, target in crumbs]}
 
     def label(self, label: int) -> str:
         return self.class_names[label] if 0 <= label < len(self.class_names) else "?"
 
     def home(self, models: list[ModelRecord], layers: dict[str, list[LayerRecord]], n_examples: int,
-             dataset: str) -> dict:
+             dataset: str, featured: list[tuple[str, ModelRecord, UnitRecord, "VisualRecord | None"]] = (),
+             n_inputs: int = 0) -> dict:
         page = urls.HOME
         rows = [{"title": m.title, "href": urls.rel(page, urls.model_page(m.model)), "source": m.source,
                  "parameters": m.parameters, "accuracy": fmt_accuracy(m.accuracy),
                  "n_layers": len(layers[m.model]), "n_units": sum(l.n_units for l in layers[m.model])}
                 for m in models]
-        return {**self.common(page, []), "models": rows, "n_models": len(models),
-                "n_layers": sum(len(v) for v in layers.values()),
-                "n_units": sum(l.n_units for v in layers.values() for l in v),
-                "n_examples": n_examples, "dataset": dataset}
+        cards = [{"why": why, "href": urls.rel(page, urls.unit_page(UnitId(m.model, u.layer, u.unit))),
+                  "text": f"{m.title} · {u.layer} · unit {u.unit}", "label": u.label,
+                  "thumb": self.thumb(page, u, vis)} for why, m, u, vis in featured]
+        n_units = sum(l.n_units for v in layers.values() for l in v)
+        return {**self.common(page, [], f"{len(models)} models, {n_units} units, each with its own page."),
+                "models": rows, "n_models": len(models), "featured": cards,
+                "n_layers": sum(len(v) for v in layers.values()), "n_units": n_units,
+                "n_examples": n_examples, "dataset": dataset, "n_inputs": n_inputs,
+                "search": urls.rel(page, urls.SEARCH), "inputs": urls.rel(page, urls.INPUTS)}
 
     def model(self, m: ModelRecord, layers: list[LayerRecord], units: dict[str, list[UnitRecord]],
               all_units_map: dict | None = None, input_maps: dict[str, dict] | None = None,
@@ -209,9 +246,17 @@ class Pages:
                  ("Top class", self.label(u.top_class) if u.top_class >= 0 else "—"),
                  ("Examples seen", f"{u.count:,}"), ("NaN/Inf activations", f"{u.nonfinite:,}")]
         permalink = urls.permalink(self.base_url, uid)
-        return {**self.common(page, [(m.title, urls.model_page(m.model)),
-                                     (layer.layer, urls.layer_page(m.model, layer.layer)), (str(u.unit), page)]),
-                "model_title": m.title,
+        title = f"Unit {u.unit} of {layer.layer} in {m.title}"
+        thumb = (urls.media(vis.positive.image) if vis and vis.positive else
+                 urls.example_image(u.top[0].example) if u.top else None)
+        common = self.common(page, [(m.title, urls.model_page(m.model)),
+                                    (layer.layer, urls.layer_page(m.model, layer.layer)), (str(u.unit), page)],
+                             f"{u.label}; max {fmt(u.max)}, mean {fmt(u.mean)}, active on "
+                             f"{charts.percent(u.frac_active)} of examples.", thumb)
+        common["og"]["title"] = title
+        return {**common,
+                "model_title": m.title, "cite": self.citation(uid, title, permalink),
+                "json_href": urls.rel(page, urls.unit_json(uid)),
                 "unit": {"id": str(uid), "unit": u.unit, "layer": layer.layer, "label": u.label, "flags": u.flags},
                 "stats": stats, "partner": partner,
                 "histogram": charts.histogram_svg(u.hist, u.hist_lo, u.hist_hi),
@@ -225,6 +270,145 @@ class Pages:
                 "map_href": urls.rel(page, urls.layer_page(m.model, layer.layer)) + "#unit-map",
                 "prev": sibling(u.unit - 1), "next": sibling(u.unit + 1),
                 "up": urls.rel(page, urls.layer_page(m.model, layer.layer))}
+
+
+    def citation(self, uid: UnitId, title: str, permalink: str) -> dict:
+        """BibTeX and plain-text citations of a unit, from the site's citation settings."""
+        author = self.site.citation_author or self.site_title
+        year = self.site.citation_year or source_date_year()
+        key = re.sub(r"[^A-Za-z0-9]+", "-", f"atlas-{uid.model}-{uid.layer}-{uid.unit}").strip("-")
+        safe = bibtex_safe
+        fields = [("title", safe(title)), ("author", safe(author)),
+                  ("howpublished", f"{safe(self.site_title)}, \\url{{{safe(permalink)}}}")]
+        if year:
+            fields.append(("year", str(year)))
+        fields.append(("note", safe(f"Neuron Atlas unit {uid}")))
+        bibtex = "@misc{" + key + ",\n" + ",\n".join(f"  {k} = {{{v}}}" for k, v in fields) + "\n}"
+        plain = f"{author}{f' ({year})' if year else ''}. {title}. {self.site_title}. {permalink}"
+        return {"bibtex": bibtex, "plain": plain}
+
+    def unit_export(self, m: ModelRecord, layer: LayerRecord, u: UnitRecord, vis: VisualRecord | None,
+                    near: list[tuple[UnitRecord, float, VisualRecord | None]]) -> dict:
+        """The unit's JSON export: every number its page shows; paths relative to the JSON file."""
+        uid = UnitId(m.model, layer.layer, u.unit)
+        path = urls.unit_json(uid)
+
+        def ranked(records):
+            return [{"rank": t.rank, "example": t.example, "value": finite(t.value),
+                     "label": self.label(int(self.labels[t.example])), "position": t.position,
+                     "image": urls.rel(path, urls.example_image(t.example))} for t in records]
+        visual = visual_context(path, vis) or {}
+        return {"id": str(uid), "model": m.model, "model_title": m.title, "layer": layer.layer,
+                "module_type": layer.module_type, "unit": u.unit, "label": u.label, "flags": u.flags,
+                "permalink": urls.permalink(self.base_url, uid), "page": urls.rel(path, urls.unit_page(uid)),
+                "stats": {k: finite(getattr(u, k)) for k in ("count", "nonfinite", "mean", "std", "min", "max",
+                                                             "frac_active", "position_activity", "selectivity")},
+                "top_class": self.label(u.top_class) if u.top_class >= 0 else None,
+                "dead": u.dead, "saturated": u.saturated,
+                "redundant_with": u.redundant_with if u.redundant_with >= 0 else None,
+                "redundant_corr": finite(u.redundant_corr),
+                "histogram": {"lo": finite(u.hist_lo), "hi": finite(u.hist_hi), "counts": list(u.hist)},
+                "class_means": {name: finite(v) for name, v in zip(self.class_names, u.class_means)},
+                "top": ranked(u.top), "bottom": ranked(u.bottom),
+                "featurevis": {k: v for k, v in visual.items() if v},
+                "neighbours": [{"unit": o.unit, "similarity": finite(sim),
+                                "page": urls.rel(path, urls.unit_page(UnitId(m.model, layer.layer, o.unit)))}
+                               for o, sim, _ in near]}
+
+    def input_page(self, example: int, models: list[ModelRecord], layers: dict[str, list[LayerRecord]],
+                   per_model: dict[str, dict[str, list]], predictions: dict[str, dict[int, tuple[int, float]]],
+                   neighbours: tuple[int | None, int | None]) -> dict:
+        """One input: its image, label, each model's prediction, and each layer's most active units on it."""
+        page = urls.input_page(example)
+        label = self.label(int(self.labels[example]))
+        sections = []
+        for m in models:
+            pred = predictions.get(m.model, {}).get(example)
+            rows = []
+            for layer in layers[m.model]:
+                units = per_model.get(m.model, {}).get(layer.layer, [])
+                if not units:
+                    continue
+                rows.append({"layer": layer.layer, "href": urls.rel(page, urls.layer_page(m.model, layer.layer)),
+                             "units": [{"unit": unit, "value": fmt(value),
+                                        "href": urls.rel(page, urls.unit_page(UnitId(m.model, layer.layer, unit))),
+                                        "heat": charts.heat_uri(heat) if heat is not None else None}
+                                       for unit, value, heat in units]})
+            sections.append({"title": m.title, "href": urls.rel(page, urls.model_page(m.model)),
+                             "predicted": self.label(pred[0]) if pred else None,
+                             "confidence": charts.percent(pred[1]) if pred else None,
+                             "correct": bool(pred and self.label(pred[0]) == label), "layers": rows})
+        prev, nxt = ({"text": f"input {e}", "href": urls.rel(page, urls.input_page(e))} if e is not None else None
+                     for e in neighbours)
+        image = urls.example_image(example)
+        return {**self.common(page, [("Inputs", urls.INPUTS), (f"Input {example}", page)],
+                              f"Input {example} (label {label}): the most active units of every layer.", image),
+                "example": example, "label": label, "src": urls.rel(page, image), "models": sections,
+                "prev": prev, "next": nxt, "up": urls.rel(page, urls.INPUTS)}
+
+    def inputs_index(self, examples: list[int], models: list[ModelRecord],
+                     predictions: dict[str, dict[int, tuple[int, float]]]) -> dict:
+        page = urls.INPUTS
+        cells = []
+        for e in examples:
+            preds = [(m.title, predictions.get(m.model, {}).get(e)) for m in models]
+            cells.append({"example": e, "href": urls.rel(page, urls.input_page(e)),
+                          "src": urls.rel(page, urls.example_image(e)), "label": self.label(int(self.labels[e])),
+                          "predictions": [f"{title}: {self.label(p[0])}" for title, p in preds if p]})
+        return {**self.common(page, [("Inputs", page)], "Sampled inputs and the units that answer them."),
+                "inputs": cells}
+
+    def search(self) -> dict:
+        page = urls.SEARCH
+        return {**self.common(page, [("Search", page)], "Find a unit by model, layer, index, label or class."),
+                "search_js": urls.rel(page, self.search_js[0]), "index_js": urls.rel(page, self.search_js[1])}
+
+    def about(self, meta: dict[str, str], stages: dict[str, tuple[str, float]], counts: dict[str, int]) -> dict:
+        """How the atlas was built: config, versions, seeds, stage fingerprints (timings only when asked)."""
+        page = urls.ABOUT
+        versions = json.loads(meta.get("versions", "{}"))
+        built = source_date()
+        return {**self.common(page, [("About", page)], "How this atlas was built."),
+                "config": meta.get("config_toml", ""), "config_name": meta.get("config_name", ""),
+                "versions": sorted(versions.items()), "seed": meta.get("seed", ""),
+                "dataset": meta.get("dataset", ""), "counts": counts,
+                "built": built.strftime("%Y-%m-%d %H:%M UTC") if built else None,
+                "stages": [{"stage": name, "fingerprint": fp,
+                            "seconds": f"{sec:.1f} s" if self.site.show_timings and sec is not None else None}
+                           for name, (fp, sec) in stages.items()],
+                "show_timings": self.site.show_timings}
+
+    def not_found(self) -> dict:
+        """The 404 page: GitHub Pages serves it at any depth, so its links are absolute when they can be."""
+        page = urls.NOT_FOUND
+        link = (lambda target: urls.page_url(self.base_url, target)) if self.base_url else \
+            (lambda target: urls.rel(page, target))
+        return {**self.common(page, [("Not found", page)]), "home": link(urls.HOME), "search": link(urls.SEARCH),
+                "nav": [], "breadcrumbs": [], "css": link(self.css), "js": ""}
+
+
+def finite(value):
+    """A number for JSON: None for NaN/Inf/None (JSON has no NaN)."""
+    if value is None:
+        return None
+    value = float(value) if not isinstance(value, (bool, int)) else value
+    return value if isinstance(value, int) or math.isfinite(value) else None
+
+
+def bibtex_safe(text: str) -> str:
+    """Text for a BibTeX field: braces and backslashes dropped, so a field cannot be closed early."""
+    return re.sub(r"[{}\\]", "", text)
+
+
+def source_date() -> datetime | None:
+    """The build time pages may show: SOURCE_DATE_EPOCH only (so two builds give the same bytes)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    return datetime.fromtimestamp(int(epoch), tz=timezone.utc) if epoch.isdigit() else None
+
+
+def source_date_year() -> int:
+    built = source_date()
+    return built.year if built else 0
 
 
 def visual_context(page: str, vis: VisualRecord | None) -> dict | None:
@@ -301,17 +485,113 @@ def position_box(position: int, spatial: tuple[int, int] | None) -> tuple[float,
     return (round(100 * col / w, 2), round(100 * row / h, 2), round(100 / w, 2), round(100 / h, 2))
 
 
+def featured_units(units: list[tuple[ModelRecord, UnitRecord]]) -> list[tuple[str, ModelRecord, UnitRecord]]:
+    """The home page's picks: the most class-selective unit, the most active one (not saturated), a dead one."""
+    picks = []
+    selective = [(m, u) for m, u in units if u.label.startswith("class-selective") and u.selectivity is not None]
+    if selective:
+        picks.append(("Most class-selective", *max(selective, key=lambda mu: mu[1].selectivity)))
+    lively = [(m, u) for m, u in units if not u.saturated and not u.dead and u.frac_active is not None]
+    if lively:
+        picks.append(("Most active", *max(lively, key=lambda mu: (mu[1].frac_active, mu[1].position_activity or 0))))
+    dead = [(m, u) for m, u in units if u.dead]
+    if dead:
+        picks.append(("Dead", *dead[0]))
+    return picks
+
+
+def search_rows(units: list[tuple[ModelRecord, UnitRecord]], class_names: list[str]) -> list[list]:
+    """The search index: one row per unit, [model, layer, unit, label, top class, flags, model title, url]."""
+    rows = []
+    for m, u in units:
+        top = class_names[u.top_class] if 0 <= u.top_class < len(class_names) else ""
+        rows.append([m.model, u.layer, u.unit, u.label, top, " ".join(u.flags), m.title,
+                     urls.unit_dir(UnitId(m.model, u.layer, u.unit)) + "/index.html"])
+    return rows
+
+
 # --- building the site ---------------------------------------------------------
 
-def build_site(store: Store, site_dir: Path, site_title: str, base_url: str, progress: bool = True) -> SiteSummary:
-    """Render every page from the store into a fresh tree and swap it in for `site_dir`."""
+MANIFEST = ".atlas-manifest.json"  # path -> key of every file of the last build (incremental rendering)
+
+
+@lru_cache(maxsize=4)
+def templates_key(folder: Path = TEMPLATES) -> str:
+    """Hash of every template and static file: a change re-renders the pages."""
+    h = hashlib.sha1()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+class Emitter:
+    """Writes the new tree; a file whose key matches the previous build's is hard-linked from it instead.
+
+    Keys: a page's key is the templates' hash plus its context (so rendering
+    is skipped too); a data file's key is its bytes.
+    """
+
+    def __init__(self, out: Path, previous: Path | None):
+        self.out, self.previous = out, previous
+        self.old: dict[str, str] = {}
+        if previous is not None and (previous / MANIFEST).is_file():
+            try:
+                self.old = json.loads((previous / MANIFEST).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self.old = {}
+        self.keys: dict[str, str] = {}
+        self.pages = self.rendered = 0
+
+    def _reuse(self, path: str, key: str) -> bool:
+        self.keys[path] = key
+        if self.old.get(path) != key or self.previous is None:
+            return False
+        src = self.previous / path
+        if not src.is_file():
+            return False
+        dst = self.out / path
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _link_or_copy(src, dst)
+        return True
+
+    def page(self, path: str, template: str, context: dict) -> None:
+        self.pages += 1
+        key = hashlib.sha1((templates_key() + template + json.dumps(context, sort_keys=True, default=str))
+                           .encode()).hexdigest()
+        if not self._reuse(path, key):
+            atomic.write_text(self.out / path, render(template, context))
+            self.rendered += 1
+
+    def data(self, path: str, data: bytes) -> None:
+        if not self._reuse(path, hashlib.sha1(data).hexdigest()):
+            atomic.write_bytes(self.out / path, data)
+
+    def finish(self) -> None:
+        data = json.dumps(self.keys, sort_keys=True, indent=0).encode()
+        old = self.previous / MANIFEST if self.previous is not None else None
+        if old is not None and old.is_file() and old.read_bytes() == data:
+            _link_or_copy(old, self.out / MANIFEST)
+        else:
+            atomic.write_bytes(self.out / MANIFEST, data)
+
+
+def build_site(store: Store, site_dir: Path, site: SiteSection | None = None, progress: bool = True) -> SiteSummary:
+    """Render every page from the store into a fresh tree and swap it in for `site_dir`.
+
+    Pages unchanged since the previous build are linked, not rendered. The
+    budget is checked before the swap, so a site over budget leaves the old one.
+    """
+    site = site or SiteSection()
     site_dir = Path(site_dir)
     _check_replaceable(site_dir)
     site_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{site_dir.name}.", suffix=".tmp", dir=site_dir.parent))
     tmp.chmod(0o777 & ~atomic.UMASK)
     try:
-        summary = _write_tree(store, tmp, site_title, base_url, progress)
+        previous = site_dir if (site_dir / MARKER).is_file() else None
+        summary = _write_tree(store, tmp, site, previous, progress)
+        check_budget(tmp, site)
         _swap_in(tmp, site_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -320,54 +600,79 @@ def build_site(store: Store, site_dir: Path, site_title: str, base_url: str, pro
     return summary
 
 
-def _write_tree(store: Store, out: Path, site_title: str, base_url: str, progress: bool) -> SiteSummary:
-    assets = {}
-    for name in ("style.css", "atlas.js"):
-        data = (TEMPLATES / "static" / name).read_bytes()
-        stem, ext = name.rsplit(".", 1)
-        assets[name] = (urls.static(f"{stem}.{hashlib.sha1(data).hexdigest()[:10]}.{ext}"), data)
-    pages = Pages(site_title, base_url, assets["style.css"][0], store.class_names(), store.labels(),
-                  assets["atlas.js"][0])
-    written: list[str] = []
-
-    def write(path: str, html: str) -> None:
-        atomic.write_text(out / path, html)
-        written.append(path)
-
+def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | None, progress: bool) -> SiteSummary:
+    emit = Emitter(out, previous)
     models = store.models()
     layers = {m.model: store.layers(m.model) for m in models}
+    all_units = {m.model: {layer.layer: store.units(m.model, layer.layer) for layer in layers[m.model]}
+                 for m in models}
+    visuals = {m.model: {layer.layer: store.visuals(m.model, layer.layer) for layer in layers[m.model]}
+               for m in models}
+    flat = [(m, u) for m in models for layer in layers[m.model] for u in all_units[m.model][layer.layer]]
+    class_names = store.class_names()
+
+    assets = {}
+    index = "window.ATLAS_SEARCH = " + json.dumps({"rows": search_rows(flat, class_names)},
+                                                  separators=(",", ":"), ensure_ascii=True) + ";\n"
+    for name, data in (("style.css", (TEMPLATES / "static" / "style.css").read_bytes()),
+                       ("atlas.js", (TEMPLATES / "static" / "atlas.js").read_bytes()),
+                       ("search.js", (TEMPLATES / "static" / "search.js").read_bytes()),
+                       ("search-index.js", index.encode())):
+        stem, ext = name.rsplit(".", 1)
+        assets[name] = (urls.static(f"{stem}.{hashlib.sha1(data).hexdigest()[:10]}.{ext}"), data)
+    pages = Pages(site, assets["style.css"][0], class_names, store.labels(), assets["atlas.js"][0],
+                  (assets["search.js"][0], assets["search-index.js"][0]))
     meta = store.meta()
-    write(urls.HOME, render("home.html", pages.home(models, layers, len(pages.labels), meta.get("dataset", ""))))
+    predictions = {m.model: store.predictions(m.model) for m in models}
+    inputs = store.input_examples()
+    featured = [(why, m, u, visuals[m.model][u.layer].get(u.unit)) for why, m, u in featured_units(flat)]
+    emit.page(urls.HOME, "home.html", pages.home(models, layers, len(pages.labels), meta.get("dataset", ""),
+                                                 featured, len(inputs)))
+    emit.page(urls.SEARCH, "search.html", pages.search())
+    emit.page(urls.NOT_FOUND, "404.html", pages.not_found())
     unit_pages = 0
-    total_units = sum(l.n_units for v in layers.values() for l in v)
-    bar = tqdm(total=total_units, desc="render", unit="page", disable=not progress, leave=False)
+    bar = tqdm(total=len(flat), desc="render", unit="page", disable=not progress, leave=False)
     for m in models:
         model_layers = layers[m.model]
-        all_units = {layer.layer: store.units(m.model, layer.layer) for layer in model_layers}
-        predictions = store.predictions(m.model)
+        units_of = all_units[m.model]
         input_maps = {layer.layer: store.map_points(m.model, layer.layer, "inputs") for layer in model_layers}
-        write(urls.model_page(m.model), render("model.html", pages.model(
-            m, model_layers, all_units, store.map_points(m.model, "", "units"), input_maps, predictions)))
+        emit.page(urls.model_page(m.model), "model.html", pages.model(
+            m, model_layers, units_of, store.map_points(m.model, "", "units"), input_maps, predictions[m.model]))
         for i, layer in enumerate(model_layers):
-            units = all_units[layer.layer]
-            visuals = store.visuals(m.model, layer.layer)
+            units = units_of[layer.layer]
+            layer_visuals = visuals[m.model][layer.layer]
             unit_map = store.map_points(m.model, layer.layer, "units")
             near = store.neighbours(m.model, layer.layer)
             neighbours = (model_layers[i - 1] if i > 0 else None,
                           model_layers[i + 1] if i + 1 < len(model_layers) else None)
-            write(urls.layer_page(m.model, layer.layer),
-                  render("layer.html", pages.layer(m, layer, units, neighbours, visuals, unit_map)))
+            emit.page(urls.layer_page(m.model, layer.layer), "layer.html",
+                      pages.layer(m, layer, units, neighbours, layer_visuals, unit_map))
             for u in units:
-                close = [(units[o], sim, visuals.get(o)) for o, sim in near.get(u.unit, [])]
-                ctx = pages.unit(m, layer, u, len(units), predictions, visuals.get(u.unit), close, unit_map)
-                write(urls.unit_page(UnitId(m.model, layer.layer, u.unit)), render("unit.html", ctx))
+                close = [(units[o], sim, layer_visuals.get(o)) for o, sim in near.get(u.unit, [])]
+                vis = layer_visuals.get(u.unit)
+                uid = UnitId(m.model, layer.layer, u.unit)
+                emit.page(urls.unit_page(uid), "unit.html",
+                          pages.unit(m, layer, u, len(units), predictions[m.model], vis, close, unit_map))
+                emit.data(urls.unit_json(uid), json.dumps(pages.unit_export(m, layer, u, vis, close), indent=1,
+                                                          sort_keys=True, allow_nan=False).encode())
                 unit_pages += 1
                 bar.update(1)
     bar.close()
+    per_input = {m.model: store.input_units(m.model) for m in models}
+    emit.page(urls.INPUTS, "inputs.html", pages.inputs_index(inputs, models, predictions))
+    for i, e in enumerate(inputs):
+        around = (inputs[i - 1] if i > 0 else None, inputs[i + 1] if i + 1 < len(inputs) else None)
+        emit.page(urls.input_page(e), "input.html", pages.input_page(
+            e, models, layers, {m: per_input[m].get(e, {}) for m in per_input}, predictions, around))
+    counts = {"models": len(models), "layers": sum(len(v) for v in layers.values()), "units": len(flat),
+              "examples": len(pages.labels), "inputs": len(inputs)}
+    emit.page(urls.ABOUT, "about.html", pages.about(meta, store.stages(), counts))
     for path, data in assets.values():
-        atomic.write_bytes(out / path, data)
-    atomic.write_bytes(out / ".nojekyll", b"")
-    atomic.write_bytes(out / MARKER, b"Built by Neuron Atlas; this folder is replaced on every build.\n")
+        emit.data(path, data)
+    emit.data(".nojekyll", b"")
+    emit.data(MARKER, b"Built by Neuron Atlas; this folder is replaced on every build.\n")
+    if site.base_url:
+        emit.data(urls.SITEMAP, sitemap(site.base_url, sorted(emit.keys)).encode())
     for path in store.media_files():
         src = store.media_dir / path
         if not src.is_file():
@@ -375,8 +680,67 @@ def _write_tree(store: Store, out: Path, site_title: str, base_url: str, progres
         dst = out / urls.media(path)
         dst.parent.mkdir(parents=True, exist_ok=True)
         _link_or_copy(src, dst)
+    emit.finish()
     files = [p for p in out.rglob("*") if p.is_file()]
-    return SiteSummary(len(written), unit_pages, len(files), sum(p.stat().st_size for p in files), out)
+    summary = SiteSummary(emit.pages, unit_pages, len(files), sum(p.stat().st_size for p in files), out,
+                          emit.rendered)
+    summary.size_report = size_report(out, [m.model for m in models], unit_pages)
+    return summary
+
+
+def sitemap(base_url: str, paths: list[str]) -> str:
+    """sitemap.xml of every HTML page, by its public folder URL (only with a base URL: it needs absolute URLs)."""
+    from xml.sax.saxutils import escape as xml_escape
+
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
+             '<urlset xmlns="http://www.sitemaps.org/schemas/sitemap/0.9">']
+    for path in paths:
+        if path.endswith(".html") and path != urls.NOT_FOUND:
+            lines.append(f"  <url><loc>{xml_escape(urls.page_url(base_url, path))}</loc></url>")
+    return "\n".join(lines + ["</urlset>", ""])
+
+
+def _sizes(out: Path) -> dict[str, int]:
+    return {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def size_report(out: Path, models: list[str], unit_pages: int) -> list[str]:
+    """Lines for the end of the build: total, per model (pages + feature-vis media), per unit page, the largest files."""
+    sizes = _sizes(out)
+    total = sum(sizes.values())
+    lines = [f"site size: {mb(total)} in {len(sizes):,} files"]
+    for model in models:
+        own = sum(v for k, v in sizes.items() if k.startswith(f"{model}/") or k.startswith(f"media/fv/{model}/"))
+        lines.append(f"  {model}: {mb(own)} (pages, exports and feature-vis media)")
+    shared = sum(v for k, v in sizes.items() if k.startswith("media/examples/"))
+    lines.append(f"  dataset images (each stored once): {mb(shared)}")
+    unit_html = [v for k, v in sizes.items() if k.count("/") >= 3 and k.endswith("/index.html")
+                 and k.split("/")[0] in models]
+    if unit_pages and unit_html:
+        lines.append(f"  per unit page: {sum(unit_html) / len(unit_html) / 1024:.1f} KB on average "
+                     f"(HTML), {total / unit_pages / 1024:.1f} KB of the whole site per unit")
+    largest = sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    lines.append("  largest files: " + ", ".join(f"{k} ({mb(v)})" for k, v in largest))
+    return lines
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def check_budget(out: Path, site: SiteSection) -> None:
+    """Fail (before the swap) when the site or one of its files is over the configured budget."""
+    sizes = _sizes(out)
+    total = sum(sizes.values())
+    if total > site.budget_total_mb * 1e6:
+        raise AtlasError(f"the site is {mb(total)}, over site.budget_total_mb = {site.budget_total_mb} MB; "
+                         f"probe fewer layers, lower featurevis.frames or scan.top_k, or raise the budget "
+                         f"(the previous site is left as it was)")
+    path, biggest = max(sizes.items(), key=lambda kv: kv[1], default=("", 0))
+    if biggest > site.budget_file_mb * 1e6:
+        raise AtlasError(f"{path} is {mb(biggest)}, over site.budget_file_mb = {site.budget_file_mb} MB "
+                         f"(GitHub rejects files over 100 MB); raise the budget only if your host allows it "
+                         f"(the previous site is left as it was)")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

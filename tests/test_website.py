@@ -34,7 +34,7 @@ def test_one_page_per_unit_and_links_resolve(tiny_site):
     assert found == expected
     # tiny-cnn: conv(4) relu(4) fc(3); tiny-mlp: fc1(5) act(5) fc2(3)
     assert len(expected) == report.units == 24
-    assert report.pages == 1 + 2 + 6 + 24
+    assert report.pages == 1 + 2 + 6 + 24 + 4 + 40  # + search, 404, about, inputs index, 40 input pages
     assert broken_links(site) == []
     assert (site / ".nojekyll").is_file()
 
@@ -77,7 +77,8 @@ def test_model_and_layer_pages(tiny_site):
     cfg, _ = tiny_site
     site = cfg.atlas.site_dir
     home = read_page(site / "index.html")
-    assert [a["href"] for a in home.find("a") if a["href"].endswith("/index.html")] == [
+    assert [a["href"] for a in home.find("a") if a["href"].endswith("/index.html") and a["href"].count("/") == 1
+            and a["href"].split("/")[0] not in ("inputs", "search", "about")] == [
         "tiny-cnn/index.html", "tiny-mlp/index.html"]
     model = read_page(site / "tiny-cnn/index.html")
     assert "4×8×8" in model.text and "Conv2d" in model.text
@@ -85,7 +86,7 @@ def test_model_and_layer_pages(tiny_site):
     assert table_links[:3] == ["conv/index.html", "relu/index.html", "fc/index.html"]
     # the all-layer health heatmap: a row link per layer and a cell link per unit
     every_unit = [f"{l}/{u}/index.html" for l, n in (("conv", 4), ("relu", 4), ("fc", 3)) for u in range(n)]
-    unit_links = [a["href"] for a in model.find("a") if a["href"].count("/") == 2]
+    unit_links = [a["href"] for a in model.find("a") if a["href"].count("/") == 2 and not a["href"].startswith("..")]
     assert unit_links[:11] == every_unit  # the heatmap first, then the all-layer unit map (UMAP and PCA)
     assert sorted(unit_links[11:]) == sorted(every_unit * 2)
     layer = read_page(site / "tiny-cnn/conv/index.html")
@@ -132,6 +133,7 @@ def test_rebuild_replaces_site_and_failed_build_keeps_old_one(tiny_site, monkeyp
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")
     monkeypatch.setattr(website, "render", boom)
+    monkeypatch.setattr(website, "templates_key", lambda: "changed")  # or every page is unchanged: linked, not rendered
     with pytest.raises(RuntimeError):
         build(cfg, progress=False)
     after = {p: p.read_bytes() for p in site.rglob("*") if p.is_file()}
@@ -171,8 +173,10 @@ def test_position_box():
 
 
 def test_render_is_pure_and_escapes():
-    ctx = {"site_title": "<T>", "css": "s.css", "home": "index.html", "breadcrumbs": [],
-           "models": [], "n_models": 0, "n_layers": 0, "n_units": 0, "n_examples": 0, "dataset": "<d>"}
+    ctx = {"site_title": "<T>", "css": "s.css", "home": "index.html", "breadcrumbs": [], "nav": [], "js": "",
+           "og": {"title": "<T>", "site_name": "<T>", "description": "<d>", "url": "", "image": ""},
+           "models": [], "n_models": 0, "n_layers": 0, "n_units": 0, "n_examples": 0, "dataset": "<d>",
+           "featured": [], "n_inputs": 0, "search": "search/index.html", "inputs": "inputs/index.html"}
     a, b = render("home.html", ctx), render("home.html", ctx)
     assert a == b
     assert "&lt;T&gt;" in a and "<T>" not in a and "&lt;d&gt;" in a

@@ -1,0 +1,273 @@
+"""The site beyond unit pages: input pages, search, about, 404, sitemap, citations, JSON exports,
+Open Graph tags, incremental rendering, the size report and budget, basic accessibility."""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from atlas_builder import urls, website
+from atlas_builder.build import build
+from atlas_builder.config import SiteSection, load_config
+from atlas_builder.errors import AtlasError
+from atlas_builder.ids import UnitId
+from atlas_builder.store import Store
+from conftest import atlas_section, write_config
+from sitecheck import broken_links, read_page
+
+BASE = "https://example.org/atlas/"
+SITE = f"""
+[site]
+title = "Tiny <atlas>"
+base_url = "{BASE}"
+citation_author = "Ada Lovelace and Alan Turing"
+citation_year = 2026
+input_pages = 6
+[dataset]
+source = "fixtures_models:tiny_dataset"
+[scan]
+top_k = 3
+batch_size = 16
+[featurevis]
+steps = 8
+frames = 4
+[embed]
+enabled = true
+[[models]]
+name = "tiny-cnn"
+source = "fixtures_models:tiny_cnn"
+[[models]]
+name = "tiny-mlp"
+source = "fixtures_models:tiny_mlp"
+"""
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pages")
+    cfg = load_config(write_config(tmp, atlas_section(tmp, "pages") + SITE))
+    report = build(cfg, progress=False)
+    return cfg, report
+
+
+def site_of(built) -> Path:
+    return built[0].atlas.site_dir
+
+
+def all_units(cfg):
+    with Store(cfg.store_dir, read_only=True) as store:
+        return [(m, l, u) for m in store.models() for l in store.layers(m.model) for u in store.units(m.model, l.layer)]
+
+
+def test_every_link_resolves_and_pages_exist(built):
+    site = site_of(built)
+    assert broken_links(site) == []
+    for page in (urls.HOME, urls.SEARCH, urls.ABOUT, urls.INPUTS, urls.NOT_FOUND, ".nojekyll", urls.SITEMAP):
+        assert (site / page).is_file(), page
+
+
+def test_input_pages_show_each_layers_most_active_units(built):
+    cfg, _ = built
+    site = site_of(built)
+    with Store(cfg.store_dir, read_only=True) as store:
+        examples = store.input_examples()
+        per_model = {m.model: store.input_units(m.model) for m in store.models()}
+        layers = {m.model: [l.layer for l in store.layers(m.model)] for m in store.models()}
+    assert len(examples) == 6 and examples == sorted(examples)
+    index = read_page(site / urls.INPUTS)
+    assert [a["href"] for a in index.find("a") if a["href"].split("/")[0].isdigit()] == \
+        [f"{e}/index.html" for e in examples]
+    for e in examples:
+        page = read_page(site / urls.input_page(e))
+        for model, by_example in per_model.items():
+            assert list(by_example[e]) == layers[model]  # every layer, in model order
+            for layer, units in by_example[e].items():
+                values = [v for _, v, _ in units]
+                assert values == sorted(values, reverse=True)  # most active first
+                for unit, _, heat in units:
+                    href = urls.rel(urls.input_page(e), urls.unit_page(UnitId(model, layer, unit)))
+                    assert href in page.links
+                    assert (heat is not None) == (model == "tiny-cnn" and layer != "fc")
+        assert len(page.find("img", cls="heat")) == 8 * 0 + sum(
+            len(u) for layer, u in per_model["tiny-cnn"][e].items() if layer != "fc")
+
+
+def test_input_activations_match_a_direct_forward(built):
+    cfg, _ = built
+    import torch
+
+    from atlas_builder.probe import Probe, reduce_output
+    from atlas_builder.sources import load_dataset, load_model
+
+    dataset = load_dataset(cfg)
+    model = load_model(cfg.models[0], cfg)
+    with Store(cfg.store_dir, read_only=True) as store:
+        stored = store.input_units("tiny-cnn")
+    e = next(iter(stored))
+    x = torch.as_tensor(dataset.data[e][0])[None]
+    with Probe(model.module, ["conv"], "max") as probe, torch.inference_mode():
+        model.module(x)
+    values = probe.values["conv"][0]
+    order = torch.argsort(values, descending=True, stable=True)[:len(stored[e]["conv"])]
+    assert [u for u, _, _ in stored[e]["conv"]] == order.tolist()
+    assert [v for _, v, _ in stored[e]["conv"]] == pytest.approx(values[order].tolist(), rel=1e-5)
+
+
+def test_search_index_lists_every_unit_and_the_page_loads_it(built):
+    cfg, _ = built
+    site = site_of(built)
+    search = read_page(site / urls.SEARCH)
+    scripts = [a["src"] for a in search.find("script") if a.get("src")]
+    index_files = [s for s in scripts if "search-index." in s]
+    assert len(index_files) == 1 and any("search." in s and "index" not in s for s in scripts)
+    text = (site / "search" / index_files[0]).resolve().read_text()
+    rows = json.loads(re.fullmatch(r"window\.ATLAS_SEARCH = (.*);\n", text, re.S).group(1))["rows"]
+    expected = {(m.model, l.layer, u.unit, u.label) for m, l, u in all_units(cfg)}
+    assert {(r[0], r[1], r[2], r[3]) for r in rows} == expected
+    for r in rows:  # each row's url is a unit page, relative to the site root
+        assert r[7] == urls.unit_page(UnitId(r[0], r[1], r[2])) and (site / r[7]).is_file()
+    home = read_page(site / urls.HOME)
+    assert home.find("form", action="search/index.html") and home.find("input", name="q")
+
+
+def test_unit_json_export_has_the_pages_numbers(built):
+    cfg, _ = built
+    site = site_of(built)
+    for m, l, u in all_units(cfg):
+        uid = UnitId(m.model, l.layer, u.unit)
+        data = json.loads((site / urls.unit_json(uid)).read_text())
+        assert data["id"] == str(uid) and data["label"] == u.label
+        assert data["stats"]["max"] == pytest.approx(u.max) and data["stats"]["count"] == u.count
+        assert [t["example"] for t in data["top"]] == [t.example for t in u.top]
+        assert [t["example"] for t in data["bottom"]] == [t.example for t in u.bottom]
+        assert data["histogram"]["counts"] == list(u.hist)
+        assert data["permalink"] == f"{BASE}{uid.model}/{l.layer}/{u.unit}/"
+        folder = (site / urls.unit_json(uid)).parent
+        for path in [t["image"] for t in data["top"]] + [v for k, v in data["featurevis"].items()
+                                                          if isinstance(v, str)] + [data["page"]]:
+            assert (folder / path).resolve().is_file(), path
+        page = read_page(site / urls.unit_page(uid))
+        assert "data.json" in page.links
+
+
+def test_unit_page_permalink_citation_and_open_graph(built):
+    site = site_of(built)
+    uid = UnitId("tiny-cnn", "conv", 2)
+    html = (site / urls.unit_page(uid)).read_text()
+    page = read_page(site / urls.unit_page(uid))
+    permalink = f"{BASE}tiny-cnn/conv/2/"
+    assert page.find("a", cls="permalink", href=permalink)
+    meta = {a.get("property"): a.get("content") for a in page.find("meta") if a.get("property")}
+    assert meta["og:url"] == permalink and meta["og:title"].startswith("Unit 2 of conv")
+    assert meta["og:image"].startswith(BASE + "media/")  # absolute, so a pasted link previews
+    assert page.find("link", rel="canonical", href=permalink)
+    bibtex = re.search(r'<pre class="cite-bibtex">(.*?)</pre>', html, re.S).group(1)
+    assert bibtex.startswith("@misc{atlas-tiny-cnn-conv-2,")
+    assert "author = {Ada Lovelace and Alan Turing}" in bibtex and "year = {2026}" in bibtex
+    assert f"\\url{{{permalink}}}" in bibtex
+    assert "Tiny &lt;atlas&gt;" in html and "Tiny <atlas>" not in html  # the title is escaped everywhere
+    assert bibtex.count("{") == bibtex.count("}")
+    plain = read_page(site / urls.unit_page(uid)).find("p", cls="cite-plain")
+    assert plain
+
+
+def test_sitemap_lists_every_page_by_its_public_url(built):
+    site = site_of(built)
+    root = ET.parse(site / urls.SITEMAP).getroot()
+    locs = {e.text for e in root.iter("{http://www.sitemaps.org/schemas/sitemap/0.9}loc")}
+    pages = {p.relative_to(site).as_posix() for p in site.rglob("*.html")} - {urls.NOT_FOUND}
+    assert locs == {urls.page_url(BASE, p) for p in pages}
+    assert f"{BASE}tiny-cnn/conv/0/" in locs and BASE in locs
+
+
+def test_404_links_are_absolute_with_a_base_url(built):
+    page = read_page(site_of(built) / urls.NOT_FOUND)
+    assert page.find("a", href=BASE) and all(h.startswith(BASE) for h in page.links)
+
+
+def test_about_page_shows_config_versions_seed_and_no_timings(built):
+    cfg, _ = built
+    html = (site_of(built) / urls.ABOUT).read_text()
+    page = read_page(site_of(built) / urls.ABOUT)
+    from importlib.metadata import version
+    assert f"torch {version('torch')}" in page.text and "scan:tiny-cnn" in page.text
+    assert "citation_author = &#34;Ada Lovelace and Alan Turing&#34;" in html  # the config, escaped
+    assert not re.search(r"\d+\.\d s<", html)  # timings only with site.show_timings
+
+
+def test_home_features_units(built):
+    home = read_page(site_of(built) / urls.HOME)
+    featured = [a["href"] for a in home.find("a") if a["href"].count("/") == 3]
+    assert featured and all((site_of(built) / h).is_file() for h in featured)
+    assert "Most class-selective" in home.text or "Most active" in home.text
+
+
+def test_every_image_has_alt_text_and_headings_are_in_order(built):
+    site = site_of(built)
+    for path in site.rglob("*.html"):
+        page = read_page(path)
+        for img in page.find("img"):
+            assert "alt" in img, (path, img)
+        levels = [int(t[1]) for t, _ in page.elements if re.fullmatch(r"h[1-6]", t)]
+        assert levels.count(1) == 1 and levels[0] == 1, path
+        assert all(b <= a + 1 for a, b in zip(levels, levels[1:])), (path, levels)
+        for a in page.find("a"):  # keyboard-reachable: every link has a target
+            assert a.get("href"), (path, a)
+
+
+def test_rebuild_with_nothing_changed_rewrites_nothing(built, monkeypatch):
+    cfg, _ = built
+    site = site_of(built)
+    before = {p.relative_to(site): (p.stat().st_ino, p.stat().st_mtime_ns) for p in site.rglob("*") if p.is_file()}
+    report = build(cfg, progress=False)
+    after = {p.relative_to(site): (p.stat().st_ino, p.stat().st_mtime_ns) for p in site.rglob("*") if p.is_file()}
+    assert report.rendered == 0 and after == before
+    assert {f"scan:{m}" for m in ("tiny-cnn", "tiny-mlp")} <= set(report.skipped)
+    # a changed template re-renders every page but recomputes nothing
+    monkeypatch.setattr(website, "templates_key", lambda: "a changed template")
+    report = build(cfg, progress=False)
+    assert report.rendered == report.pages
+    assert {f"{s}:{m}" for s in ("scan", "featurevis", "embed") for m in ("tiny-cnn", "tiny-mlp")} \
+        <= set(report.skipped)
+    assert "scan" not in report.seconds and "featurevis" not in report.seconds
+
+
+def test_size_report_and_budget(built, monkeypatch):
+    cfg, report = built
+    assert report.size_report[0].startswith("site size: ")
+    assert any("tiny-cnn:" in line for line in report.size_report)
+    assert any("per unit page:" in line for line in report.size_report)
+    assert any("largest files:" in line for line in report.size_report)
+    site = site_of(built)
+    before = {p: p.read_bytes() for p in site.rglob("*") if p.is_file()}
+    real = website._sizes
+    monkeypatch.setattr(website, "_sizes", lambda out: {**real(out), "huge.bin": 101 * 10**6})
+    monkeypatch.setattr(website, "templates_key", lambda: "force a render")
+    with pytest.raises(AtlasError, match="over site.budget_file_mb = 100 MB"):
+        build(cfg, progress=False)
+    assert {p: p.read_bytes() for p in site.rglob("*") if p.is_file()} == before  # the old site stays
+
+
+def test_check_budget(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"x" * 1_500_000)
+    website.check_budget(tmp_path, SiteSection(budget_file_mb=2, budget_total_mb=2))
+    with pytest.raises(AtlasError, match="a.bin is 1.50 MB, over site.budget_file_mb = 1 MB"):
+        website.check_budget(tmp_path, SiteSection(budget_file_mb=1, budget_total_mb=2))
+    (tmp_path / "b.bin").write_bytes(b"x" * 1_000_000)
+    with pytest.raises(AtlasError, match="the site is 2.50 MB, over site.budget_total_mb = 2 MB"):
+        website.check_budget(tmp_path, SiteSection(budget_file_mb=2, budget_total_mb=2))
+
+
+def test_no_base_url_means_relative_permalinks_and_no_sitemap(tmp_path):
+    cfg = load_config(write_config(tmp_path, atlas_section(tmp_path, "rel") + SITE.replace(
+        f'base_url = "{BASE}"', 'base_url = ""').replace("input_pages = 6", "input_pages = 0")))
+    build(cfg, progress=False)
+    site = cfg.atlas.site_dir
+    assert not (site / urls.SITEMAP).exists() and broken_links(site) == []
+    page = read_page(site / urls.unit_page(UnitId("tiny-mlp", "fc1", 0)))
+    assert page.find("a", cls="permalink", href="index.html")
+    assert "No input pages" in read_page(site / urls.INPUTS).text
