@@ -13,17 +13,19 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import media, visualize
+from . import distributed, media, visualize
 from .config import AtlasConfig
+from .distributed import Cluster
 from .errors import AtlasError
 from .probe import resolve_layers
-from .scan import scan_model
+from .scan import finish_scan, scan_part, shard_range
 from .sources import load_dataset, load_model
 from .store import ModelRecord, Store
 from .website import build_site
@@ -44,6 +46,7 @@ class BuildReport:
     seconds: dict[str, float] = field(default_factory=dict)  # per stage
     skipped: list[str] = field(default_factory=list)
     accuracy: dict[str, float | None] = field(default_factory=dict)
+    writer: bool = True  # False on the other ranks of a sharded build (they print nothing)
     rendered: int = 0  # pages rendered (the others were unchanged and linked from the previous site)
     size_report: list[str] = field(default_factory=list)
 
@@ -88,40 +91,72 @@ def fingerprint(*parts) -> str:
 
 
 def build(cfg: AtlasConfig, progress: bool = True) -> BuildReport:
-    report = BuildReport()
+    """Build the atlas of `cfg`; under torchrun, as one rank of a sharded build (rank 0 writes)."""
     device = resolve_device(cfg.atlas.device)
+    cluster = distributed.from_environment(device)
+    try:
+        return _build(cfg, cluster, cluster.device(device), progress and cluster.writer)
+    finally:
+        cluster.close()
+
+
+def _build(cfg: AtlasConfig, cluster: Cluster, device: torch.device, progress: bool) -> BuildReport:
+    report = BuildReport(writer=cluster.writer)
     torch.manual_seed(cfg.atlas.seed)
     dataset = load_dataset(cfg)
-    with Store(cfg.store_dir) as store:
-        labels_written = store.stage_fingerprint("dataset") == dataset.fingerprint
-        if not labels_written:
+    with (Store(cfg.store_dir) if cluster.writer else nullcontext()) as store:
+        labels_written = cluster.broadcast(store.stage_fingerprint("dataset") == dataset.fingerprint
+                                           if cluster.writer else None)
+        if cluster.writer and not labels_written:
             media.clear(store.media_dir)
         for position, section in enumerate(cfg.models):
             start = time.perf_counter()
-            model = load_model(section, cfg)
+            if cluster.writer:  # first, so a demo model is trained and cached once, then read by the others
+                model = load_model(section, cfg)
+            cluster.barrier()
+            if not cluster.writer:
+                model = load_model(section, cfg)
             report.add_time("train/load", time.perf_counter() - start)
             layers = resolve_layers(model.module, section.layers, section.name)
             fp = fingerprint(SCAN_VERSION, model.fingerprint, dataset.fingerprint, layers, cfg.scan.__dict__,
                              cfg.atlas.seed, cfg.site.input_pages)
             stage = f"scan:{section.name}"
-            if labels_written and store.stage_fingerprint(stage) == fp:
+            skip = cluster.broadcast(labels_written and store.stage_fingerprint(stage) == fp
+                                     if cluster.writer else None)
+            accuracy = None
+            if skip:
                 report.skipped.append(stage)
-                accuracy = next((m.accuracy for m in store.models() if m.model == section.name), None)
+                if cluster.writer:
+                    accuracy = next((m.accuracy for m in store.models() if m.model == section.name), None)
             else:
                 start = time.perf_counter()
-                result = scan_model(model, dataset, layers, cfg.scan, device, cfg.atlas.seed, progress,
-                                    cfg.site.input_pages)
-                if not labels_written:
-                    store.write_dataset(dataset.class_names, result.labels, dataset.fingerprint)
-                    labels_written = True
-                store.write_scan(result, fp)
-                accuracy = result.accuracy
+                first, last = shard_range(len(dataset), cluster.rank, cluster.world)
+                part = scan_part(model, dataset, layers, cfg.scan, device, cfg.atlas.seed, first, last, progress,
+                                 workers=cfg.scan.workers)
+                parts = cluster.gather(part)
+                if cluster.writer:
+                    merged = parts[0]
+                    for other in parts[1:]:
+                        merged = merged.merge(other)
+                    result = finish_scan(model, dataset, layers, cfg.scan, merged, device, cfg.atlas.seed,
+                                         cfg.site.input_pages)
+                    model.module.to("cpu")
+                    if not labels_written:
+                        store.write_dataset(dataset.class_names, result.labels, dataset.fingerprint)
+                    store.write_scan(result, fp)
+                    accuracy = result.accuracy
+                labels_written = True
                 report.add_time("scan", time.perf_counter() - start)
-            store.write_model(ModelRecord(section.name, position, section.display_title, section.source,
-                                          model.fingerprint, model.info["parameters"], accuracy, model.info))
-            run_featurevis(cfg, store, model, layers, dataset, device, report, progress)
-            run_embed(cfg, store, section.name, report)
+            if cluster.writer:
+                store.write_model(ModelRecord(section.name, position, section.display_title, section.source,
+                                              model.fingerprint, model.info["parameters"], accuracy, model.info))
+            run_featurevis(cfg, store, model, layers, dataset, device, report, progress, cluster)
+            if cluster.writer:
+                run_embed(cfg, store, section.name, report)
             report.accuracy[section.name] = accuracy
+        if not cluster.writer:
+            cluster.barrier()  # wait for the writer's site, so every rank ends together
+            return report
         store.keep_models([m.name for m in cfg.models])
         store.write_meta({"title": cfg.site.title, "dataset": cfg.dataset.source, "seed": str(cfg.atlas.seed),
                           "versions": json.dumps(versions(), sort_keys=True),
@@ -131,7 +166,10 @@ def build(cfg: AtlasConfig, progress: bool = True) -> BuildReport:
         media.write_example_images(dataset, store.referenced_examples(), store.media_dir / "examples")
         report.add_time("media", time.perf_counter() - start)
         start = time.perf_counter()
-        site = build_site(store, cfg.atlas.site_dir, cfg.site, progress)
+        try:
+            site = build_site(store, cfg.atlas.site_dir, cfg.site, progress)
+        finally:
+            cluster.barrier()
         report.add_time("render", time.perf_counter() - start)
         report.models = len(cfg.models)
         for m in store.models():
@@ -143,23 +181,36 @@ def build(cfg: AtlasConfig, progress: bool = True) -> BuildReport:
     return report
 
 
-def run_featurevis(cfg: AtlasConfig, store: Store, model, layers: list[str], dataset, device: torch.device,
-                   report: BuildReport, progress: bool) -> None:
-    """The feature-vis stage of one model, skipped when its inputs have not changed."""
+def run_featurevis(cfg: AtlasConfig, store: Store | None, model, layers: list[str], dataset, device: torch.device,
+                   report: BuildReport, progress: bool, cluster: Cluster = Cluster()) -> None:
+    """The feature-vis stage of one model, skipped when its inputs have not changed; ranks split the batches."""
     stage = f"featurevis:{model.name}"
     if not cfg.featurevis.enabled:
-        store.clear_featurevis(model.name)
+        if cluster.writer:
+            store.clear_featurevis(model.name)
         return
     shape = visualize.input_shape(dataset, cfg.featurevis)
     fp = fingerprint(FEATUREVIS_VERSION, model.fingerprint, layers, cfg.featurevis.__dict__, cfg.atlas.seed, shape,
                      dataset.mean, dataset.std)
-    if store.stage_fingerprint(stage) == fp:
+    plan = None
+    if cluster.writer and store.stage_fingerprint(stage) != fp:
+        n_units = {l.layer: l.n_units for l in store.layers(model.name)}
+        plan = {name: n_units[name] for name in layers}
+        visualize.clear(store.media_dir, model.name)  # before any rank writes the new images
+    plan = cluster.broadcast(plan)
+    if plan is None:
         report.skipped.append(stage)
         return
-    n_units = {l.layer: l.n_units for l in store.layers(model.name)}
-    rows, weights, seconds = visualize.run(model, {name: n_units[name] for name in layers}, dataset, cfg.featurevis,
-                                           cfg.atlas.seed, device, store.media_dir, progress)
-    store.write_featurevis(model.name, rows, weights, fp, seconds)
+    media_dir = cluster.broadcast(store.media_dir if cluster.writer else None)
+    rows, weights, seconds = visualize.run(model, plan, dataset, cfg.featurevis, cfg.atlas.seed, device, media_dir,
+                                           progress, part=(cluster.rank, cluster.world))
+    gathered = cluster.gather((rows, weights, seconds))
+    if cluster.writer:
+        order = {name: i for i, name in enumerate(plan)}
+        rows = sorted((r for g in gathered for r in g[0]), key=lambda r: (order[r[0]], r[1], r[2]))
+        weights = sorted((w for g in gathered for w in g[1]), key=lambda w: (order[w[0]], w[1]))
+        seconds = max(g[2] for g in gathered)
+        store.write_featurevis(model.name, rows, weights, fp, seconds)
     report.add_time("featurevis", seconds)
 
 

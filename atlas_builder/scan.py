@@ -34,14 +34,16 @@ Runs under `torch.inference_mode()`. Writes nothing: the caller hands the
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .config import ScanSection
+from .errors import AtlasError
 from .probe import LayerInfo, Probe, active_fraction, reduce_output, unit_count, unit_maps
 from .sources import AtlasDataset, LoadedModel
 
@@ -75,6 +77,7 @@ class TopK:
         self.maps: torch.Tensor | None = None  # [U, k, M] float32
         self.threshold = torch.full((n_units,), -torch.inf)  # a key must exceed this to enter
         self.bound = self.threshold * self.sign
+        self._device_bound: torch.Tensor | None = None  # `bound` on the device of the activations
         self._pending: list[tuple] = []
         self._pending_rows = 0
 
@@ -160,10 +163,13 @@ class TopK:
         self.positions[self.positions == -2] = -1
         self.threshold = self.keys[:, -1].clone()
         self.bound = self.threshold * self.sign  # the same in value space: beat it (> for top, < for bottom)
+        self._device_bound = None
 
     def might_take(self, values: torch.Tensor) -> torch.Tensor:
         """[B, U] mask of activations that beat the current k-th (cheap pre-check before `offer`)."""
-        return values > self.bound if self.sign > 0 else values < self.bound
+        if self._device_bound is None or self._device_bound.device != values.device:
+            self._device_bound = self.bound.to(values.device)  # the state stays on the CPU; a copy per fold
+        return values > self._device_bound if self.sign > 0 else values < self._device_bound
 
     def merge(self, other: "TopK") -> None:
         other.fold()
@@ -422,6 +428,11 @@ class LayerAccumulator:
         self.classes.update(values, labels)
         self.sample.update(values, ids)
 
+    def to_cpu(self) -> None:
+        """Flush, and drop device copies, so the state can be pickled and sent to another process."""
+        self.flush()
+        self.top._device_bound = self.bottom._device_bound = None
+
     def merge(self, other: "LayerAccumulator") -> None:
         self.flush()
         other.flush()
@@ -617,19 +628,59 @@ def summarize(info: LayerInfo, acc: LayerAccumulator, cfg: ScanSection, class_na
 
 # --- the pass ------------------------------------------------------------------------
 
-def scan_model(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg: ScanSection,
-               device: torch.device, seed: int = 0, progress: bool = True, input_pages: int = 0) -> ModelScan:
-    """Stream the dataset through the model once and summarize every unit of `layers`.
+@dataclass
+class ScanPart:
+    """The mergeable state of a scan over examples [start, stop): what one process sends to the one that writes."""
+    start: int
+    stop: int
+    accs: dict[str, LayerAccumulator]
+    shapes: dict[str, tuple[int, ...]]
+    labels: torch.Tensor  # [n] of this part's examples
+    predicted: torch.Tensor | None  # [n], None when the output is not [B, classes]
+    confidence: torch.Tensor | None
+    seconds: float
 
-    input_pages: how many inputs (a seeded sample) get their layers' most
-    active units recorded, by a second pass over just those.
+    def merge(self, other: "ScanPart") -> "ScanPart":
+        """The part over both ranges; `other` must start where this one stops (parts merge in order)."""
+        if other.start != self.stop:
+            raise ValueError(f"scan parts must be adjacent: [{self.start}, {self.stop}) then [{other.start}, ...)")
+        for name, acc in other.accs.items():
+            if name in self.accs:
+                self.accs[name].merge(acc)
+            else:
+                self.accs[name] = acc
+        self.shapes.update(other.shapes)
+        both = self.predicted is not None and other.predicted is not None
+        return ScanPart(self.start, other.stop, self.accs, self.shapes, torch.cat([self.labels, other.labels]),
+                        torch.cat([self.predicted, other.predicted]) if both else None,
+                        torch.cat([self.confidence, other.confidence]) if both else None,
+                        max(self.seconds, other.seconds))
+
+
+def shard_range(n_examples: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank `rank`'s contiguous block of example ids (the first ranks take one more when it does not divide)."""
+    base, extra = divmod(n_examples, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg: ScanSection, device: torch.device,
+              seed: int = 0, start: int = 0, stop: int | None = None, progress: bool = True,
+              workers: int = 0) -> ScanPart:
+    """Stream examples [start, stop) through the model once, feeding every layer's accumulators.
+
+    Example ids are global (a shard's top-k, sample rows and tie-breaks are
+    those of the whole dataset), so parts of one dataset merge into exactly
+    what one pass gives.
     """
-    start = time.perf_counter()
+    began = time.perf_counter()
+    stop = len(dataset) if stop is None else stop
     net = model.module.to(device)
     n_classes = max(len(dataset.class_names), 1)
     sample = sample_ids(len(dataset), cfg.sample_size, seed)
     activity_rows = sample[:: max(1, -(-len(sample) // POSITION_SAMPLE))]  # evenly spread over the sample
-    loader = DataLoader(dataset.data, batch_size=cfg.batch_size, shuffle=False,
+    data = dataset.data if (start, stop) == (0, len(dataset)) else Subset(dataset.data, range(start, stop))
+    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda")
     accs: dict[str, LayerAccumulator] = {}
     batch: dict = {}  # what the hooks need to know about the batch in flight
@@ -640,7 +691,7 @@ def scan_model(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg
         batch["bytes"] += accs[name].observe(output, batch["ids"], batch["labels"], batch["sampled"])
 
     predicted, confidence, label_batches, outputs = [], [], [], []
-    seen = 0
+    seen = start
     batch["bytes"] = 0
 
     def flush() -> None:
@@ -653,6 +704,8 @@ def scan_model(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg
             outputs.clear()
         batch["bytes"] = 0
 
+    autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg.precision)) if cfg.precision != "float32"
+                else nullcontext())
     with Probe(net, layers, cfg.reduce, sink=sink) as probe, torch.inference_mode():
         for x, y in tqdm(loader, desc=f"scan {model.name}", unit="batch", disable=not progress, leave=False):
             n = x.shape[0]
@@ -660,29 +713,66 @@ def scan_model(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg
             batch["ids"], batch["labels"] = torch.arange(seen, seen + n, device=device), labels.to(device)
             lo, hi = np.searchsorted(activity_rows, [seen, seen + n])
             batch["sampled"] = None if hi == lo else torch.as_tensor(activity_rows[lo:hi] - seen, device=device)
-            out = net(x.to(device, non_blocking=True))
+            with autocast:
+                out = net(x.to(device, non_blocking=True))
             seen += n
             label_batches.append(labels)
             if isinstance(out, torch.Tensor) and out.dim() == 2:
                 outputs.append(out)
                 batch["bytes"] += out.numel() * out.element_size()
             # fold after the first batch (sets the top-k thresholds), then in chunks of bounded memory
-            if seen == n or batch["bytes"] >= cfg.buffer_mb * 2**20:
+            if seen == start + n or batch["bytes"] >= cfg.buffer_mb * 2**20:
                 flush()
         flush()
-    inputs = input_activations(net, dataset, layers, input_examples(len(dataset), input_pages, seed), cfg.reduce,
-                               device) if input_pages else None
-    net.to("cpu")
+    for acc in accs.values():
+        acc.to_cpu()
+    labels = torch.cat(label_batches) if label_batches else torch.zeros(0, dtype=torch.long)
+    complete = predicted and sum(len(p) for p in predicted) == stop - start
+    return ScanPart(start, stop, accs, dict(probe.shapes), labels,
+                    torch.cat(predicted) if complete else None, torch.cat(confidence) if complete else None,
+                    time.perf_counter() - began)
+
+
+def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg: ScanSection,
+                part: ScanPart, device: torch.device, seed: int = 0, input_pages: int = 0) -> ModelScan:
+    """Summarize a whole-dataset part into what the store keeps (and the input pages' second small pass)."""
+    start = time.perf_counter()
+    if (part.start, part.stop) != (0, len(dataset)):
+        raise ValueError(f"finish_scan needs the whole dataset, got examples [{part.start}, {part.stop})")
+    net = model.module
+    missing = [name for name in layers if name not in part.accs]
+    if missing and len(dataset):
+        raise AtlasError(f"layer {missing[0]!r} of model {model.name!r} was never called in the forward pass; "
+                         f"probe layers that the model's forward uses")
     modules = dict(net.named_modules())
-    result_layers = [summarize(LayerInfo(name, type(modules[name]).__name__, probe.shapes[name], True), accs[name],
-                               cfg, dataset.class_names) for name in layers]
-    labels = torch.cat(label_batches).numpy().astype(np.int64) if label_batches else np.zeros(0, np.int64)
-    pred = torch.cat(predicted).numpy() if predicted and sum(len(p) for p in predicted) == seen else None
-    conf = torch.cat(confidence).numpy() if pred is not None else None
+    result_layers = [summarize(LayerInfo(name, type(modules[name]).__name__, part.shapes[name], True),
+                               part.accs[name], cfg, dataset.class_names) for name in layers if name in part.accs]
+    inputs = None
+    if input_pages:
+        inputs = input_activations(net.to(device), dataset, layers, input_examples(len(dataset), input_pages, seed),
+                                   cfg.reduce, device)
+        net.to("cpu")
+    labels = part.labels.numpy().astype(np.int64)
+    pred = part.predicted.numpy() if part.predicted is not None else None
+    conf = part.confidence.numpy() if part.confidence is not None else None
     accuracy = None
     if pred is not None:
         valid = (labels >= 0) & (labels < len(dataset.class_names))
         if valid.any():
             accuracy = float((pred[valid] == labels[valid]).mean())
-    return ModelScan(model.name, result_layers, labels, pred, conf, seen, time.perf_counter() - start, accuracy,
-                     sample, inputs)
+    return ModelScan(model.name, result_layers, labels, pred, conf, part.stop, part.seconds +
+                     time.perf_counter() - start, accuracy, sample_ids(len(dataset), cfg.sample_size, seed), inputs)
+
+
+def scan_model(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg: ScanSection,
+               device: torch.device, seed: int = 0, progress: bool = True, input_pages: int = 0) -> ModelScan:
+    """Stream the dataset through the model once and summarize every unit of `layers`.
+
+    input_pages: how many inputs (a seeded sample) get their layers' most
+    active units recorded, by a second pass over just those.
+    """
+    part = scan_part(model, dataset, layers, cfg, device, seed, progress=progress)
+    try:
+        return finish_scan(model, dataset, layers, cfg, part, device, seed, input_pages)
+    finally:
+        model.module.to("cpu")

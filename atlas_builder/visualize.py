@@ -65,14 +65,20 @@ def weight_maps(module: nn.Module, shape: tuple[int, int, int]) -> np.ndarray | 
 
 
 def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: FeatureVisSection, seed: int,
-        device: torch.device, media_dir: Path, progress: bool = True) -> tuple[list[tuple], list[tuple], float]:
-    """Render every unit of `layers` ({name: n_units}); returns (featurevis rows, weight rows, seconds)."""
+        device: torch.device, media_dir: Path, progress: bool = True,
+        part: tuple[int, int] = (0, 1)) -> tuple[list[tuple], list[tuple], float]:
+    """Render every unit of `layers` ({name: n_units}); returns (featurevis rows, weight rows, seconds).
+
+    part = (rank, world): render only every world-th batch of units, from
+    the rank-th (a sharded build; the batches, hence the images, are those of
+    a single process). Part 0 also draws the weight heatmaps. The caller
+    clears the model's previous images first (`clear`).
+    """
     start = time.perf_counter()
     shape = input_shape(dataset, cfg)
     rows: list[tuple] = []
     weights: list[tuple] = []
-    folder = media_dir / "fv" / model.name
-    shutil.rmtree(folder, ignore_errors=True)  # the previous run's images
+    rank, world = part
     if shape is None:
         return rows, weights, 0.0
     c, h, w = shape
@@ -85,30 +91,31 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
     transforms = (fv.standard_transforms if cfg.transforms == "standard" else fv.no_transforms)(h, w)
     objective = fv.channel if cfg.objective == "channel" else fv.neuron
     kinds = [("positive", 1.0)] + ([("negative", -1.0)] if cfg.negative else [])
-    total = sum(layers.values()) * len(kinds)
-    bar = tqdm(total=total, desc=f"featurevis {model.name}", unit="unit", disable=not progress, leave=False)
+    batches = [(layer, list(range(first, min(first + cfg.batch_size, n_units))))
+               for layer, n_units in layers.items() for first in range(0, n_units, cfg.batch_size)]
+    mine = batches[rank::world]
+    bar = tqdm(total=sum(len(u) for _, u in mine) * len(kinds), desc=f"featurevis {model.name}", unit="unit",
+               disable=not progress, leave=False)
     try:
-        for layer, n_units in layers.items():
-            for first in range(0, n_units, cfg.batch_size):
-                units = list(range(first, min(first + cfg.batch_size, n_units)))
-                for kind, sign in kinds:
-                    seeds = [derived_seed(seed, model.name, layer, u, kind) for u in units]
-                    result = fv.render(net, layer, objective(units) * sign, seeds, c, h, w, steps=cfg.steps,
-                                       lr=cfg.lr, transforms=transforms, normalize=normalize,
-                                       seed=derived_seed(seed, model.name, layer), n_frames=cfg.frames,
-                                       device=device)
-                    for i, unit in enumerate(units):
-                        image = urls.featurevis_media(model.name, layer, unit, kind)
-                        atomic.write_bytes(media_dir / image, media.encode_webp(media.tensor_image(result.images[i])))
-                        animation = None
-                        if kind == "positive":
-                            animation = urls.featurevis_media(model.name, layer, unit, "animation")
-                            frames = [media.tensor_image(f[i]) for f in result.frames]
-                            atomic.write_bytes(media_dir / animation, media.encode_animation(frames))
-                        rows.append((layer, unit, kind, float(sign * result.activation[i]), image, animation))
-                    bar.update(len(units))
+        for layer, units in mine:
+            for kind, sign in kinds:
+                seeds = [derived_seed(seed, model.name, layer, u, kind) for u in units]
+                result = fv.render(net, layer, objective(units) * sign, seeds, c, h, w, steps=cfg.steps,
+                                   lr=cfg.lr, transforms=transforms, normalize=normalize,
+                                   seed=derived_seed(seed, model.name, layer), n_frames=cfg.frames,
+                                   device=device)
+                for i, unit in enumerate(units):
+                    image = urls.featurevis_media(model.name, layer, unit, kind)
+                    atomic.write_bytes(media_dir / image, media.encode_webp(media.tensor_image(result.images[i])))
+                    animation = None
+                    if kind == "positive":
+                        animation = urls.featurevis_media(model.name, layer, unit, "animation")
+                        frames = [media.tensor_image(f[i]) for f in result.frames]
+                        atomic.write_bytes(media_dir / animation, media.encode_animation(frames))
+                    rows.append((layer, unit, kind, float(sign * result.activation[i]), image, animation))
+                bar.update(len(units))
         input_layer = first_layer(net)
-        if input_layer in layers:
+        if input_layer in layers and rank == 0:
             maps = weight_maps(dict(net.named_modules())[input_layer], (c, h, w))
             for unit in range(len(maps) if maps is not None else 0):
                 path = urls.featurevis_media(model.name, input_layer, unit, "weights")
@@ -118,3 +125,8 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
         bar.close()
         net.to("cpu")
     return rows, weights, time.perf_counter() - start
+
+
+def clear(media_dir: Path, model: str) -> None:
+    """Remove a model's previous feature-vis images (before a run writes the new ones)."""
+    shutil.rmtree(media_dir / "fv" / model, ignore_errors=True)

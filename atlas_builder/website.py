@@ -379,12 +379,17 @@ class Pages:
                 "show_timings": self.site.show_timings}
 
     def not_found(self) -> dict:
-        """The 404 page: GitHub Pages serves it at any depth, so its links are absolute when they can be."""
+        """The 404 page: GitHub Pages serves it at any depth, so its links are absolute when they can be.
+
+        Its style is inlined (a relative stylesheet link breaks at depth); its
+        links need `site.base_url` to work from a nested missing path.
+        """
         page = urls.NOT_FOUND
         link = (lambda target: urls.page_url(self.base_url, target)) if self.base_url else \
             (lambda target: urls.rel(page, target))
         return {**self.common(page, [("Not found", page)]), "home": link(urls.HOME), "search": link(urls.SEARCH),
-                "nav": [], "breadcrumbs": [], "css": link(self.css), "js": ""}
+                "nav": [], "breadcrumbs": [], "css": link(self.css), "js": "",
+                "inline_css": (TEMPLATES / "static" / "style.css").read_text(encoding="utf-8")}
 
 
 def finite(value):

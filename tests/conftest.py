@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,23 @@ def tiny_config(tmp_path: Path) -> Path:
         name = "tiny-mlp"
         source = "fixtures_models:tiny_mlp"
         """)
+
+
+DEMO_SITE_NAME = "atlas"  # the demo site's folder: <tmp>/pub/atlas, so it can be served from a subpath
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory):
+    """The demo atlas (examples/demo.toml), built once per session: (config, build report).
+
+    Shared by the tests that only read it (test_build.py, test_browser.py); it
+    takes most of a minute (training the demo models included).
+    """
+    from atlas_builder.build import build
+    from atlas_builder.config import parse_config
+
+    tmp = tmp_path_factory.mktemp("demo")
+    raw = tomllib.loads((REPO / "examples/demo.toml").read_text())
+    raw["atlas"].update(data_dir=str(tmp / "data"), site_dir=str(tmp / "pub" / DEMO_SITE_NAME))
+    cfg = parse_config(raw, base=REPO / "examples")
+    return cfg, build(cfg, progress=False)

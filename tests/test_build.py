@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
-
 import pytest
 
 from atlas_builder import cli, demo_models
 from atlas_builder.build import build
-from atlas_builder.config import parse_config
 from atlas_builder.store import Store
 from conftest import REPO
 from sitecheck import broken_links, read_page
@@ -20,12 +17,8 @@ DEMO_LAYERS = {  # every conv/linear/activation module of both demo models
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("demo")
-    raw = tomllib.loads((REPO / "examples/demo.toml").read_text())
-    raw["atlas"].update(data_dir=str(tmp / "data"), site_dir=str(tmp / "site"))
-    cfg = parse_config(raw, base=REPO / "examples")
-    return cfg, build(cfg, progress=False)
+def demo(demo_build):
+    return demo_build
 
 
 def test_demo_site_has_one_page_per_unit_of_every_layer(demo):
@@ -35,7 +28,7 @@ def test_demo_site_has_one_page_per_unit_of_every_layer(demo):
         for layer, n in layers.items():
             pages = sorted(int(p.parent.name) for p in (site / model / layer).glob("*/index.html"))
             assert pages == list(range(n)), (model, layer)
-    assert {p.parent.name for p in site.glob("*/index.html")} == set(DEMO_LAYERS)
+    assert {p.parent.name for p in site.glob("*/index.html")} == set(DEMO_LAYERS) | {"inputs", "search", "about"}
     assert report.units == sum(sum(v.values()) for v in DEMO_LAYERS.values()) == 156
     assert broken_links(site) == []
 

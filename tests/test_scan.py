@@ -982,3 +982,37 @@ def test_scan_model_flat_layer_followed_by_an_inplace_op():
     check_moments({k: layer.stats[k] for k in ("count", "nonfinite", "mean", "std", "min", "max")}, v)
     np.testing.assert_allclose(layer.class_means, brute_class_means(v, labels.numpy(), 3), rtol=1e-6)
     np.testing.assert_array_equal(layer.sample, v.astype(np.float16))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_scan_parts_merged_in_order_equal_one_pass(world):
+    """What a sharded build does: each rank scans its block of ids, the writer merges the parts in order."""
+    import pickle
+
+    from atlas_builder.scan import finish_scan, scan_part, shard_range
+
+    data = fixtures_models.tiny_dataset()
+    loaded, dataset = wrap(data)
+    cfg = ScanSection(top_k=4, batch_size=7, buffer_mb=1, sample_size=10)
+    whole = scan_model(loaded, dataset, LAYERS, cfg, CPU, seed=0, progress=False)
+    ranges = [shard_range(40, r, world) for r in range(world)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == 40 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    parts = [pickle.loads(pickle.dumps(scan_part(loaded, dataset, LAYERS, cfg, CPU, 0, start, stop, False)))
+             for start, stop in ranges]  # pickled, as torch.distributed sends them
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merged.merge(part)
+    sharded = finish_scan(loaded, dataset, LAYERS, cfg, merged, CPU, seed=0)
+    scans_equal(sharded, whole, rtol=1e-9)
+    with pytest.raises(ValueError, match="adjacent"):
+        parts[1].merge(parts[0])
+
+
+def test_scan_in_bfloat16_is_close_to_float32():
+    """scan.precision autocasts the forward: values round to bfloat16 (ties then go to the lower id)."""
+    data = fixtures_models.tiny_dataset()
+    exact, _ = run_scan(data)
+    half, _ = run_scan(data, precision="bfloat16")
+    for a, b in zip(exact.layers, half.layers):
+        np.testing.assert_allclose(b.stats["mean"], a.stats["mean"], rtol=0.05, atol=0.02)
+        np.testing.assert_allclose(b.top.values[:, 0], a.top.values[:, 0], rtol=0.02, atol=0.02)

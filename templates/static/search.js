@@ -12,6 +12,7 @@
   var hay = rows.map(function (r) {
     return [r[0], r[1], String(r[2]), r[3], r[4], r[5], r[6]].join(' ').toLowerCase();
   });
+  var words = rows.map(function (r) { return String(r[3]).toLowerCase().split(/[^a-z0-9]+/); });
   var FIELDS = {model: 0, layer: 1, unit: 2, label: 3, 'class': 4, flag: 5};
 
   function score(i, tokens) {
@@ -26,6 +27,12 @@
         continue;
       }
       if (tok === (r[0] + '/' + r[1] + '/' + r[2]).toLowerCase()) { total += 100; continue; }
+      if (/^\d+$/.test(tok)) {  // a number is a unit index, a class, or a whole word of the label, never part of a title
+        var inLabel = words[i].indexOf(tok) >= 0;
+        if (String(r[2]) !== tok && String(r[4]).toLowerCase() !== tok && !inLabel) return 0;
+        total += 1 + (String(r[2]) === tok ? 3 : 0) + (String(r[4]).toLowerCase() === tok || inLabel ? 2 : 0);
+        continue;
+      }
       if (hay[i].indexOf(tok) < 0) return 0;
       total += 1;
       if (String(r[2]) === tok) total += 3;
