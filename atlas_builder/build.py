@@ -24,7 +24,7 @@ from . import distributed, media, visualize
 from .config import AtlasConfig
 from .distributed import Cluster
 from .errors import AtlasError
-from .probe import resolve_layers
+from .probe import Probe, resolve_layers
 from .scan import finish_scan, scan_part, shard_range
 from .sources import load_dataset, load_model
 from .store import ModelRecord, Store
@@ -107,17 +107,10 @@ def _build(cfg: AtlasConfig, cluster: Cluster, device: torch.device, progress: b
     with (Store(cfg.store_dir) if cluster.writer else nullcontext()) as store:
         labels_written = cluster.broadcast(store.stage_fingerprint("dataset") == dataset.fingerprint
                                            if cluster.writer else None)
-        if cluster.writer and not labels_written:
-            media.clear(store.media_dir)
-        for position, section in enumerate(cfg.models):
-            start = time.perf_counter()
-            if cluster.writer:  # first, so a demo model is trained and cached once, then read by the others
-                model = load_model(section, cfg)
-            cluster.barrier()
-            if not cluster.writer:
-                model = load_model(section, cfg)
-            report.add_time("train/load", time.perf_counter() - start)
-            layers = resolve_layers(model.module, section.layers, section.name)
+        start = time.perf_counter()
+        loaded = load_and_check_models(cfg, dataset, cluster)  # before anything is written: bad input stops here
+        report.add_time("train/load", time.perf_counter() - start)
+        for position, (section, model, layers) in enumerate(loaded):
             fp = fingerprint(SCAN_VERSION, model.fingerprint, dataset.fingerprint, layers, cfg.scan.__dict__,
                              cfg.atlas.seed, cfg.site.input_pages)
             stage = f"scan:{section.name}"
@@ -141,7 +134,8 @@ def _build(cfg: AtlasConfig, cluster: Cluster, device: torch.device, progress: b
                     result = finish_scan(model, dataset, layers, cfg.scan, merged, device, cfg.atlas.seed,
                                          cfg.site.input_pages)
                     model.module.to("cpu")
-                    if not labels_written:
+                    if not labels_written:  # a new dataset: its example images replace the old ones
+                        media.clear(store.media_dir / "examples")
                         store.write_dataset(dataset.class_names, result.labels, dataset.fingerprint)
                     store.write_scan(result, fp)
                     accuracy = result.accuracy
@@ -179,6 +173,35 @@ def _build(cfg: AtlasConfig, cluster: Cluster, device: torch.device, progress: b
     report.pages, report.site_bytes, report.site_path = site.pages, site.bytes, site.path
     report.rendered, report.size_report = site.rendered, site.size_report
     return report
+
+
+def load_and_check_models(cfg: AtlasConfig, dataset, cluster: Cluster) -> list[tuple]:
+    """Every model loaded, its layers resolved and one forward pass over two examples tried, before any write.
+
+    So a model that cannot load, an unknown or non-tensor layer, or a forward
+    that fails on the dataset's inputs stops the build with the store and the
+    site as they were. The writer loads first (a demo model is then trained
+    and cached once), the other ranks after it.
+    """
+    loaded = []
+    for section in cfg.models:
+        if not cluster.writer:
+            cluster.barrier()
+        model = load_model(section, cfg)
+        if cluster.writer:
+            cluster.barrier()
+        layers = resolve_layers(model.module, section.layers, section.name)
+        if len(dataset):
+            x = torch.stack([torch.as_tensor(dataset.data[i][0]) for i in range(min(2, len(dataset)))])
+            with Probe(model.module, layers, cfg.scan.reduce, model_name=section.name) as probe, \
+                    torch.inference_mode():
+                model.module(x)
+            missing = [name for name in layers if name not in probe.shapes]
+            if missing:
+                raise AtlasError(f"layer {missing[0]!r} of model {section.name!r} is never called in the model's "
+                                 f"forward pass; probe layers that the forward uses (`atlas layers CONFIG`)")
+        loaded.append((section, model, layers))
+    return loaded
 
 
 def run_featurevis(cfg: AtlasConfig, store: Store | None, model, layers: list[str], dataset, device: torch.device,

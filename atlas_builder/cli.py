@@ -2,17 +2,28 @@
 
 Owns argument parsing and how errors reach the user: an AtlasError is one
 line on stderr (`atlas: error: ...`) and exit status 2, with the traceback
-only under --debug; Ctrl-C exits 130. Everything else is delegated to
+only under --debug; so is an OS error the user must fix while building (disk
+full, permission denied, read-only file system), named with the folder and
+the config key to change. An AtlasWarning is one line `atlas: warning: ...`
+and the build goes on. Ctrl-C exits 130. Everything else is delegated to
 build.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+import re
 import sys
 import time
+import warnings
+from pathlib import Path
 
-from .errors import AtlasError
+from .errors import AtlasError, AtlasWarning
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,14 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     p_layers.add_argument("config", help="atlas TOML file")
     args = parser.parse_args(argv)
     try:
-        return _run(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", AtlasWarning)
+            warnings.showwarning = _show_warning(warnings.showwarning)
+            return _run(args)
     except AtlasError as exc:
         if args.debug:
             raise
         print(f"atlas: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("atlas: interrupted; the previous site and store are unchanged", file=sys.stderr)
+        print("atlas: interrupted; the previous site is unchanged, finished stages are kept in the store "
+              "(a re-run resumes from them)", file=sys.stderr)
         return 130
 
 
@@ -53,7 +68,15 @@ def _run(args) -> int:
                       f"{'yes' if layer.default else ''}")
         return 0
     start = time.perf_counter()
-    report = build(cfg, progress=not args.quiet and sys.stderr.isatty())
+    try:
+        report = build(cfg, progress=not args.quiet and sys.stderr.isatty())
+    except OSError as exc:
+        message = os_error_message(exc, cfg)
+        if message is None:  # not one the user can fix by freeing space or permissions: keep the traceback
+            raise
+        raise AtlasError(message) from exc
+    if not report.writer:  # another rank of a sharded build: rank 0 reports
+        return 0
     print(f"atlas: {report.summary()}")
     accuracy = ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in report.accuracy.items() if acc is not None)
     if accuracy:
@@ -61,6 +84,45 @@ def _run(args) -> int:
     print(f"atlas: open {report.site_path}/index.html in a browser, or run `make serve` "
           f"for http://127.0.0.1:8000 ({time.perf_counter() - start:.1f} s in all)")
     return 0
+
+
+def _show_warning(previous):
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, AtlasWarning):
+            print(f"atlas: warning: {message}", file=sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+    return show
+
+
+def os_error_message(exc: OSError, cfg) -> str | None:
+    """One line for an OS error while building that the user can fix, naming the config key; else None."""
+    if exc.errno not in DISK_FULL | NOT_WRITABLE:
+        return None
+    reason = f"{exc.strerror or os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    site_dir, data_dir = Path(cfg.atlas.site_dir), Path(cfg.atlas.data_dir)
+    path = Path(os.fsdecode(exc.filename)) if exc.filename else None
+    shown, folder = path, path.parent if path is not None else None
+    if path is not None:
+        for i, part in enumerate(path.parts):
+            if re.fullmatch(r"\..+\.tmp", part):  # inside (or the name of) one of our temp files or folders
+                shown = folder = Path(*path.parts[:i])
+                if part.startswith(f".{site_dir.name}.") and folder.resolve() == site_dir.parent.resolve():
+                    shown = site_dir  # the new site, built beside the old one
+                break
+    key = "atlas.site_dir or atlas.data_dir"
+    if shown is not None:
+        if shown.resolve().is_relative_to(data_dir.resolve()):
+            key = "atlas.data_dir"
+        elif shown.resolve().is_relative_to(site_dir.resolve().parent):
+            key = "atlas.site_dir"
+    what = f"cannot write {shown}" if shown is not None else "cannot write the atlas"
+    if exc.errno in DISK_FULL:
+        return (f"{what}: {reason}; free disk space there, or set {key} to a folder on a disk with room, "
+                f"then build again")
+    where = f" in {folder}" if folder is not None and folder != shown else ""
+    return (f"{what}: {reason}{where}; make that folder writable, or set {key} to a folder you can write to, "
+            f"then build again")
 
 
 if __name__ == "__main__":

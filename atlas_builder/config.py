@@ -36,6 +36,7 @@ from .errors import AtlasError
 SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # used with fullmatch
 DEVICES = ("auto", "cpu", "cuda")
 REDUCTIONS = ("max", "mean")
+PRECISIONS = ("float32", "bfloat16", "float16")
 FV_OBJECTIVES = ("channel", "neuron")
 FV_TRANSFORMS = ("standard", "none")
 MODEL_KINDS = ("builtin", "torchvision", "import")
@@ -99,6 +100,8 @@ class ScanSection:
     redundant_correlation: float = 0.95  # correlation with another unit of the layer from which it is redundant
     class_selective: float = 0.6  # selectivity index from which a unit is labelled class-selective
     buffer_mb: int = 64  # activations buffered between accumulator updates (memory stays flat)
+    workers: int = 0  # DataLoader worker processes (e.g. 4 with a GPU); 0 = load in the main process
+    precision: str = "float32"  # forward pass precision: float32 | bfloat16 | float16 (autocast; see README)
 
 
 @dataclass(frozen=True)
@@ -198,14 +201,21 @@ SECTIONS = {
 def load_config(path: str | Path) -> AtlasConfig:
     """Read and validate an atlas TOML file; raise ConfigError with a clear message."""
     path = Path(path)
-    if path.is_dir():
+    if _is(path, "dir", "config path"):
         raise ConfigError(f"config path {str(path)!r} is a directory, not a file; pass the atlas TOML file itself")
-    if not path.is_file():
+    if not _is(path, "file", "config path"):
         raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of an atlas TOML file "
                           f"(see examples/demo.toml)")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc}); save the file as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({exc.strerror or exc}); "
+                          f"check its permissions") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax at that line") from None
     return parse_config(raw, base=path.resolve().parent, path=path)
 
@@ -280,7 +290,7 @@ def _coerce(value: Any, annotation: str, key: str, where: str, base: Path):
     if annotation in ("Path", "Path | None"):
         if not isinstance(value, str) or not value:
             raise bad("a non-empty path string")
-        p = Path(value).expanduser()
+        p = _user_path(value, key, where)
         return p if p.is_absolute() else base / p
     if annotation == "tuple[float, ...]":
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -333,6 +343,10 @@ def _check(cfg: AtlasConfig, where: str) -> None:
     for key in ("top_k", "batch_size", "histogram_bins", "buffer_mb"):
         if getattr(s, key) < 1:
             raise ConfigError(f"{where}scan.{key} must be at least 1, got {getattr(s, key)}")
+    if s.precision not in PRECISIONS:
+        raise ConfigError(f"{where}scan.precision {s.precision!r} is not allowed; use one of {', '.join(PRECISIONS)}")
+    if s.workers < 0:
+        raise ConfigError(f"{where}scan.workers must be 0 or more, got {s.workers}")
     if s.sample_size < 0:
         raise ConfigError(f"{where}scan.sample_size must be 0 or more, got {s.sample_size}")
     for key in ("saturated_fraction", "class_selective"):
@@ -356,8 +370,9 @@ def _check(cfg: AtlasConfig, where: str) -> None:
         raise ConfigError(f"{where}dataset.std values must be greater than 0, got {list(d.std)}")
     _check_source(d.source, "dataset.source", DATASET_KINDS, where)
     if d.kind == "imagefolder":
+        _user_path(d.target, "dataset.source", where)
         folder = cfg.resolve(d.target)
-        if not folder.is_dir():
+        if not _is(folder, "dir", "dataset.source", where):
             raise ConfigError(f"{where}dataset.source: image folder {str(folder)!r} does not exist; "
                               f"point it at a folder with one sub-folder per class")
     if d.kind == "torchvision" and d.root is None:
@@ -371,11 +386,31 @@ def _check(cfg: AtlasConfig, where: str) -> None:
             raise ConfigError(f"{where}models[{i}].name {m.name!r} is used twice; model names must be unique")
         names.add(m.name)
         _check_source(m.source, f"models[{i}].source", MODEL_KINDS, where)
-        if m.checkpoint is not None and not m.checkpoint.is_file():
+        if m.checkpoint is not None and not _is(m.checkpoint, "file", f"models[{i}].checkpoint", where):
             raise ConfigError(f"{where}models[{i}].checkpoint: file {str(m.checkpoint)!r} does not exist")
         if m.weights and m.kind != "torchvision":
             raise ConfigError(f"{where}models[{i}].weights is only for torchvision models; "
                               f"use checkpoint = \"PATH\" for others")
+
+
+def _user_path(value: str, key: str, where: str) -> Path:
+    """A path string from the file, with ~ expanded; a ConfigError if it cannot be a path."""
+    if "\x00" in value:
+        raise ConfigError(f"{where}{key} {value!r} contains a NUL character, which no path can hold; remove it")
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:  # ~name of a user that does not exist, or no home directory
+        raise ConfigError(f"{where}{key} {value!r}: cannot expand {value.split('/')[0]!r} (no such user or home "
+                          f"directory); write the path in full") from None
+
+
+def _is(path: Path, kind: str, key: str, where: str = "") -> bool:
+    """path.is_dir() / is_file(), with an OS error (name too long, no permission) as a ConfigError."""
+    try:
+        return path.is_dir() if kind == "dir" else path.is_file()
+    except OSError as exc:
+        raise ConfigError(f"{where}{key}: {str(path)[:200]!r} cannot be checked ({exc.strerror or exc}); "
+                          f"fix the path") from None
 
 
 def _check_source(source: str, key: str, kinds: tuple[str, ...], where: str) -> None:

@@ -12,6 +12,9 @@ Hooks are registered only inside the `Probe` context manager, which removes
 them in `finally`. A module called several times in one forward (e.g. a
 shared ReLU) reports its last call. Layer names are module paths from
 `named_modules()`; an unknown name fails with the list of valid ones.
+While a Probe is open, an exception from the model's own forward (say, a
+shape mismatch with the dataset) becomes an AtlasError naming the model and
+the input shape; exceptions of the hooks themselves pass through unchanged.
 This module does not loop over datasets (scan does) or store anything.
 """
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import AtlasError
+from .errors import AtlasError, ForwardError
 
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LazyLinear)
 ACTIVATION_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -133,8 +136,12 @@ class Probe:
     is the output shape of one example.
     """
 
-    def __init__(self, model: nn.Module, layers: list[str], reduce: str = "max", sink=None):
+    def __init__(self, model: nn.Module, layers: list[str], reduce: str = "max", sink=None,
+                 model_name: str | None = None):
         self.model, self.layers, self.reduce, self.sink = model, list(layers), reduce, sink
+        self.model_name = model_name
+        self._hook_error: BaseException | None = None  # raised by our own hook/sink: a bug or AtlasError, kept as is
+        self._forward_saved: tuple[bool, object] | None = None
         self.values: dict[str, torch.Tensor] = {}
         self.positions: dict[str, torch.Tensor] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -148,6 +155,7 @@ class Probe:
                 if name not in modules:
                     raise unknown_layer(name, modules)
                 self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+            self._wrap_forward()
         except BaseException:
             self._remove()
             raise
@@ -162,18 +170,60 @@ class Probe:
                 handle.remove()
         finally:
             self._handles.clear()
+            self._unwrap_forward()
+
+    def _wrap_forward(self) -> None:
+        """While open, an exception the model's own forward raises becomes an AtlasError naming the model.
+
+        (A model that cannot run on the dataset's inputs, e.g. a shape mismatch, is the config's
+        problem, not a bug of the atlas.) Errors of our hooks pass through unchanged.
+        """
+        model, probe = self.model, self
+        original = model.forward
+        what = f"model {self.model_name!r}" if self.model_name else f"the model ({type(model).__name__})"
+
+        def forward(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            except Exception as exc:
+                if isinstance(exc, AtlasError) or exc is probe._hook_error:
+                    raise
+                raise forward_error(what, exc, args) from exc
+
+        try:
+            had_own = "forward" in vars(model)
+            model.forward = forward
+        except (AttributeError, TypeError, RuntimeError):  # e.g. a scripted module: leave it as it is
+            return
+        self._forward_saved = (had_own, original)
+
+    def _unwrap_forward(self) -> None:
+        if self._forward_saved is None:
+            return
+        had_own, original = self._forward_saved
+        self._forward_saved = None
+        if had_own:
+            self.model.forward = original
+        else:
+            del self.model.forward
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
             if not isinstance(output, torch.Tensor):
-                raise AtlasError(f"layer {name!r} ({type(module).__name__}) returns {type(output).__name__}, "
-                                 f"not a tensor; probe one of its submodules instead")
+                of = f" of model {self.model_name!r}" if self.model_name else ""
+                raise AtlasError(f"layer {name!r} ({type(module).__name__}){of} returns {type(output).__name__}, "
+                                 f"not a tensor, so it has no units to probe; remove it from layers = [...], or probe "
+                                 f"one of its submodules (`atlas layers CONFIG` shows each module's output)")
             output = output.detach()
             self.shapes[name] = tuple(output.shape[1:])
-            if self.sink is not None:
-                self.sink(name, output)
-            else:
-                self.values[name], self.positions[name] = reduce_output(output, self.reduce)
+            try:
+                if self.sink is not None:
+                    self.sink(name, output)
+                else:
+                    self.values[name], self.positions[name] = reduce_output(output, self.reduce)
+            except BaseException as exc:
+                self._hook_error = exc  # ours, not the model's: the forward wrapper lets it through as it is
+                raise
         return hook
 
 
@@ -193,7 +243,24 @@ def list_layers(model: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
             handles.append(m.register_forward_hook(record(name)))
         with torch.inference_mode():
             model(example)
+    except AtlasError:
+        raise
+    except Exception as exc:
+        raise forward_error(f"the model ({type(model).__name__})", exc, (example,)) from exc
     finally:
         for h in handles:
             h.remove()
     return [LayerInfo(name, type(m).__name__, shapes.get(name), is_default_layer(m)) for name, m in modules]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+
+
+def forward_error(what: str, exc: Exception, args: tuple) -> ForwardError:
+    """The error for a model whose own forward raised `exc` on inputs `args`."""
+    shapes = ", ".join("x".join(map(str, a.shape)) for a in args if isinstance(a, torch.Tensor)) or "?"
+    return ForwardError(f"{what} raised {type(exc).__name__} in its forward pass on a batch of inputs of shape "
+                      f"{shapes}: {_first_line(exc)}; check that the model fits the dataset's inputs "
+                      f"(dataset.source, resize, crop) and that it runs on its own")

@@ -33,8 +33,9 @@ Runs under `torch.inference_mode()`. Writes nothing: the caller hands the
 
 from __future__ import annotations
 
+import re
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -657,6 +658,19 @@ class ScanPart:
                         max(self.seconds, other.seconds))
 
 
+@contextmanager
+def worker_errors():
+    """An AtlasError raised in a DataLoader worker comes back wrapped in its traceback: keep its one line."""
+    try:
+        yield
+    except AtlasError as exc:
+        text = str(exc)
+        if "DataLoader worker" not in text:
+            raise
+        last = text.strip().splitlines()[-1]
+        raise AtlasError(re.sub(r"^[\w.]*(Error|Exception): ", "", last)) from None
+
+
 def shard_range(n_examples: int, rank: int, world: int) -> tuple[int, int]:
     """Rank `rank`'s contiguous block of example ids (the first ranks take one more when it does not divide)."""
     base, extra = divmod(n_examples, world)
@@ -706,7 +720,8 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
 
     autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg.precision)) if cfg.precision != "float32"
                 else nullcontext())
-    with Probe(net, layers, cfg.reduce, sink=sink) as probe, torch.inference_mode():
+    with Probe(net, layers, cfg.reduce, sink=sink, model_name=model.name) as probe, torch.inference_mode(), \
+            worker_errors():
         for x, y in tqdm(loader, desc=f"scan {model.name}", unit="batch", disable=not progress, leave=False):
             n = x.shape[0]
             labels = torch.as_tensor(y).view(-1).long()

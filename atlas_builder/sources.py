@@ -4,7 +4,9 @@ Models: `builtin:digits-mlp|digits-cnn` (trained and cached by demo_models),
 `torchvision:<name>` with optional `weights` (torchvision's own loader;
 `weights=""` means random init, which is what runs offline), an import path
 `package.module:factory`, and optionally a state_dict `checkpoint` loaded with
-`weights_only=True`.
+`weights_only=True` (a file that pickles other objects too is loaded with
+`weights_only=False` only under the model's `unsafe_pickle = true`, with an
+AtlasWarning).
 
 Datasets: `builtin:digits` (the held-out split of scikit-learn's bundled
 digits), `imagefolder:PATH`, `torchvision:<Name>` (root + download flag) and
@@ -24,20 +26,23 @@ import difflib
 import hashlib
 import importlib
 import inspect
+import pickle
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from . import demo_models
 from .config import AtlasConfig, DatasetSection, ModelSection
-from .errors import AtlasError
+from .errors import AtlasError, AtlasWarning
 
 
 # --- models -----------------------------------------------------------------
@@ -68,7 +73,7 @@ def load_model(section: ModelSection, cfg: AtlasConfig) -> LoadedModel:
             raise AtlasError(f"model factory {section.source!r} returned {type(module).__name__}, "
                              f"not a torch.nn.Module; make it return the model")
     if section.checkpoint is not None:
-        _load_checkpoint(module, section.checkpoint)
+        _load_checkpoint(module, section.checkpoint, section.unsafe_pickle)
         info["checkpoint"] = section.checkpoint.name
     module.eval()
     info["parameters"] = sum(p.numel() for p in module.parameters())
@@ -94,23 +99,62 @@ def _torchvision_model(section: ModelSection) -> nn.Module:
                          f"\"PATH\", or weights = \"\" for random weights") from None
 
 
-def _load_checkpoint(module: nn.Module, path: Path) -> None:
+def _load_checkpoint(module: nn.Module, path: Path, unsafe_pickle: bool = False) -> None:
+    """Load a state_dict file into module with weights_only=True.
+
+    A file that weights_only refuses (it pickles more than tensors) is loaded
+    with weights_only=False only when the config sets unsafe_pickle = true,
+    and then with an AtlasWarning: unpickling can run any code in the file.
+    """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unpickling/format problem is the file's, not ours
-        raise AtlasError(f"checkpoint {str(path)!r} cannot be read as a state_dict with weights_only=True "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                         f"save it with torch.save(model.state_dict(), path)") from None
+        refused = _weights_only_refusal(exc)
+        if not unsafe_pickle:
+            if refused is not None:
+                raise AtlasError(f"checkpoint {str(path)!r} holds more than tensors, so torch.load(weights_only=True) "
+                                 f"refuses it ({refused}); save just the weights with "
+                                 f"torch.save(model.state_dict(), path), or, only if you trust the file (unpickling "
+                                 f"can run any code in it), set unsafe_pickle = true in its [[models]] "
+                                 f"section") from None
+            raise AtlasError(f"checkpoint {str(path)!r} cannot be read as a state_dict with weights_only=True "
+                             f"({type(exc).__name__}: {_first_line(exc)}); "
+                             f"save it with torch.save(model.state_dict(), path)") from None
+        warnings.warn(AtlasWarning(
+            f"checkpoint {str(path)!r} is loaded with weights_only=False because unsafe_pickle = true: unpickling "
+            f"can run any code the file holds; use only files you trust"), stacklevel=2)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:
+            raise AtlasError(f"checkpoint {str(path)!r} cannot be read even with unsafe_pickle = true "
+                             f"({type(exc2).__name__}: {_first_line(exc2)}); "
+                             f"save it with torch.save(model.state_dict(), path)") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise AtlasError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a state_dict")
+        raise AtlasError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a state_dict; "
+                         f"save it with torch.save(model.state_dict(), path)")
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise AtlasError(f"checkpoint {str(path)!r} does not match the model: {' '.join(first[:3])[:400]}; "
+        first = " ".join(str(exc).split())[:400].rstrip(".")
+        raise AtlasError(f"checkpoint {str(path)!r} does not match the model: {first}; "
                          f"check that the config's model source is the architecture it was saved from") from None
+
+
+def _weights_only_refusal(exc: Exception) -> str | None:
+    """What torch.load(weights_only=True) refused (e.g. 'Unsupported global: ...'), None for other failures."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if not isinstance(exc, pickle.UnpicklingError) or "Unsupported global" not in text:
+        return None
+    detail = text[text.index("Unsupported global"):].splitlines()[0]
+    return detail.split(" was not an allowed global")[0].strip()
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, without terminal escape codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 def model_fingerprint(module: nn.Module) -> str:
@@ -219,6 +263,10 @@ def load_dataset(cfg: AtlasConfig) -> AtlasDataset:
         indices = sorted(rng.choice(n, size=d.limit, replace=False).tolist())
     _check_channels(_Transformed(base, build_transform(dataclasses.replace(d, mean=(), std=())), indices), d)
     data = _Transformed(base, build_transform(d), indices)
+    if cfg.scan.top_k > len(data):
+        warnings.warn(AtlasWarning(
+            f"scan.top_k = {cfg.scan.top_k} is more than the {len(data)} examples of dataset {d.source!r}: each unit "
+            f"lists all {len(data)} as its top and bottom examples; lower scan.top_k to silence this"), stacklevel=2)
     if not classes:
         classes = _classes_from_labels(data)
     fp = hashlib.sha1(repr((ident, d.limit, d.resize, d.crop, d.mean, d.std, cfg.atlas.seed if indices else 0))
@@ -249,21 +297,58 @@ def _classes_from_labels(data: Dataset) -> tuple[str, ...]:
 
 
 def _image_folder(folder: Path):
+    """An ImageFolder whose every file must be an image: an undecodable one is an error naming it.
+
+    (Not skipped: example ids index the folder's files, and an atlas of "every image but
+    the ones that failed" would silently differ from the folder it names.) Headers are
+    checked up front, cheaply; a file that is cut short past its header fails when read.
+    """
     from torchvision.datasets import ImageFolder
 
     if not folder.is_dir():
         raise AtlasError(f"image folder {str(folder)!r} does not exist; point dataset.source at "
                          f"imagefolder:PATH with one sub-folder per class")
     try:
-        base = ImageFolder(str(folder))
+        base = ImageFolder(str(folder), loader=_load_image)
     except (FileNotFoundError, RuntimeError) as exc:
-        raise AtlasError(f"image folder {str(folder)!r}: {exc}; it needs one sub-folder per class "
+        raise AtlasError(f"image folder {str(folder)!r}: {str(exc).rstrip('.')}; it needs one sub-folder per class "
                          f"holding .png/.jpg/... images") from None
     h = hashlib.sha1()
+    bad = []
     for path, label in base.samples:
         st = Path(path).stat()
         h.update(f"{Path(path).relative_to(folder)}|{label}|{st.st_size}|{st.st_mtime_ns}".encode())
+        problem = _image_problem(path)
+        if problem:
+            bad.append(f"{Path(path).relative_to(folder)}: {problem}")
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise AtlasError(f"image folder {str(folder)!r}: {len(bad)} of {len(base.samples)} files cannot be decoded "
+                         f"as images ({bad[0]}{more}); remove or replace them, every file of the folder is used")
     return base, tuple(base.classes), f"imagefolder|{h.hexdigest()}"
+
+
+def _image_problem(path: str) -> str | None:
+    """Why a file is not an image PIL can open (its header only), or None."""
+    try:
+        with Image.open(path) as image:
+            image.size
+    except UnidentifiedImageError:
+        return "not an image format PIL can read"
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return f"{type(exc).__name__}: {_first_line(exc).replace(repr(path), '').replace(path, '')}".rstrip(": ")
+    return None
+
+
+def _load_image(path: str) -> Image.Image:
+    """torchvision's default loader (RGB), with a decoding failure as an AtlasError that names the file."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise AtlasError(f"image {path!r} cannot be decoded ({type(exc).__name__}: {_first_line(exc)}); "
+                         f"remove or replace it, every file of the image folder is used") from None
 
 
 def _torchvision_dataset(d: DatasetSection, cfg: AtlasConfig):

@@ -20,6 +20,8 @@ from typing import Any, Iterable
 import duckdb
 import numpy as np
 
+from .errors import AtlasError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS stages (stage VARCHAR PRIMARY KEY, fingerprint VARCHAR, seconds DOUBLE);
@@ -175,9 +177,14 @@ class Store:
         if not read_only:
             self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "atlas.duckdb"
-        self.con = duckdb.connect(str(self.path), read_only=read_only)
-        if not read_only:
-            self.con.execute(SCHEMA)
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+            if not read_only:
+                self.con.execute(SCHEMA)
+        except duckdb.Error as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise AtlasError(f"cannot open the store {self.path} ({first}); make atlas.data_dir writable, "
+                             f"or wait for the other build that holds it open") from None
 
     @property
     def media_dir(self) -> Path:

@@ -30,8 +30,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
-import platform
 import re
 import shutil
 import tempfile
@@ -85,6 +85,7 @@ class SiteSummary:
     path: Path
     rendered: int = 0  # pages rendered this time (the others were unchanged, linked from the previous site)
     size_report: list[str] = field(default_factory=list)  # lines printed at the end of the build
+    sizes: dict[str, int] = field(default_factory=dict, repr=False)  # every file's size
 
 
 # --- page contexts (pure: records in, dicts out) -----------------------------
@@ -547,6 +548,19 @@ class Emitter:
                 self.old = {}
         self.keys: dict[str, str] = {}
         self.pages = self.rendered = 0
+        self._folders: set[Path] = set()
+
+    def _write(self, path: str, data: bytes) -> None:
+        """A plain write: the tree is new and swapped in whole, so each file needs no temp-and-rename of its own."""
+        target = self.out / path
+        if target.parent not in self._folders:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(target.parent)
+        try:
+            with open(target, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(target)) from exc
 
     def _reuse(self, path: str, key: str) -> bool:
         self.keys[path] = key
@@ -556,7 +570,9 @@ class Emitter:
         if not src.is_file():
             return False
         dst = self.out / path
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.parent not in self._folders:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(dst.parent)
         _link_or_copy(src, dst)
         return True
 
@@ -565,12 +581,12 @@ class Emitter:
         key = hashlib.sha1((templates_key() + template + json.dumps(context, sort_keys=True, default=str))
                            .encode()).hexdigest()
         if not self._reuse(path, key):
-            atomic.write_text(self.out / path, render(template, context))
+            self._write(path, render(template, context).encode("utf-8"))
             self.rendered += 1
 
     def data(self, path: str, data: bytes) -> None:
         if not self._reuse(path, hashlib.sha1(data).hexdigest()):
-            atomic.write_bytes(self.out / path, data)
+            self._write(path, data)
 
     def finish(self) -> None:
         data = json.dumps(self.keys, sort_keys=True, indent=0).encode()
@@ -578,7 +594,7 @@ class Emitter:
         if old is not None and old.is_file() and old.read_bytes() == data:
             _link_or_copy(old, self.out / MANIFEST)
         else:
-            atomic.write_bytes(self.out / MANIFEST, data)
+            self._write(MANIFEST, data)
 
 
 def build_site(store: Store, site_dir: Path, site: SiteSection | None = None, progress: bool = True) -> SiteSummary:
@@ -596,7 +612,7 @@ def build_site(store: Store, site_dir: Path, site: SiteSection | None = None, pr
     try:
         previous = site_dir if (site_dir / MARKER).is_file() else None
         summary = _write_tree(store, tmp, site, previous, progress)
-        check_budget(tmp, site)
+        check_budget(tmp, site, summary.sizes)
         _swap_in(tmp, site_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -635,8 +651,7 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
                                                  featured, len(inputs)))
     emit.page(urls.SEARCH, "search.html", pages.search())
     emit.page(urls.NOT_FOUND, "404.html", pages.not_found())
-    unit_pages = 0
-    bar = tqdm(total=len(flat), desc="render", unit="page", disable=not progress, leave=False)
+    unit_jobs = []  # (model, layer, units, layer visuals, neighbours, unit map, predictions) per layer
     for m in models:
         model_layers = layers[m.model]
         units_of = all_units[m.model]
@@ -647,22 +662,13 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
             units = units_of[layer.layer]
             layer_visuals = visuals[m.model][layer.layer]
             unit_map = store.map_points(m.model, layer.layer, "units")
-            near = store.neighbours(m.model, layer.layer)
             neighbours = (model_layers[i - 1] if i > 0 else None,
                           model_layers[i + 1] if i + 1 < len(model_layers) else None)
             emit.page(urls.layer_page(m.model, layer.layer), "layer.html",
                       pages.layer(m, layer, units, neighbours, layer_visuals, unit_map))
-            for u in units:
-                close = [(units[o], sim, layer_visuals.get(o)) for o, sim in near.get(u.unit, [])]
-                vis = layer_visuals.get(u.unit)
-                uid = UnitId(m.model, layer.layer, u.unit)
-                emit.page(urls.unit_page(uid), "unit.html",
-                          pages.unit(m, layer, u, len(units), predictions[m.model], vis, close, unit_map))
-                emit.data(urls.unit_json(uid), json.dumps(pages.unit_export(m, layer, u, vis, close), indent=1,
-                                                          sort_keys=True, allow_nan=False).encode())
-                unit_pages += 1
-                bar.update(1)
-    bar.close()
+            unit_jobs.append((m, layer, units, layer_visuals, store.neighbours(m.model, layer.layer), unit_map,
+                              predictions[m.model]))
+    unit_pages = render_unit_pages(pages, emit, unit_jobs, progress)
     per_input = {m.model: store.input_units(m.model) for m in models}
     emit.page(urls.INPUTS, "inputs.html", pages.inputs_index(inputs, models, predictions))
     for i, e in enumerate(inputs):
@@ -686,11 +692,67 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
         dst.parent.mkdir(parents=True, exist_ok=True)
         _link_or_copy(src, dst)
     emit.finish()
-    files = [p for p in out.rglob("*") if p.is_file()]
-    summary = SiteSummary(emit.pages, unit_pages, len(files), sum(p.stat().st_size for p in files), out,
-                          emit.rendered)
-    summary.size_report = size_report(out, [m.model for m in models], unit_pages)
+    sizes = _sizes(out)
+    summary = SiteSummary(emit.pages, unit_pages, len(sizes), sum(sizes.values()), out, emit.rendered)
+    summary.size_report = size_report(sizes, [m.model for m in models], unit_pages)
+    summary.sizes = sizes
     return summary
+
+
+PARALLEL_FROM = 400  # unit pages from which rendering is split over processes (a pool costs ~0.1 s)
+CHUNKS_PER_WORKER = 4  # slices per process, so one slow slice does not hold up the rest
+_SHARED: dict = {}  # what forked render workers read (set just before the pool forks)
+
+
+def render_unit_pages(pages: Pages, emit: Emitter, jobs: list[tuple], progress: bool) -> int:
+    """Every unit page and JSON export; on several cores, slices of units rendered by forked processes.
+
+    Rendering is pure and each file has its own path, so slices are
+    independent; each worker returns the manifest keys of what it wrote.
+    """
+    slices = [(j, lo, min(lo + 64, len(job[2]))) for j, job in enumerate(jobs) for lo in range(0, len(job[2]), 64)]
+    total = sum(len(job[2]) for job in jobs)
+    workers = min(os.cpu_count() or 1, max(1, len(slices) // CHUNKS_PER_WORKER))
+    bar = tqdm(total=total, desc="render", unit="page", disable=not progress, leave=False)
+    try:
+        if total < PARALLEL_FROM or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+            for piece in slices:
+                bar.update(_render_slice(pages, emit, jobs, *piece))
+            return total
+        _SHARED.update(pages=pages, emit=emit, jobs=jobs)
+        try:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for keys, n_pages, n_rendered, n_units in pool.imap_unordered(_render_slice_in_worker, slices):
+                    emit.keys.update(keys)
+                    emit.pages += n_pages
+                    emit.rendered += n_rendered
+                    bar.update(n_units)
+        finally:
+            _SHARED.clear()
+        return total
+    finally:
+        bar.close()
+
+
+def _render_slice_in_worker(piece: tuple[int, int, int]) -> tuple[dict[str, str], int, int, int]:
+    emit: Emitter = _SHARED["emit"]
+    mine = Emitter.__new__(Emitter)  # the parent's settings and previous manifest, fresh counters
+    mine.__dict__.update(emit.__dict__, keys={}, pages=0, rendered=0, _folders=set())
+    n = _render_slice(_SHARED["pages"], mine, _SHARED["jobs"], *piece)
+    return mine.keys, mine.pages, mine.rendered, n
+
+
+def _render_slice(pages: Pages, emit: Emitter, jobs: list[tuple], job: int, lo: int, hi: int) -> int:
+    m, layer, units, layer_visuals, near, unit_map, predictions = jobs[job]
+    for u in units[lo:hi]:
+        close = [(units[o], sim, layer_visuals.get(o)) for o, sim in near.get(u.unit, [])]
+        vis = layer_visuals.get(u.unit)
+        uid = UnitId(m.model, layer.layer, u.unit)
+        emit.page(urls.unit_page(uid), "unit.html", pages.unit(m, layer, u, len(units), predictions, vis, close,
+                                                               unit_map))
+        emit.data(urls.unit_json(uid), json.dumps(pages.unit_export(m, layer, u, vis, close), sort_keys=True,
+                                                  separators=(",", ":"), allow_nan=False).encode())
+    return hi - lo
 
 
 def sitemap(base_url: str, paths: list[str]) -> str:
@@ -706,12 +768,22 @@ def sitemap(base_url: str, paths: list[str]) -> str:
 
 
 def _sizes(out: Path) -> dict[str, int]:
-    return {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    """Every file of a tree (site-root-relative POSIX path -> bytes), in one os.scandir walk."""
+    sizes: dict[str, int] = {}
+    stack = [("", str(out))]
+    while stack:
+        prefix, folder = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((prefix + entry.name + "/", entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    sizes[prefix + entry.name] = entry.stat(follow_symlinks=False).st_size
+    return dict(sorted(sizes.items()))
 
 
-def size_report(out: Path, models: list[str], unit_pages: int) -> list[str]:
+def size_report(sizes: dict[str, int], models: list[str], unit_pages: int) -> list[str]:
     """Lines for the end of the build: total, per model (pages + feature-vis media), per unit page, the largest files."""
-    sizes = _sizes(out)
     total = sum(sizes.values())
     lines = [f"site size: {mb(total)} in {len(sizes):,} files"]
     for model in models:
@@ -733,9 +805,9 @@ def mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def check_budget(out: Path, site: SiteSection) -> None:
+def check_budget(out: Path, site: SiteSection, sizes: dict[str, int] | None = None) -> None:
     """Fail (before the swap) when the site or one of its files is over the configured budget."""
-    sizes = _sizes(out)
+    sizes = _sizes(out) if sizes is None else sizes
     total = sum(sizes.values())
     if total > site.budget_total_mb * 1e6:
         raise AtlasError(f"the site is {mb(total)}, over site.budget_total_mb = {site.budget_total_mb} MB; "

@@ -68,3 +68,106 @@ def planted_mlp() -> nn.Module:
         fc.weight[3].zero_()
         fc.bias[3] = 10.0
     return nn.Sequential(OrderedDict([("flatten", nn.Flatten()), ("fc", fc), ("relu", nn.ReLU())]))
+
+
+# --- hostile inputs for tests/test_bad_input.py -------------------------------------------------
+
+def empty_dataset() -> Dataset:
+    """A map-style dataset with no examples."""
+    return TinyDataset(n=0)
+
+
+def rgb_dataset() -> Dataset:
+    """40 random 3x8x8 images: the wrong input shape for tiny_mlp (Linear(64, ...))."""
+    ds = TinyDataset()
+    ds.images = ds.images.repeat(1, 3, 1, 1)
+    return ds
+
+
+class Pair(nn.Module):
+    """Returns a tuple (x, -x): not a tensor, so not probeable."""
+
+    def forward(self, x):
+        return x, -x
+
+
+class First(nn.Module):
+    def forward(self, pair):
+        return pair[0]
+
+
+def tuple_model() -> nn.Module:
+    """flatten -> fc -> pair (returns a tuple) -> first -> relu."""
+    torch.manual_seed(5)
+    return nn.Sequential(OrderedDict([
+        ("flatten", nn.Flatten()), ("fc", nn.Linear(64, 3)), ("pair", Pair()), ("first", First()), ("relu", nn.ReLU()),
+    ]))
+
+
+class Raises(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x):
+        raise RuntimeError("boom: this model cannot run")
+
+
+def raising_model() -> nn.Module:
+    """A model whose forward always raises RuntimeError."""
+    torch.manual_seed(6)
+    return Raises()
+
+
+class Poison(nn.Module):
+    """Unit 0: NaN on every other example; unit 1: +Inf everywhere; units 2, 3 untouched."""
+
+    def forward(self, x):
+        x = x.clone()
+        x[::2, 0] = float("nan")
+        x[:, 1] = float("inf")
+        return x
+
+
+def nan_mlp() -> nn.Module:
+    """flatten -> fc(64 -> 4) -> poison -> relu: the relu layer has a NaN unit (0) and an Inf unit (1)."""
+    torch.manual_seed(7)
+    return nn.Sequential(OrderedDict([
+        ("flatten", nn.Flatten()), ("fc", nn.Linear(64, 4)), ("poison", Poison()), ("relu", nn.ReLU()),
+    ]))
+
+
+class SigintOnSecondCall(nn.Module):
+    """Sends SIGINT to its own process on the second forward (as Ctrl-C in the middle of a scan would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 3)
+        self.calls = 0
+
+    def forward(self, x):
+        import os
+        import signal
+
+        self.calls += 1
+        if self.calls == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.fc(x.flatten(1))
+
+
+def sigint_model() -> nn.Module:
+    torch.manual_seed(8)
+    return SigintOnSecondCall()
+
+
+class TrainingMeta:
+    """A custom object some training scripts pickle into their checkpoints (refused by weights_only=True)."""
+
+    def __init__(self, epochs: int = 3):
+        self.epochs = epochs
+
+
+def tiny_rgb_mlp() -> nn.Module:
+    """For 3x8x8 inputs (an image folder's images are RGB)."""
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Flatten(), nn.Linear(192, 5), nn.ReLU(), nn.Linear(5, 2))

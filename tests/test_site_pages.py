@@ -271,3 +271,20 @@ def test_no_base_url_means_relative_permalinks_and_no_sitemap(tmp_path):
     page = read_page(site / urls.unit_page(UnitId("tiny-mlp", "fc1", 0)))
     assert page.find("a", cls="permalink", href="index.html")
     assert "No input pages" in read_page(site / urls.INPUTS).text
+
+
+def test_parallel_render_writes_the_same_site(built, tmp_path, monkeypatch):
+    """Unit pages rendered by forked workers: the same files, bytes and manifest as one process."""
+    cfg, _ = built
+    sequential = {p.relative_to(site_of(built)): p.read_bytes() for p in site_of(built).rglob("*") if p.is_file()}
+    monkeypatch.setattr(website, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(website, "CHUNKS_PER_WORKER", 1)
+    monkeypatch.setattr(website.os, "cpu_count", lambda: 2)
+    with Store(cfg.store_dir, read_only=True) as store:
+        summary = website.build_site(store, tmp_path / "site", cfg.site, progress=False)
+    parallel = {p.relative_to(summary.path): p.read_bytes() for p in summary.path.rglob("*") if p.is_file()}
+    assert parallel.keys() == sequential.keys()
+    manifest = Path(website.MANIFEST)  # keys depend on the templates' hash, which earlier tests patch
+    assert [k for k in parallel if parallel[k] != sequential[k] and k != manifest] == []
+    assert json.loads(parallel[manifest]).keys() == json.loads(sequential[manifest]).keys()
+    assert summary.rendered == summary.pages

@@ -241,3 +241,30 @@ def test_feature_visualizations_on_unit_and_layer_pages(tiny_site):
         vis = store.visuals("tiny-cnn", "conv")
     assert sorted(vis) == [0, 1, 2, 3]
     assert all(v.positive.activation > v.negative.activation for v in vis.values())
+
+
+def test_rel_equals_posixpath_relpath():
+    import posixpath
+
+    pages = ["index.html", "m/index.html", "m/l/index.html", "m/l/3/index.html", "inputs/7/index.html",
+             "search/index.html", "404.html", "m/l/3/data.json"]
+    targets = pages + ["media/examples/3.webp", "static/style.abc.css", "m/l/3/", "m/l2/4/index.html",
+                       "m2/l/3/index.html", "media/fv/m/l/3.positive.webp", "m/", "m"]
+    for page in pages:
+        for target in targets:
+            expected = posixpath.relpath(target, posixpath.dirname(page) or ".")
+            assert urls.rel(page, target) == expected, (page, target)
+
+
+def test_png_overlay_decodes_to_the_same_pixels():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from atlas_builder.charts import png_rgba
+
+    rgba = np.random.default_rng(0).integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    image = Image.open(io.BytesIO(png_rgba(rgba)))
+    assert image.mode == "RGBA" and image.size == (7, 5)
+    np.testing.assert_array_equal(np.asarray(image), rgba)
