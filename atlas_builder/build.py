@@ -219,6 +219,7 @@ def run_featurevis(cfg: AtlasConfig, store: Store | None, model, layers: list[st
     if cluster.writer and store.stage_fingerprint(stage) != fp:
         n_units = {l.layer: l.n_units for l in store.layers(model.name)}
         plan = {name: n_units[name] for name in layers}
+        store.clear_featurevis(model.name)  # the store forgets the old images before they are deleted
         visualize.clear(store.media_dir, model.name)  # before any rank writes the new images
     plan = cluster.broadcast(plan)
     if plan is None:

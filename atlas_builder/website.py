@@ -159,7 +159,7 @@ class Pages:
         facts = []
         if "test_accuracy" in m.info:
             facts.append(("Held-out test accuracy (training record)", fmt_accuracy(m.info["test_accuracy"])))
-        for key in ("epochs", "train_examples", "train_seconds", "seed", "checkpoint"):
+        for key in ("epochs", "train_examples", "seed", "checkpoint"):
             if key in m.info:
                 facts.append((key.replace("_", " ").capitalize(), str(m.info[key])))
         rows = [{"position": l.position, "name": l.layer, "href": urls.rel(page, urls.layer_page(m.model, l.layer)),
@@ -834,7 +834,10 @@ def _check_replaceable(site_dir: Path) -> None:
 
 
 def _swap_in(tmp: Path, site_dir: Path) -> None:
-    """Replace site_dir by tmp with two renames; the old tree is deleted only after."""
+    """Replace site_dir by tmp: one exchange of the two names (Linux), else two renames; the old tree goes after."""
+    if site_dir.exists() and atomic.exchange(tmp, site_dir):  # one atomic step where the OS can (Linux)
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old tree
+        return
     old = site_dir.with_name(f".{site_dir.name}.old")
     if old.exists():
         shutil.rmtree(old)
