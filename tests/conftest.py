@@ -17,6 +17,16 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 
+TINY_MODELS = """
+[[models]]
+name = "tiny-cnn"
+source = "fixtures_models:tiny_cnn"
+[[models]]
+name = "tiny-mlp"
+source = "fixtures_models:tiny_mlp"
+"""  # the two tiny import-path models most test configs end with
+
+
 def write_config(folder: Path, body: str, name: str = "atlas.toml") -> Path:
     """Write a TOML config (dedented) into folder and return its path."""
     path = folder / name
@@ -43,13 +53,7 @@ def tiny_config(tmp_path: Path) -> Path:
         [featurevis]
         steps = 24
         frames = 12
-        [[models]]
-        name = "tiny-cnn"
-        source = "fixtures_models:tiny_cnn"
-        [[models]]
-        name = "tiny-mlp"
-        source = "fixtures_models:tiny_mlp"
-        """)
+        """ + TINY_MODELS)
 
 
 DEMO_SITE_NAME = "atlas"  # the demo site's folder: <tmp>/pub/atlas, so it can be served from a subpath

@@ -54,7 +54,7 @@ from atlas_builder.store import Store
 from atlas_builder.config import load_config
 
 import fixtures_models
-from conftest import REPO, write_config
+from conftest import REPO, TINY_MODELS, write_config
 
 NAME = "tiny"
 DATASET = '[dataset]\nsource = "fixtures_models:tiny_dataset"\n'
@@ -69,13 +69,7 @@ steps = 8
 frames = 4
 [embed]
 enabled = false
-[[models]]
-name = "tiny-cnn"
-source = "fixtures_models:tiny_cnn"
-[[models]]
-name = "tiny-mlp"
-source = "fixtures_models:tiny_mlp"
-"""
+""" + TINY_MODELS
 
 class NotIntact(AssertionError):
     """The previous site or store changed (a separate type, so xfail(raises=NotIntact) masks nothing else)."""

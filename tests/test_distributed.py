@@ -13,7 +13,7 @@ import pytest
 
 from atlas_builder.build import build
 from atlas_builder.config import load_config
-from conftest import REPO, atlas_section, write_config
+from conftest import REPO, TINY_MODELS, atlas_section, write_config
 
 BODY = """
 [site]
@@ -29,13 +29,7 @@ sample_size = 30
 steps = 6
 frames = 3
 batch_size = 3
-[[models]]
-name = "tiny-cnn"
-source = "fixtures_models:tiny_cnn"
-[[models]]
-name = "tiny-mlp"
-source = "fixtures_models:tiny_mlp"
-"""
+""" + TINY_MODELS
 
 TABLES = ("layers", "units", "topk", "predictions", "samples", "sample_examples", "input_units", "featurevis",
           "weights", "examples", "classes", "map_points", "neighbours")

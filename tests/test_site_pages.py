@@ -16,7 +16,7 @@ from atlas_builder.config import SiteSection, load_config
 from atlas_builder.errors import AtlasError
 from atlas_builder.ids import UnitId
 from atlas_builder.store import Store
-from conftest import atlas_section, write_config
+from conftest import TINY_MODELS, atlas_section, write_config
 from sitecheck import broken_links, read_page
 
 BASE = "https://example.org/atlas/"
@@ -37,13 +37,7 @@ steps = 8
 frames = 4
 [embed]
 enabled = true
-[[models]]
-name = "tiny-cnn"
-source = "fixtures_models:tiny_cnn"
-[[models]]
-name = "tiny-mlp"
-source = "fixtures_models:tiny_mlp"
-"""
+""" + TINY_MODELS
 
 
 @pytest.fixture(scope="module")
