@@ -185,6 +185,7 @@ class TopK:
                           None if self.maps is None else self.maps.numpy(), valid.numpy())
 
 
+MEASURE_AT_ONCE = 2**15  # per-row map size from which sampled rows are measured in the hook, not copied
 POSITION_SAMPLE = 256  # examples (a subset of the sample) on which the fraction of active positions is measured
 
 
@@ -363,7 +364,7 @@ class LayerAccumulator:
         self.activity = Activity(n_units, cfg.active_threshold)
         self.classes = ClassMeans(n_classes, n_units)
         self.sample = SampleRows(sample, n_units)
-        self._buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self._buffer: list[tuple] = []  # (values, ids, labels, sampled rows or None, their fraction or None)
 
     def observe(self, output: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
                 sampled: torch.Tensor | None) -> int:
@@ -400,19 +401,25 @@ class LayerAccumulator:
                           candidate_maps)
             self.top.queue(*candidates)
             self.bottom.queue(*candidates)
-        rows = None
+        rows = fraction = None
         if sampled is not None:
             rows = output.index_select(0, sampled)  # a copy: later in-place ops cannot reach it
-        self._buffer.append((values, ids, labels, rows))
-        return values.numel() * 16 + (rows.numel() * rows.element_size() if rows is not None else 0)
+            if rows[0].numel() >= MEASURE_AT_ONCE:  # large maps: measuring now costs less than keeping the copy
+                rows, fraction = None, active_fraction(rows, self.threshold)
+        self._buffer.append((values, ids, labels, rows, fraction))
+        kept = rows if rows is not None else fraction
+        return values.numel() * 16 + (kept.numel() * kept.element_size() if kept is not None else 0)
 
     def flush(self) -> None:
         if not self._buffer:
             return
         values, ids, labels = (torch.cat([b[i] for b in self._buffer]).cpu() for i in range(3))
         rows = [b[3] for b in self._buffer if b[3] is not None]
+        fractions = [b[4] for b in self._buffer if b[4] is not None]
         self._buffer = []
-        fraction = active_fraction(torch.cat(rows).cpu(), self.threshold) if rows else None
+        if rows:
+            fractions.append(active_fraction(torch.cat(rows), self.threshold))
+        fraction = torch.cat(fractions).cpu() if fractions else None
         self.moments.update(values)
         self.activity.update(values, fraction)
         self.classes.update(values, labels)

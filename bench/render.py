@@ -426,8 +426,8 @@ def main() -> None:
               + f"; CPU time of this process {cpu:.2f} s ({100 * cpu / seconds:.0f}% of wall)")
         print(f"pages written: {len(html):,} HTML pages, of which {len(units):,} unit pages; "
               f"{pages_per_s:,.0f} pages/s ({len(units) / seconds:,.0f} unit pages/s, "
-              f"{1e3 * seconds / len(html):.2f} ms a page); per CPU-second of this process {len(html) / cpu:,.0f} "
-              f"pages (the build is one thread: near what an idle machine gives; not the figure)")
+              f"{1e3 * seconds / len(html):.2f} ms a page); the parent process used {cpu:.2f} s of CPU "
+              f"(unit pages are rendered by forked workers, one per core, whose CPU this does not count)")
         print(f"site: {len(files):,} files, {site_bytes / 1e6:.1f} MB; "
               f"HTML {sum(p.stat().st_size for p in html) / 1e6:.1f} MB")
         print(f"unit page (index.html): mean {sizes.mean():,.0f} bytes, median {np.median(sizes):,.0f}, "

@@ -1016,3 +1016,13 @@ def test_scan_in_bfloat16_is_close_to_float32():
     for a, b in zip(exact.layers, half.layers):
         np.testing.assert_allclose(b.stats["mean"], a.stats["mean"], rtol=0.05, atol=0.02)
         np.testing.assert_allclose(b.top.values[:, 0], a.top.values[:, 0], rtol=0.02, atol=0.02)
+
+
+def test_sampled_rows_measured_in_the_hook_or_at_flush_agree(monkeypatch):
+    """Large maps are measured at once (MEASURE_AT_ONCE), small ones copied and measured in bulk: same result."""
+    data = fixtures_models.tiny_dataset()
+    deferred, _ = run_scan(data, sample_size=30)
+    monkeypatch.setattr(scan_mod, "MEASURE_AT_ONCE", 1)
+    at_once, _ = run_scan(data, sample_size=30)
+    scans_equal(at_once, deferred, rtol=1e-6)
+    assert deferred.layers[0].stats["position_activity"].any()
