@@ -15,6 +15,9 @@ from atlas_builder.sources import AtlasDataset, load_dataset, load_model, model_
 import fixtures_models
 from conftest import write_config
 
+# small image folders with the default top_k = 9: the build's top_k warning is expected here
+pytestmark = pytest.mark.filterwarnings("ignore:scan.top_k = 9 is more than")
+
 
 # --- factories referred to as `test_sources:NAME` ---------------------------
 
