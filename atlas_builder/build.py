@@ -24,7 +24,7 @@ from . import distributed, media, visualize
 from .config import AtlasConfig
 from .distributed import Cluster
 from .errors import AtlasError
-from .probe import Probe, resolve_layers
+from .probe import Probe, check_called, resolve_layers
 from .scan import finish_scan, scan_part, shard_range
 from .sources import load_dataset, load_model
 from .store import ModelRecord, Store
@@ -196,10 +196,7 @@ def load_and_check_models(cfg: AtlasConfig, dataset, cluster: Cluster) -> list[t
             with Probe(model.module, layers, cfg.scan.reduce, model_name=section.name) as probe, \
                     torch.inference_mode():
                 model.module(x)
-            missing = [name for name in layers if name not in probe.shapes]
-            if missing:
-                raise AtlasError(f"layer {missing[0]!r} of model {section.name!r} is never called in the model's "
-                                 f"forward pass; probe layers that the forward uses (`atlas layers CONFIG`)")
+            check_called(layers, probe.shapes, section.name)
         loaded.append((section, model, layers))
     return loaded
 

@@ -121,6 +121,14 @@ def resolve_layers(model: nn.Module, requested: tuple[str, ...] | list[str], mod
     return list(dict.fromkeys(requested))
 
 
+def check_called(layers: list[str], seen, model_name: str) -> None:
+    """Fail when a probed layer did not run in the forward pass (`seen`: the layers whose hooks fired)."""
+    missing = [name for name in layers if name not in seen]
+    if missing:
+        raise AtlasError(f"layer {missing[0]!r} of model {model_name!r} is never called in the model's forward "
+                         f"pass; probe layers that the forward uses (`atlas layers CONFIG`)")
+
+
 def unknown_layer(name: str, modules: dict, model_name: str = "model") -> AtlasError:
     return AtlasError(f"model {model_name!r} has no layer {name!r}; valid layer names are: "
                       f"{', '.join(modules)} (run `atlas layers CONFIG` to see their shapes)")

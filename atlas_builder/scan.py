@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from .config import ScanSection
 from .errors import AtlasError
-from .probe import LayerInfo, Probe, active_fraction, reduce_output, unit_count, unit_maps
+from .probe import LayerInfo, Probe, active_fraction, check_called, reduce_output, unit_count, unit_maps
 from .sources import AtlasDataset, LoadedModel
 
 
@@ -762,10 +762,8 @@ def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cf
     if (part.start, part.stop) != (0, len(dataset)):
         raise ValueError(f"finish_scan needs the whole dataset, got examples [{part.start}, {part.stop})")
     net = model.module
-    missing = [name for name in layers if name not in part.accs]
-    if missing and len(dataset):
-        raise AtlasError(f"layer {missing[0]!r} of model {model.name!r} was never called in the forward pass; "
-                         f"probe layers that the model's forward uses")
+    if len(dataset):
+        check_called(layers, part.accs, model.name)
     modules = dict(net.named_modules())
     result_layers = [summarize(LayerInfo(name, type(modules[name]).__name__, part.shapes[name], True),
                                part.accs[name], cfg, dataset.class_names) for name in layers if name in part.accs]

@@ -182,10 +182,9 @@ class Pages:
                                  for i, name in enumerate(self.class_names)]}
 
     def thumb(self, page: str, u: UnitRecord, vis: VisualRecord | None) -> str | None:
-        """A unit's picture: its feature visualization, else its top example."""
-        if vis and vis.positive:
-            return urls.rel(page, urls.media(vis.positive.image))
-        return urls.rel(page, urls.example_image(u.top[0].example)) if u.top else None
+        """A unit's picture, linked from `page`."""
+        path = thumb_path(u, vis)
+        return urls.rel(page, path) if path else None
 
     def layer(self, m: ModelRecord, layer: LayerRecord, units: list[UnitRecord],
               neighbours: tuple[LayerRecord | None, LayerRecord | None], visuals: dict[int, VisualRecord],
@@ -248,12 +247,10 @@ class Pages:
                  ("Examples seen", f"{u.count:,}"), ("NaN/Inf activations", f"{u.nonfinite:,}")]
         permalink = urls.permalink(self.base_url, uid)
         title = f"Unit {u.unit} of {layer.layer} in {m.title}"
-        thumb = (urls.media(vis.positive.image) if vis and vis.positive else
-                 urls.example_image(u.top[0].example) if u.top else None)
         common = self.common(page, [(m.title, urls.model_page(m.model)),
                                     (layer.layer, urls.layer_page(m.model, layer.layer)), (str(u.unit), page)],
                              f"{u.label}; max {fmt(u.max)}, mean {fmt(u.mean)}, active on "
-                             f"{charts.percent(u.frac_active)} of examples.", thumb)
+                             f"{charts.percent(u.frac_active)} of examples.", thumb_path(u, vis))
         common["og"]["title"] = title
         return {**common,
                 "model_title": m.title, "cite": self.citation(uid, title, permalink),
@@ -271,7 +268,6 @@ class Pages:
                 "map_href": urls.rel(page, urls.layer_page(m.model, layer.layer)) + "#unit-map",
                 "prev": sibling(u.unit - 1), "next": sibling(u.unit + 1),
                 "up": urls.rel(page, urls.layer_page(m.model, layer.layer))}
-
 
     def citation(self, uid: UnitId, title: str, permalink: str) -> dict:
         """BibTeX and plain-text citations of a unit, from the site's citation settings."""
@@ -391,6 +387,13 @@ class Pages:
         return {**self.common(page, [("Not found", page)]), "home": link(urls.HOME), "search": link(urls.SEARCH),
                 "nav": [], "breadcrumbs": [], "css": link(self.css), "js": "",
                 "inline_css": (TEMPLATES / "static" / "style.css").read_text(encoding="utf-8")}
+
+
+def thumb_path(u: UnitRecord, vis: VisualRecord | None) -> str | None:
+    """A unit's picture (site-root path): its feature visualization, else its top example."""
+    if vis and vis.positive:
+        return urls.media(vis.positive.image)
+    return urls.example_image(u.top[0].example) if u.top else None
 
 
 def finite(value):
@@ -550,12 +553,17 @@ class Emitter:
         self.pages = self.rendered = 0
         self._folders: set[Path] = set()
 
-    def _write(self, path: str, data: bytes) -> None:
-        """A plain write: the tree is new and swapped in whole, so each file needs no temp-and-rename of its own."""
+    def target(self, path: str) -> Path:
+        """Where `path` goes in the new tree, its folder made (once per folder)."""
         target = self.out / path
         if target.parent not in self._folders:
             target.parent.mkdir(parents=True, exist_ok=True)
             self._folders.add(target.parent)
+        return target
+
+    def _write(self, path: str, data: bytes) -> None:
+        """A plain write: the tree is new and swapped in whole, so each file needs no temp-and-rename of its own."""
+        target = self.target(path)
         try:
             with open(target, "wb") as f:
                 f.write(data)
@@ -569,11 +577,7 @@ class Emitter:
         src = self.previous / path
         if not src.is_file():
             return False
-        dst = self.out / path
-        if dst.parent not in self._folders:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            self._folders.add(dst.parent)
-        _link_or_copy(src, dst)
+        _link_or_copy(src, self.target(path))
         return True
 
     def page(self, path: str, template: str, context: dict) -> None:
@@ -688,9 +692,7 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
         src = store.media_dir / path
         if not src.is_file():
             raise AtlasError(f"the store lacks the media file {path} ({src}); rebuild with `atlas build`")
-        dst = out / urls.media(path)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        _link_or_copy(src, dst)
+        _link_or_copy(src, emit.target(urls.media(path)))
     emit.finish()
     sizes = _sizes(out)
     summary = SiteSummary(emit.pages, unit_pages, len(sizes), sum(sizes.values()), out, emit.rendered)
