@@ -766,12 +766,20 @@ def run_scan(data, **scan):
     return scan_model(loaded, dataset, LAYERS, cfg, CPU, seed=0, progress=False), loaded.module
 
 
-def brute_outputs(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def brute_outputs(model: nn.Module, x: torch.Tensor, batch: int = 7) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every layer's output on all of x, computed over the scan's batches (run_scan's batch_size).
+
+    The same batches: a conv or matmul over 40 rows may round differently from
+    one over 7 (the CPU kernel's blocking), and the moments are compared to 1e-12.
+    """
+    parts = []
     with torch.inference_mode():
-        conv = model.conv(x)
-        relu = model.relu(conv)
-        logits = model(x)
-        fc = model.fc(model.flatten(model.pool(relu)))
+        for chunk in x.split(batch):
+            conv = model.conv(chunk)
+            relu = model.relu(conv)
+            fc = model.fc(model.flatten(model.pool(relu)))
+            parts.append((conv, relu, fc, model(chunk)))
+    conv, relu, fc, logits = (torch.cat(p) for p in zip(*parts))
     return {"conv": conv, "relu": relu, "fc": fc}, logits
 
 
@@ -878,7 +886,7 @@ def test_scan_model_buffer_flushes_when_full(update_sizes):
     big, _ = run_scan(data, batch_size=400, buffer_mb=1000, top_k=3, sample_size=100)
     assert len(update_sizes) <= 2 * len(LAYERS)
     scans_equal(small, big)
-    outputs, _ = brute_outputs(model, data.images)
+    outputs, _ = brute_outputs(model, data.images, batch=400)
     for layer in small.layers:
         v, p, maps = brute_layer(outputs[layer.info.name])
         check_topk(layer.top, v, p, maps, 3, True, rtol=1e-6)
