@@ -21,8 +21,17 @@ dataset's size, so shards from several processes can be combined:
   redundancy flag are computed from it, and the embedding stage uses it.
 
 Activations are buffered between batches (at most `scan.buffer_mb`) so the
-accumulators run on large chunks; that keeps the scan close to the speed of a
-bare forward pass while memory stays flat.
+accumulators run on large chunks, unit-major (each unit's values contiguous);
+that keeps the scan close to the speed of a bare forward pass while memory
+stays flat. The top-k maps come one of two ways (`defer_maps` chooses, from
+shapes alone): copied in the hook for the candidates that beat a unit's
+current k-th value, or — when the dataset is much larger than the number of
+top-/bottom-k slots, where that per-batch test would cost as much as a small
+model's forward — from a second pass over just the examples that ended in
+some top- or bottom-k, the scan itself keeping only the values.
+
+A module the forward calls several times (a shared ReLU) counts its last
+call once per example, as the Probe's own values do.
 
 `summarize` turns the accumulators into what a unit page shows: histogram,
 class-selectivity index, health flags (dead, saturated, redundant,
@@ -75,7 +84,9 @@ class TopK:
         self.keys = torch.full((n_units, k), -torch.inf)  # sign * value; -inf = empty slot
         self.ids = torch.full((n_units, k), -1, dtype=torch.long)
         self.positions = torch.full((n_units, k), -1, dtype=torch.long)
-        self.maps: torch.Tensor | None = None  # [U, k, M] float32
+        self.maps: torch.Tensor | None = None  # [U, k, M] float32, in slot order: rank r's map is slot slots[u, r]
+        self.slots = torch.arange(k).repeat(n_units, 1)  # an entry keeps its slot while it stays: a fold copies
+        # only the maps of new entries, not the whole state (large conv maps made every fold a big copy)
         self.threshold = torch.full((n_units,), -torch.inf)  # a key must exceed this to enter
         self.bound = self.threshold * self.sign
         self._device_bound: torch.Tensor | None = None  # `bound` on the device of the activations
@@ -122,24 +133,33 @@ class TopK:
         self.offer(values, ids, positions, maps)
         self.fold()
 
-    def _state_entries(self) -> tuple:
-        """The kept entries as candidates: units, ids, values, positions, maps."""
+    def ranked_maps(self) -> torch.Tensor | None:
+        """[U, k, M] maps in rank order (zeros where there is no entry), or None without maps."""
+        if self.maps is None:
+            return None
+        ranked = torch.gather(self.maps, 1, self.slots[:, :, None].expand(-1, -1, self.maps.shape[2]))
+        return ranked.masked_fill_(~(self.keys > -torch.inf)[:, :, None], 0.0)
+
+    def _state_entries(self, with_maps: bool = True) -> tuple:
+        """The kept entries as candidates: units, ids, values, positions, maps (None without)."""
         filled = self.keys > -torch.inf
         units = torch.arange(self.n_units).view(-1, 1).expand_as(self.keys)[filled]
-        maps = self.maps[filled] if self.maps is not None else None
+        maps = self.ranked_maps()[filled] if with_maps and self.maps is not None else None
         return units, self.ids[filled], self.keys[filled] * self.sign, self.positions[filled], maps
 
     def fold(self) -> None:
         """Merge pending candidates into the state: per unit the k best keys, ties to the lower id."""
         if not self._pending:
             return
-        entries = [self._state_entries()] + self._pending
+        filled = self.keys > -torch.inf
+        state_slots = self.slots[filled]
+        pending = self._pending
+        entries = [self._state_entries(with_maps=False)] + pending
+        n_state = len(entries[0][0])
         self._pending, self._pending_rows = [], 0
         units, ids, values = (torch.cat([e[i] for e in entries]) for i in range(3))
         positions = torch.cat([e[3] if e[3] is not None else torch.full((len(e[0]),), -2, dtype=torch.long)
                                for e in entries])  # -2: take the argmax of the map once chosen
-        with_maps = [e[4] for e in entries if e[4] is not None]
-        maps = torch.cat(with_maps) if with_maps else None
         keys = values.float() * self.sign
         keys = torch.where(torch.isfinite(keys), keys, -torch.inf)
         order = torch.argsort(ids, stable=True)
@@ -156,15 +176,87 @@ class TopK:
         self.positions = torch.full((self.n_units, self.k), -1, dtype=torch.long)
         self.keys[unit, rank], self.ids[unit, rank], self.positions[unit, rank] = \
             keys[chosen], ids[chosen], positions[chosen]
-        if maps is not None:
-            self.maps = torch.zeros(self.n_units, self.k, maps.shape[1])
-            self.maps[unit, rank] = maps[chosen]
-            derive = self.positions == -2
-            self.positions[derive] = self.maps[derive].argmax(1)
+        widths = [e[4].shape[1] for e in pending if e[4] is not None]
+        if widths or self.maps is not None:
+            self._fold_maps(pending, widths[0] if widths else self.maps.shape[2], n_state, state_slots, chosen,
+                            unit, rank)
         self.positions[self.positions == -2] = -1
         self.threshold = self.keys[:, -1].clone()
         self.bound = self.threshold * self.sign  # the same in value space: beat it (> for top, < for bottom)
         self._device_bound = None
+
+    def _fold_maps(self, pending: list[tuple], width: int, n_state: int, state_slots: torch.Tensor,
+                   chosen: torch.Tensor, unit: torch.Tensor, rank: torch.Tensor) -> None:
+        """After a fold's ranking: kept entries keep their slots, new ones take freed slots and bring their maps."""
+        if self.maps is None:
+            self.maps = torch.zeros(self.n_units, self.k, width)
+        from_state = chosen < n_state
+        slots = torch.zeros_like(chosen)
+        slots[from_state] = state_slots[chosen[from_state]]
+        new = (~from_state).nonzero().view(-1)
+        if len(new):
+            used = torch.zeros(self.n_units, self.k, dtype=torch.uint8)
+            used[unit[from_state], slots[from_state]] = 1
+            free = torch.argsort(used, dim=1, stable=True)  # each unit's free slots first
+            new_units = unit[new]
+            counts = torch.bincount(new_units, minlength=self.n_units)
+            nth = torch.arange(len(new)) - (torch.cumsum(counts, 0) - counts)[new_units]
+            slots[new] = free[new_units, nth]
+            parts = [e[4] if e[4] is not None else torch.zeros(len(e[0]), width) for e in pending]
+            maps = parts[0] if len(parts) == 1 else torch.cat(parts)
+            new_maps = maps[chosen[new] - n_state]
+            self.maps[new_units, slots[new]] = new_maps
+            derive = self.positions[new_units, rank[new]] == -2
+            self.positions[new_units[derive], rank[new][derive]] = new_maps[derive].argmax(1)
+        self.slots = torch.arange(self.k).repeat(self.n_units, 1)
+        self.slots[unit, rank] = slots
+
+    def offer_chunk(self, values: "torch.Tensor | Chunk", ids: torch.Tensor) -> None:
+        """Offer a whole chunk at once: values [R, U] (fastest as the transpose of a unit-major [U, R]), ids [R] ascending.
+
+        One `torch.topk` per chunk along each unit's contiguous row instead of
+        a test per batch; no maps (`fill_maps` adds them from a second pass).
+        The one subtlety is a tie at the k-th value: which of the equal values
+        enter depends on their ids, so for those units the k lowest-id equal
+        entries are offered instead of topk's arbitrary ones.
+        """
+        chunk = as_chunk(values)
+        vt = chunk.vt
+        n_rows = vt.shape[1]
+        if n_rows == 0:
+            return
+        worst = -torch.inf * self.sign
+        if not chunk.finite:  # NaN and +-Inf never enter (fold drops them anyway)
+            vt = torch.where(torch.isfinite(vt), vt, worst)
+        k = min(self.k, n_rows)
+        best, index = torch.topk(vt, min(k + 1, n_rows), dim=1, largest=self.sign > 0, sorted=True)
+        keep = torch.ones(vt.shape[0], k, dtype=torch.bool, device=vt.device)
+        extra_units = extra_index = None
+        if best.shape[1] > k:
+            tied = (best[:, k - 1] == best[:, k]) & (best[:, k - 1] != worst)
+            if bool(tied.any()):
+                units = tied.nonzero().view(-1)
+                tau = best[units, k - 1]
+                keep[units] = best[units, :k] != tau[:, None]  # strictly better: in for certain
+                extra_units, extra_index = first_equal(vt, units, tau, k)
+        units = torch.arange(vt.shape[0], device=vt.device).view(-1, 1).expand(-1, k)[keep]
+        rows = index[:, :k][keep]
+        if extra_units is not None:
+            units, rows = torch.cat([units, extra_units]), torch.cat([rows, extra_index])
+        self.queue(units, ids.index_select(0, rows), vt[units, rows], None)
+
+    def kept(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unit, rank) of every kept entry, unit-major."""
+        self.fold()
+        return (self.keys > -torch.inf).nonzero(as_tuple=True)
+
+    def set_maps(self, unit: torch.Tensor, rank: torch.Tensor, maps: torch.Tensor) -> None:
+        """Give kept entries (unit, rank) their maps [N, M] (from a second pass) and, from them, their positions."""
+        if self.maps is None:
+            self.maps = torch.zeros(self.n_units, self.k, maps.shape[1])
+        if len(unit):
+            self.maps[unit, self.slots[unit, rank]] = maps.float()
+            self.positions[unit, rank] = maps.float().argmax(1)
 
     def might_take(self, values: torch.Tensor) -> torch.Tensor:
         """[B, U] mask of activations that beat the current k-th (cheap pre-check before `offer`)."""
@@ -181,12 +273,44 @@ class TopK:
         self.fold()
         valid = self.keys > -torch.inf
         values = torch.where(valid, self.keys * self.sign, torch.nan)
+        maps = self.ranked_maps()
         return TopKResult(values.numpy(), self.ids.numpy(), self.positions.numpy(),
-                          None if self.maps is None else self.maps.numpy(), valid.numpy())
+                          None if maps is None else maps.numpy(), valid.numpy())
 
 
+RESOLVE_EVERY = 2  # candidates are resolved once a layer holds this many times U * k of them
 MEASURE_AT_ONCE = 2**15  # per-row map size from which sampled rows are measured in the hook, not copied
 POSITION_SAMPLE = 256  # examples (a subset of the sample) on which the fraction of active positions is measured
+
+
+def first_equal(vt: torch.Tensor, units: torch.Tensor, tau: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit, row) of the first k rows of each of `units` (rows of vt [U, R]) whose value equals its tau.
+
+    Ties are usually plentiful (a ReLU's zeros), so a prefix of the rows is
+    searched first; units with fewer than k there search the whole row.
+    """
+    prefix = min(vt.shape[1], 64 * k)
+    equal = vt[units, :prefix] == tau[:, None]
+    enough = equal.sum(1) >= k
+    found = [first_k(units[enough], equal[enough], k)]
+    if not bool(enough.all()):
+        rest = units[~enough]
+        found.append(first_k(rest, vt.index_select(0, rest) == tau[~enough, None], k))
+    return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
+
+
+def first_k(units: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit, column) of the first k True columns of each row of mask [T, C] (row i belongs to units[i])."""
+    row, col = mask.nonzero(as_tuple=True)  # row-major: each row's columns ascending
+    counts = torch.bincount(row, minlength=mask.shape[0])
+    rank = torch.arange(len(row), device=mask.device) - (torch.cumsum(counts, 0) - counts)[row]
+    first = rank < k
+    return units[row[first]], col[first]
+
+
+def all_finite(lo: torch.Tensor, hi: torch.Tensor) -> bool:
+    """Whether every value was finite, from its per-unit amin and amax (which NaN and +-Inf reach)."""
+    return bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())
 
 
 def exact_order(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -196,6 +320,41 @@ def exact_order(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     bits = k.view(torch.int32).long()
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # IEEE order as signed integers
     return ordered * 2**32 + (2**32 - 1 - ids.long()).view(-1, 1)
+
+
+class Chunk:
+    """A chunk of reduced activations [R, U] and what several accumulators compute from it once.
+
+    Kept unit-major (`vt` [U, R]): every per-unit reduction then runs over
+    contiguous memory, several times faster than over the columns of [R, U].
+    `finite`: whether every value is finite (from amin/amax, which NaN and
+    +-Inf reach); `centered()`: the values minus each unit's first value, in
+    float64 — a shift close to the data, so sums of squares lose nothing to
+    cancellation even for a large offset with a small spread.
+    """
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values
+        self.vt = values.T
+        self.n = values.shape[0]
+        self.lo, self.hi = self.vt.amin(1), self.vt.amax(1)
+        self.finite = all_finite(self.lo, self.hi)
+        self._centered: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def centered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c [U, R] float64, shift [U] float64) with c = values - shift; only for finite chunks."""
+        if self._centered is None:
+            shift = self.vt[:, 0].double()
+            self._centered = (torch.sub(self.vt, shift[:, None]), shift)
+        return self._centered
+
+
+def as_chunk(values) -> Chunk:
+    return values if isinstance(values, Chunk) else Chunk(values)
 
 
 class Moments:
@@ -209,26 +368,30 @@ class Moments:
         self.max = torch.full((n_units,), -torch.inf, dtype=torch.float64)
         self.nonfinite = torch.zeros(n_units, dtype=torch.float64)
 
-    def update(self, values: torch.Tensor) -> None:
+    def update(self, values: "torch.Tensor | Chunk") -> None:
+        """values: [R, U] (fastest as the transpose of a unit-major [U, R]), or a Chunk of them."""
+        chunk = as_chunk(values)
         other = Moments.__new__(Moments)
-        if bool(torch.isfinite(values).all()):  # the usual case: fewer passes, float64 sums
-            n = values.shape[0]
-            other.count = torch.full((values.shape[1],), float(n), dtype=torch.float64)
-            v = values.double()  # float64 throughout: a large offset with a small spread stays exact
-            other.mean = v.sum(0) / max(n, 1)
-            other.m2 = (v - other.mean).square().sum(0)
-            other.min, other.max = values.amin(0).double(), values.amax(0).double()
-            other.nonfinite = torch.zeros(values.shape[1], dtype=torch.float64)
+        n_units = chunk.vt.shape[0]
+        if chunk.finite:  # the usual case: sums of the centered float64 values, few passes
+            n = chunk.n
+            other.count = torch.full((n_units,), float(n), dtype=torch.float64)
+            c, shift = chunk.centered()
+            total = c.sum(1)
+            other.mean = shift + total / max(n, 1)
+            other.m2 = (torch.linalg.vector_norm(c, dim=1).square() - total.square() / max(n, 1)).clamp(min=0)
+            other.min, other.max = chunk.lo.double(), chunk.hi.double()
+            other.nonfinite = torch.zeros(n_units, dtype=torch.float64)
         else:
-            v = values.double()
+            v = chunk.vt.double()
             finite = torch.isfinite(v)
-            n = finite.sum(0, dtype=torch.float64)
+            n = finite.sum(1, dtype=torch.float64)
             other.count = n
-            other.mean = torch.where(finite, v, 0.0).sum(0) / n.clamp(min=1)
-            other.m2 = torch.where(finite, v - other.mean, 0.0).square().sum(0)
-            other.min = torch.where(finite, v, torch.inf).amin(0)
-            other.max = torch.where(finite, v, -torch.inf).amax(0)
-            other.nonfinite = (~finite).sum(0, dtype=torch.float64)
+            other.mean = torch.where(finite, v, 0.0).sum(1) / n.clamp(min=1)
+            other.m2 = torch.where(finite, v - other.mean[:, None], 0.0).square().sum(1)
+            other.min = torch.where(finite, v, torch.inf).amin(1)
+            other.max = torch.where(finite, v, -torch.inf).amax(1)
+            other.nonfinite = (~finite).sum(1, dtype=torch.float64)
         self.merge(other)
 
     def merge(self, other: "Moments") -> None:
@@ -265,13 +428,22 @@ class Activity:
         self.examples_active = torch.zeros(n_units, dtype=torch.float64)
         self.position_sum = torch.zeros(n_units, dtype=torch.float64)
 
-    def update(self, values: torch.Tensor, position_fraction: torch.Tensor | None = None) -> None:
-        """values: [R, U] reduced activations; position_fraction: [R', U] from probe.active_fraction."""
-        self.n += values.shape[0]
-        self.examples_active += (values > self.threshold).sum(0, dtype=torch.float64)
+    def update(self, values: "torch.Tensor | Chunk", position_fraction: torch.Tensor | None = None) -> None:
+        """values: [R, U] reduced activations (or a Chunk); position_fraction: [R', U] from probe.active_fraction."""
+        chunk = as_chunk(values)
+        self.n += chunk.n
+        vt = chunk.vt
+        if chunk.finite:  # 0/1 floats: faster than comparing and counting bools
+            self.examples_active += (vt - self.threshold).clamp_(min=0).sign_().sum(1).double()
+        else:  # NaN is not active
+            self.examples_active += (vt > self.threshold).sum(1, dtype=torch.float64)
         if position_fraction is not None:
-            self.position_n += position_fraction.shape[0]
-            self.position_sum += position_fraction.sum(0, dtype=torch.float64)
+            self.add_positions(position_fraction)
+
+    def add_positions(self, position_fraction: torch.Tensor) -> None:
+        """position_fraction: [R', U] from probe.active_fraction, for some examples (the activity rows)."""
+        self.position_n += position_fraction.shape[0]
+        self.position_sum += position_fraction.sum(0, dtype=torch.float64)
 
     def merge(self, other: "Activity") -> None:
         self.n += other.n
@@ -291,17 +463,27 @@ class ClassMeans:
         self.sums = torch.zeros(n_classes, n_units, dtype=torch.float64)
         self.counts = torch.zeros(n_classes, n_units, dtype=torch.float64)
 
-    def update(self, values: torch.Tensor, labels: torch.Tensor) -> None:
-        keep = (labels >= 0) & (labels < self.sums.shape[0])
-        v, labels = values[keep], labels[keep]
-        finite = torch.isfinite(v)
-        if bool(finite.all()):  # one-hot matmul: per-class sums of a chunk in one BLAS call
-            onehot = torch.zeros(self.sums.shape[0], len(labels), dtype=torch.float64)
+    def update(self, values: "torch.Tensor | Chunk", labels: torch.Tensor) -> None:
+        """values: [R, U] (or a Chunk of them); labels: [R], -1 for unknown."""
+        chunk = as_chunk(values)
+        n_classes = self.sums.shape[0]
+        if not len(labels):
+            return
+        if int(labels.min()) < 0 or int(labels.max()) >= n_classes:  # some examples count in no class
+            keep = (labels >= 0) & (labels < n_classes)
+            if not bool(keep.any()):
+                return
+            chunk, labels = Chunk(chunk.values[keep]), labels[keep]
+        if chunk.finite:  # one-hot matmul: per-class sums of the centered values in one BLAS call
+            c, shift = chunk.centered()
+            onehot = torch.zeros(n_classes, len(labels), dtype=torch.float64)
             onehot[labels, torch.arange(len(labels))] = 1.0
-            self.sums += onehot @ v.double()
-            self.counts += torch.bincount(labels, minlength=self.sums.shape[0]).double().view(-1, 1)
+            counts = torch.bincount(labels, minlength=n_classes).double().view(-1, 1)
+            self.sums += onehot @ c.T + counts * shift
+            self.counts += counts
         else:
-            v = v.double()
+            v = chunk.values.double()
+            finite = torch.isfinite(v)
             self.sums.index_add_(0, labels, torch.where(finite, v, 0.0))
             self.counts.index_add_(0, labels, finite.double())
 
@@ -332,6 +514,13 @@ class SampleRows:
     def update(self, values: torch.Tensor, ids: torch.Tensor) -> None:
         if not len(self.ids):
             return
+        if len(ids) and int(ids[-1]) - int(ids[0]) == len(ids) - 1:  # consecutive ids (the scan's chunks)
+            lo, hi = torch.searchsorted(self.ids, torch.stack([ids[0], ids[-1] + 1]).cpu()).tolist()
+            slot = torch.arange(lo, hi)
+            rows = (self.ids[lo:hi] - ids[0]).to(values.device)
+            self.matrix[slot] = values.index_select(0, rows).to(torch.float16).cpu()
+            self.filled[slot] = True
+            return
         slot = torch.searchsorted(self.ids, ids).clamp(max=len(self.ids) - 1)
         hit = self.ids[slot] == ids
         self.matrix[slot[hit]] = values[hit].to(torch.float16)
@@ -350,14 +539,22 @@ class LayerAccumulator:
 
     Per batch, only what needs the full output is done at once, in the hook
     (before any later in-place op can change the output): the reduction to
-    one value per unit, the top-/bottom-k offers (which copy the maps of just
-    the candidates that beat a unit's current k-th value) and the position
-    activity of sampled rows. The [B, U] values wait in a buffer and feed the
-    other accumulators in chunks at `flush`.
+    one value per unit and, unless `deferred`, the top-/bottom-k candidate
+    test (which copies the maps of just the candidates that beat a unit's
+    current k-th value) and the position activity of sampled rows. The
+    [B, U] values wait in a buffer and feed the other accumulators in chunks
+    at `flush`. `deferred`: the top-/bottom-k are taken in bulk at flush and
+    the maps and position activity come from a second pass (`plan_maps`,
+    `fill`, `finish_maps`).
     """
 
-    def __init__(self, n_units: int, cfg: ScanSection, n_classes: int, sample: np.ndarray):
+    def __init__(self, n_units: int, cfg: ScanSection, n_classes: int, sample: np.ndarray, deferred: bool = False,
+                 activity_ids: np.ndarray | None = None):
         self.reduce, self.threshold = cfg.reduce, cfg.active_threshold
+        self.deferred = deferred  # top-/bottom-k in bulk at flush, maps from a second pass (`fill`)
+        # deferred: the examples whose position activity counts (flat layers: from the values at flush)
+        self.activity_ids = None if activity_ids is None else torch.as_tensor(np.asarray(activity_ids, np.int64))
+        self.flat: bool | None = None  # whether the output has no positions (known at the first observe)
         self.top = TopK(n_units, cfg.top_k, largest=True)
         self.bottom = TopK(n_units, cfg.top_k, largest=False)
         self.moments = Moments(n_units)
@@ -365,16 +562,20 @@ class LayerAccumulator:
         self.classes = ClassMeans(n_classes, n_units)
         self.sample = SampleRows(sample, n_units)
         self._buffer: list[tuple] = []  # (values, ids, labels, sampled rows or None, their fraction or None)
+        self._candidates: list[tuple] = []  # per batch with candidates: (values, ids, flat [B*U] indices, their maps)
+        self._candidate_rows = 0
 
     def observe(self, output: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
                 sampled: torch.Tensor | None) -> int:
         """output: the live layer output [B, ...]; sampled: rows of the batch whose active positions count.
 
         Returns the bytes this call added to the buffer. Every op here is paid
-        on every batch, so it is kept to a handful: the reduction, one
-        candidate test for top- and bottom-k together, one gather of the
-        candidates (queued on both: each fold ranks them), and a copy of the
-        sampled rows (their active fraction is measured at `flush`).
+        on every batch of every layer, so only what needs the live output is
+        done: the reduction, one candidate test for top- and bottom-k together,
+        a copy of the candidates' maps (the only part of the output a later
+        in-place op could spoil) and of the sampled rows. Which unit, example
+        and value each candidate is, is worked out later for many batches at
+        once (`_resolve`), from the buffered values.
         """
         maps = unit_maps(output)
         if maps is None:
@@ -383,49 +584,136 @@ class LayerAccumulator:
             values = maps.amax(2) if self.reduce == "max" else maps.mean(2)
         if values.dtype != torch.float32:
             values = values.float()
+        self.flat = maps is None
+        if self.deferred:
+            self._buffer.append((values, ids, labels, None, None))
+            return values.numel() * 16
         n_units = self.top.n_units
-        either = torch.logical_or(self.top.might_take(values), self.bottom.might_take(values))
+        either = self.top.might_take(values)
+        either |= self.bottom.might_take(values)
         flat = either.view(-1).nonzero().view(-1)  # candidates grow rarer as the pass goes on
-        if len(flat) > self.top.k * n_units:  # a flood (first batches): per-TopK pre-selection
+        found = len(flat)
+        if found > self.top.k * n_units:  # a flood (the first batches): each TopK pre-selects the batch's k best
+            self._resolve()
             self.top.offer(values, ids, None, maps)
             self.bottom.offer(values, ids, None, maps)
-        elif len(flat):
-            units = flat % n_units
+        elif found:
             if maps is None:
                 candidate_maps = None
             elif maps.is_contiguous():
-                candidate_maps = maps.flatten(0, 1).index_select(0, flat).float()
+                candidate_maps = maps.flatten(0, 1).index_select(0, flat)
             else:
-                candidate_maps = maps[flat // n_units, units].float()
-            candidates = (units, ids.index_select(0, flat // n_units), values.view(-1).index_select(0, flat),
-                          candidate_maps)
-            self.top.queue(*candidates)
-            self.bottom.queue(*candidates)
+                candidate_maps = maps[flat // n_units, flat % n_units]
+            self._candidates.append((values, ids, flat, candidate_maps))
+            self._candidate_rows += found
+            if self._candidate_rows >= RESOLVE_EVERY * self.top.k * n_units:  # keep the thresholds fresh
+                self._resolve()
         rows = fraction = None
         if sampled is not None:
             rows = output.index_select(0, sampled)  # a copy: later in-place ops cannot reach it
-            if rows[0].numel() >= MEASURE_AT_ONCE:  # large maps: measuring now costs less than keeping the copy
+            if rows.numel() >= MEASURE_AT_ONCE * rows.shape[0]:  # large maps: measuring now costs less than keeping the copy
                 rows, fraction = None, active_fraction(rows, self.threshold)
         self._buffer.append((values, ids, labels, rows, fraction))
         kept = rows if rows is not None else fraction
         return values.numel() * 16 + (kept.numel() * kept.element_size() if kept is not None else 0)
 
+    def _resolve(self) -> None:
+        """Turn the batches' candidate positions into (unit, example id, value, map) and queue them on both TopKs.
+
+        One set of ops for all the batches since the last call (each TopK's
+        fold ranks the candidates, so one set serves the top- and the bottom-k).
+        """
+        if not self._candidates:
+            return
+        values, ids, flats, maps = zip(*self._candidates)
+        self._candidates, self._candidate_rows = [], 0
+        n_units = self.top.n_units
+        if len(flats) == 1:
+            flat, values, ids = flats[0], values[0], ids[0]
+        else:
+            sizes = [v.shape[0] for v in values]
+            starts = torch.tensor(np.cumsum([0] + sizes[:-1]) * n_units, device=flats[0].device)
+            counts = torch.tensor([len(f) for f in flats], device=flats[0].device)
+            flat = torch.cat(flats) + torch.repeat_interleave(starts, counts)
+            values, ids = torch.cat(values), torch.cat(ids)
+        candidate_maps = None if maps[0] is None else (maps[0] if len(maps) == 1 else torch.cat(maps)).float()
+        candidates = (flat % n_units, ids.index_select(0, flat // n_units), values.view(-1).index_select(0, flat),
+                      candidate_maps)
+        self.top.queue(*candidates)
+        self.bottom.queue(*candidates)
+
     def flush(self) -> None:
+        self._resolve()
         if not self._buffer:
             return
-        values, ids, labels = (torch.cat([b[i] for b in self._buffer]).cpu() for i in range(3))
+        # unit-major [U, R] (returned as its [R, U] transpose): the accumulators reduce over contiguous rows
+        values = torch.cat([b[0].T for b in self._buffer], dim=1).cpu().T
+        ids, labels = (torch.cat([b[i] for b in self._buffer]).cpu() for i in (1, 2))
         rows = [b[3] for b in self._buffer if b[3] is not None]
         fractions = [b[4] for b in self._buffer if b[4] is not None]
         self._buffer = []
         if rows:
             fractions.append(active_fraction(torch.cat(rows), self.threshold))
         fraction = torch.cat(fractions).cpu() if fractions else None
-        self.moments.update(values)
-        self.activity.update(values, fraction)
-        self.classes.update(values, labels)
+        chunk = Chunk(values)
+        self.moments.update(chunk)
+        self.activity.update(chunk, fraction)
+        self.classes.update(chunk, labels)
         self.sample.update(values, ids)
+        if self.deferred:
+            self.top.offer_chunk(chunk, ids)
+            self.bottom.offer_chunk(chunk, ids)
+            if self.flat and self.activity_ids is not None:  # a flat unit's one position: its value
+                rows = torch.isin(ids, self.activity_ids).nonzero().view(-1)
+                self.activity.add_positions(active_fraction(values.index_select(0, rows), self.threshold))
         self.top.fold()
         self.bottom.fold()
+
+    def needed(self) -> torch.Tensor:
+        """Example ids a deferred layer's second pass must see: those of its kept top- and bottom-k entries."""
+        self.flush()
+        return torch.cat([self.top.ids[self.top.keys > -torch.inf], self.bottom.ids[self.bottom.keys > -torch.inf]])
+
+    def plan_maps(self, ids: torch.Tensor) -> None:
+        """Before a second pass over examples `ids` (ascending): which pass row each kept entry's map comes from."""
+        entries = []
+        for which, top in enumerate((self.top, self.bottom)):
+            unit, rank = top.kept()
+            rows = torch.searchsorted(ids, top.ids[unit, rank])
+            entries.append((torch.full_like(unit, which), unit, rank, rows))
+        which, unit, rank, rows = (torch.cat(parts) for parts in zip(*entries))
+        order = torch.argsort(rows, stable=True)
+        self._plan = [t[order] for t in (which, unit, rank, rows)]
+        self._plan_rows = self._plan[3].numpy()
+        self._plan_maps: list[torch.Tensor] = []
+
+    def fill(self, output: torch.Tensor, first: int, sampled: torch.Tensor | None) -> None:
+        """Second pass of a deferred layer, on pass rows [first, first + B): keep the maps its entries need.
+
+        sampled: rows of this batch that are activity rows (their active positions are measured).
+        """
+        maps = unit_maps(output)
+        if maps is not None:
+            lo, hi = np.searchsorted(self._plan_rows, [first, first + len(output)])
+            if hi > lo:
+                rows = self._plan[3][lo:hi] - first
+                units = self._plan[1][lo:hi]
+                if maps.device.type != "cpu":
+                    rows, units = rows.to(maps.device), units.to(maps.device)
+                self._plan_maps.append(maps[rows, units].float().cpu())  # a copy: in-place ops cannot reach it
+        if sampled is not None:
+            self.activity.add_positions(active_fraction(output.index_select(0, sampled), self.threshold).cpu())
+
+    def finish_maps(self) -> None:
+        """After the second pass: every kept entry's map and argmax position."""
+        if not self._plan_maps:
+            return
+        which, unit, rank, _ = self._plan
+        maps = torch.cat(self._plan_maps)
+        for i, top in enumerate((self.top, self.bottom)):
+            mine = which == i
+            top.set_maps(unit[mine], rank[mine], maps[mine])
+        self._plan = self._plan_maps = None
 
     def update(self, values, ids, labels, positions=None, maps=None, position_fraction=None) -> None:
         """Feed already-reduced activations directly (tests, shard tools): values [R, U], maps [R, U, M]."""
@@ -524,16 +812,16 @@ def input_activations(net: torch.nn.Module, dataset: AtlasDataset, layers: list[
 
 def histogram(sample: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per unit: `bins` equal bins between the min and max of its finite sampled activations."""
-    v = torch.from_numpy(sample).float()
+    v = torch.from_numpy(sample).T.float()  # unit-major [U, S]: each unit's reductions over contiguous memory
     finite = torch.isfinite(v)
-    lo = torch.where(finite, v, torch.inf).amin(0)
-    hi = torch.where(finite, v, -torch.inf).amax(0)
+    lo = torch.where(finite, v, torch.inf).amin(1)
+    hi = torch.where(finite, v, -torch.inf).amax(1)
     empty = ~torch.isfinite(lo)
     lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
     width = (hi - lo).clamp(min=1e-12)
-    idx = ((v - lo) / width * bins).floor().clamp(0, bins - 1)
+    idx = ((v - lo[:, None]) / width[:, None] * bins).floor().clamp(0, bins - 1)
     idx = torch.where(finite, idx, 0).long()
-    counts = torch.zeros(v.shape[1], bins).scatter_add_(1, idx.T, finite.T.float())
+    counts = torch.zeros(v.shape[0], bins).scatter_add_(1, idx, finite.float())
     return counts.long().numpy(), lo.numpy(), hi.numpy()
 
 
@@ -567,15 +855,15 @@ def redundancy(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Pearson correlation over the sample; units with no variance correlate
     with nothing (partner -1, correlation NaN).
     """
-    v = np.nan_to_num(sample.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    n_units = v.shape[1]
-    if n_units < 2 or v.shape[0] < 2:
+    v = np.nan_to_num(sample.T.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)  # unit-major [U, S]
+    n_units = v.shape[0]
+    if n_units < 2 or v.shape[1] < 2:
         return np.full(n_units, -1), np.full(n_units, np.nan)
-    z = v - v.mean(0)
-    norm = np.sqrt((z * z).sum(0))
+    z = v - v.mean(1, keepdims=True)
+    norm = np.sqrt(np.einsum("us,us->u", z, z))
     ok = norm > 1e-9 * max(1.0, float(np.abs(v).max()))
-    z = np.where(ok, z / np.where(ok, norm, 1), 0.0)
-    corr = z.T @ z
+    z = np.where(ok[:, None], z / np.where(ok, norm, 1)[:, None], 0.0)
+    corr = z @ z.T
     np.fill_diagonal(corr, -np.inf)
     corr[:, ~ok] = -np.inf
     partner = corr.argmax(1)
@@ -704,12 +992,18 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
     loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda")
     accs: dict[str, LayerAccumulator] = {}
-    batch: dict = {}  # what the hooks need to know about the batch in flight
+    batch: dict = {"calls": {}}  # what the hooks need to know about the batch in flight
+    plan = forward_plan(net, torch.as_tensor(dataset.data[start][0])[None], layers, device) if stop > start else None
+    deferred = plan is not None and defer_maps(plan, cfg, len(dataset))
 
     def sink(name: str, output: torch.Tensor) -> None:
+        calls = batch["calls"][name] = batch["calls"].get(name, 0) + 1
+        if calls < plan.calls.get(name, 1):  # a module called several times per forward: its last call counts
+            return
         if name not in accs:
-            accs[name] = LayerAccumulator(unit_count(tuple(output.shape[1:])), cfg, n_classes, sample)
-        batch["bytes"] += accs[name].observe(output, batch["ids"], batch["labels"], batch["sampled"])
+            accs[name] = LayerAccumulator(unit_count(tuple(output.shape[1:])), cfg, n_classes, sample, deferred,
+                                          activity_rows if deferred else None)
+        batch["bytes"] += accs[name].observe(output, batch["ids"], batch["labels"], batch.get("sampled"))
 
     predicted, confidence, label_batches, outputs = [], [], [], []
     seen = start
@@ -733,19 +1027,25 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
             n = x.shape[0]
             labels = torch.as_tensor(y).view(-1).long()
             batch["ids"], batch["labels"] = torch.arange(seen, seen + n, device=device), labels.to(device)
-            lo, hi = np.searchsorted(activity_rows, [seen, seen + n])
-            batch["sampled"] = None if hi == lo else torch.as_tensor(activity_rows[lo:hi] - seen, device=device)
+            if not deferred:  # the rows whose active positions are measured in the hook
+                lo, hi = np.searchsorted(activity_rows, [seen, seen + n])
+                batch["sampled"] = None if hi == lo else torch.as_tensor(activity_rows[lo:hi] - seen, device=device)
+            batch["calls"] = {}
             with autocast:
                 out = net(x.to(device, non_blocking=True))
+            plan.check_calls(batch["calls"], model.name)
             seen += n
             label_batches.append(labels)
             if isinstance(out, torch.Tensor) and out.dim() == 2:
                 outputs.append(out)
                 batch["bytes"] += out.numel() * out.element_size()
             # fold after the first batch (sets the top-k thresholds), then in chunks of bounded memory
-            if seen == start + n or batch["bytes"] >= cfg.buffer_mb * 2**20:
+            if (seen == start + n and not deferred) or batch["bytes"] >= cfg.buffer_mb * 2**20:
                 flush()
         flush()
+    if deferred:
+        maps_pass(net, data, start, accs, plan, activity_rows[(activity_rows >= start) & (activity_rows < stop)], cfg,
+                  device, autocast)
     for acc in accs.values():
         acc.to_cpu()
     labels = torch.cat(label_batches) if label_batches else torch.zeros(0, dtype=torch.long)
@@ -753,6 +1053,102 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
     return ScanPart(start, stop, accs, dict(probe.shapes), labels,
                     torch.cat(predicted) if complete else None, torch.cat(confidence) if complete else None,
                     time.perf_counter() - began)
+
+
+@dataclass
+class ForwardPlan:
+    """What one forward of one example shows about the probed layers: output shapes and calls, in call order."""
+    shapes: dict[str, tuple[int, ...]]
+    calls: dict[str, int]  # hook calls per forward: more than one for a module the forward uses several times
+
+    def check_calls(self, calls: dict[str, int], model: str) -> None:
+        if calls != self.calls:
+            name = next(n for n in self.calls if calls.get(n, 0) != self.calls[n])
+            raise AtlasError(f"layer {name!r} of model {model!r} ran {calls.get(name, 0)} times in one forward pass "
+                             f"but {self.calls[name]} times in another; probe layers that every forward uses alike")
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward once the layers it is run for have reported."""
+
+
+def forward_plan(net: torch.nn.Module, x: torch.Tensor, layers: list[str], device: torch.device) -> ForwardPlan:
+    shapes: dict[str, tuple[int, ...]] = {}
+    calls: dict[str, int] = {}
+
+    def sink(name: str, out: torch.Tensor) -> None:
+        shapes[name] = tuple(out.shape[1:])
+        calls[name] = calls.get(name, 0) + 1
+
+    with Probe(net, layers, sink=sink), torch.inference_mode():
+        net(x.to(device))
+    return ForwardPlan(shapes, calls)
+
+
+DEFER_MAPS = 8  # maps from a second pass when the dataset has this many times more examples than map slots
+
+
+def defer_maps(plan: ForwardPlan, cfg: ScanSection, n_examples: int) -> bool:
+    """Whether the maps of top-/bottom-k examples are cheaper from a second pass than copied during the scan.
+
+    During the scan each batch pays, for every conv/token layer, a candidate
+    test and a copy of the candidates' maps: a few small ops that can cost as
+    much as a small model's whole forward. A second pass over just the
+    examples that end up in some top- or bottom-k (plus the activity rows),
+    stopped after the last conv/token layer, costs at most `2 * top_k *
+    units` examples; when the dataset is more than DEFER_MAPS times larger
+    than that, the scan keeps only the values (top-k in bulk, one
+    `torch.topk` per chunk) and the second pass adds the maps. The choice
+    depends on shapes alone, so it is the same in every run and on every rank.
+    """
+    slots = sum(2 * cfg.top_k * unit_count(shape) for shape in plan.shapes.values() if len(shape) in (2, 3))
+    return slots > 0 and slots * DEFER_MAPS <= n_examples
+
+
+def maps_pass(net: torch.nn.Module, data, start: int, accs: dict[str, LayerAccumulator], plan: ForwardPlan,
+              activity_rows: np.ndarray, cfg: ScanSection, device: torch.device, autocast) -> None:
+    """The second pass of a deferred scan: every conv/token layer's top-/bottom-k maps and activity rows' positions.
+
+    data: the part's examples (index i is example start + i). Each needed
+    example is run once, in ascending order, in batches of scan.batch_size;
+    each forward stops once the last layer with maps has reported.
+    """
+    mapped = {name: acc for name, acc in accs.items() if not acc.flat}
+    if not mapped:
+        return
+    needed = [acc.needed() for acc in mapped.values()] + [torch.as_tensor(activity_rows, dtype=torch.long)]
+    ids = torch.unique(torch.cat(needed))  # sorted
+    for acc in mapped.values():
+        acc.plan_maps(ids)
+    activity = np.isin(ids.numpy(), activity_rows)
+    expected = sum(plan.calls[name] for name in mapped)
+    batch: dict = {}
+
+    def sink(name: str, output: torch.Tensor) -> None:
+        batch["calls"] += 1
+        if name in mapped and batch["calls_of"].setdefault(name, 0) + 1 == plan.calls[name]:
+            mapped[name].fill(output, batch["first"], batch["sampled"])
+        if name in mapped:
+            batch["calls_of"][name] += 1
+        if batch["calls"] == expected:
+            raise _StopForward  # the rest of the model is not needed
+
+    loader = DataLoader(Subset(data, (ids - start).tolist()), batch_size=cfg.batch_size, shuffle=False)
+    done = 0
+    with Probe(net, list(mapped), cfg.reduce, sink=sink), torch.inference_mode():
+        for x, _ in loader:
+            n = x.shape[0]
+            sampled = np.flatnonzero(activity[done:done + n])
+            batch.update(first=done, sampled=torch.as_tensor(sampled, device=device) if len(sampled) else None,
+                         calls=0, calls_of={})
+            try:
+                with autocast:
+                    net(x.to(device, non_blocking=True))
+            except _StopForward:
+                pass
+            done += n
+        for acc in mapped.values():
+            acc.finish_maps()
 
 
 def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg: ScanSection,

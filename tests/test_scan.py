@@ -148,6 +148,23 @@ def topk_pass(values, positions, maps, k, largest, batch, ids=None, with_maps=Tr
                      with_maps)
 
 
+@pytest.fixture(params=["in-hook", "deferred"])
+def maps_mode(request, monkeypatch) -> str:
+    """Both ways the scan gets the top-k maps: copied in the hook, or from a second pass (scan.defer_maps)."""
+    monkeypatch.setattr(scan_mod, "DEFER_MAPS", 10**12 if request.param == "in-hook" else 0)
+    return request.param
+
+
+def chunk_pass(values, k, largest, chunk) -> TopK:
+    """A TopK fed by offer_chunk (the deferred scan's bulk path), `chunk` rows at a time, ids ascending."""
+    acc = TopK(values.shape[1], k, largest)
+    for i in range(0, len(values), chunk):
+        unit_major = torch.from_numpy(np.ascontiguousarray(values[i:i + chunk].T))
+        acc.offer_chunk(unit_major.T, torch.arange(i, min(i + chunk, len(values))))
+    acc.fold()
+    return acc
+
+
 # --- TopK ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("largest", [True, False])
@@ -188,6 +205,33 @@ def test_topk_without_maps_keeps_none():
     values, positions, maps = random_activations(seed=3)
     result = topk_pass(values, positions, maps, 4, True, 9, with_maps=False).finalize()
     check_topk(result, values, positions, None, 4, True)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("kinds", [None, NAN_ONLY, MIXED])
+def test_topk_offer_chunk_matches_brute_force(largest, kinds):
+    """The bulk path: ties at the k-th value (rounded values, planted ties, a ReLU's zeros) go to the lower ids."""
+    values, _, _ = random_activations(n=300, seed=8, decimals=0)
+    values[:, 5] = np.maximum(values[:, 5], 0)  # mostly zeros: the bottom-k is a tie among hundreds
+    values[250:, 4] = -9.0  # the bottom tie of unit 4 again, late in the pass
+    if kinds is not None:
+        values = with_nonfinite(values, kinds=kinds)
+    for chunk in (1, 7, 64, 300):
+        for k in (1, 5):
+            result = chunk_pass(values, k, largest, chunk).finalize()
+            check_topk(result, values, np.full(values.shape, -1), None, k, largest)
+
+
+def test_topk_offer_chunk_ties_beyond_the_searched_prefix():
+    """A tie whose lowest-id entries come after first_equal's prefix of rows is still found."""
+    n, k = 2000, 3
+    values = np.zeros((n, 2), dtype=np.float32)
+    values[:, 0] = np.arange(n)  # no tie at all
+    values[:1500, 1] = 5.0
+    values[1500:, 1] = 1.0  # the bottom-k of unit 1: ids 1500, 1501, 1502, past the prefix
+    result = chunk_pass(values, k, False, n).finalize()
+    check_topk(result, values, np.full(values.shape, -1), None, k, False)
+    np.testing.assert_array_equal(result.ids[1], [1500, 1501, 1502])
 
 
 def test_topk_fewer_examples_than_k_keeps_all():
@@ -815,7 +859,7 @@ def brute_layer(out: torch.Tensor):
 
 
 @pytest.mark.parametrize("sample_size", [10, 2000])
-def test_scan_model_matches_brute_force_on_tiny_cnn(sample_size):
+def test_scan_model_matches_brute_force_on_tiny_cnn(sample_size, maps_mode):
     data = fixtures_models.tiny_dataset()
     result, model = run_scan(data, sample_size=sample_size)
     outputs, logits = brute_outputs(model, data.images)
@@ -869,7 +913,7 @@ def test_scan_model_same_result_for_any_buffer_size(update_sizes):
     scans_equal(flushing, base)  # same forward passes: only the chunking differs
 
 
-def test_scan_model_same_result_for_any_batch_size():
+def test_scan_model_same_result_for_any_batch_size(maps_mode):
     """The model's float rounding may change with the batch size, nothing else may."""
     data = fixtures_models.tiny_dataset()
     base, _ = run_scan(data, batch_size=7)
@@ -915,7 +959,7 @@ class SpoiltCNN(nn.Module):
         return self.spoil(self.conv(x), x)
 
 
-def test_scan_model_nonfinite_activations():
+def test_scan_model_nonfinite_activations(maps_mode):
     data = fixtures_models.TinyDataset(n=11)
     n_bad = int((data.images[:, 0, 0, 0] > 0.5).sum())
     assert 3 < n_bad < 8  # fewer than k=8 finite values in channels 0 (11 - n_bad) and 1 (n_bad)
@@ -938,7 +982,7 @@ def test_scan_model_nonfinite_activations():
     assert result.predicted is None and result.accuracy is None
 
 
-def test_scan_model_unlabelled_examples():
+def test_scan_model_unlabelled_examples(maps_mode):
     """Examples labelled -1 count in no class mean and not in the accuracy."""
     data = fixtures_models.TinyDataset(n=40)
     data.labels = data.labels.clone()
@@ -993,7 +1037,7 @@ def test_scan_model_flat_layer_followed_by_an_inplace_op():
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_scan_parts_merged_in_order_equal_one_pass(world):
+def test_scan_parts_merged_in_order_equal_one_pass(world, maps_mode):
     """What a sharded build does: each rank scans its block of ids, the writer merges the parts in order."""
     import pickle
 
@@ -1034,3 +1078,59 @@ def test_sampled_rows_measured_in_the_hook_or_at_flush_agree(monkeypatch):
     at_once, _ = run_scan(data, sample_size=30)
     scans_equal(at_once, deferred, rtol=1e-6)
     assert deferred.layers[0].stats["position_activity"].any()
+
+
+class SharedReLU(nn.Module):
+    """conv -> act -> conv2 -> act (the same ReLU module twice, as torchvision's BasicBlock) -> fc."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(9)
+        self.conv, self.conv2, self.act = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1), nn.ReLU()
+        self.fc = nn.Linear(3 * 64, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv2(self.act(self.conv(x)))).flatten(1))
+
+
+def test_scan_model_module_called_twice_counts_its_last_call_once(maps_mode):
+    """Regression: the hook fired on both calls of a shared ReLU, so every example was counted twice, and the
+    first call's activations were mixed in. Now the last call alone counts, as for the Probe's own values."""
+    model = SharedReLU().eval()
+    data = fixtures_models.tiny_dataset()
+    dataset = AtlasDataset(data, CLASSES, (), (), "test", "fp")
+    loaded = LoadedModel(ModelSection("shared", "x:y"), model, "fp", {"parameters": 0})
+    result = scan_model(loaded, dataset, ["act", "conv"], ScanSection(top_k=4, batch_size=7), CPU, progress=False)
+    with torch.inference_mode():
+        last = torch.cat([model.act(model.conv2(model.act(model.conv(x)))) for x in data.images.split(7)])
+    act = result.layers[0]
+    v, p, maps = brute_layer(last)
+    assert act.stats["count"].tolist() == [40] * 3
+    check_topk(act.top, v, p, maps, 4, True, rtol=1e-6)
+    check_moments({k: act.stats[k] for k in MOMENT_RTOL} | {"count": act.stats["count"],
+                                                           "nonfinite": act.stats["nonfinite"]}, v)
+
+
+def test_deferred_maps_chosen_by_shapes_and_second_pass_stops_after_the_last_map_layer(monkeypatch):
+    """defer_maps: a second pass when the dataset outnumbers the map slots DEFER_MAPS times; that pass runs
+    each needed example once and stops the forward before layers that need nothing (here the flat fc)."""
+    from atlas_builder.scan import ForwardPlan, defer_maps
+
+    plan = ForwardPlan({"conv": (2, 8, 8), "relu": (2, 8, 8), "fc": (3,)}, {"conv": 1, "relu": 1, "fc": 1})
+    cfg = ScanSection(top_k=4)
+    slots = 2 * 4 * (2 + 2)  # top- and bottom-k of the conv/token layers' units
+    assert defer_maps(plan, cfg, slots * scan_mod.DEFER_MAPS)
+    assert not defer_maps(plan, cfg, slots * scan_mod.DEFER_MAPS - 1)
+    assert not defer_maps(ForwardPlan({"fc": (3,)}, {"fc": 1}), cfg, 10**9)  # no maps: nothing to defer
+    fc_calls, passes = [], []
+    original = scan_mod.maps_pass
+    monkeypatch.setattr(scan_mod, "maps_pass", lambda *a, **k: (passes.append(1), original(*a, **k)))
+    monkeypatch.setattr(scan_mod, "DEFER_MAPS", 0)
+    loaded, dataset = wrap(fixtures_models.tiny_dataset())
+    handle = loaded.module.fc.register_forward_hook(lambda m, i, o: fc_calls.append(len(o)))
+    try:
+        scan_model(loaded, dataset, LAYERS, ScanSection(top_k=4, batch_size=7), CPU, progress=False)
+    finally:
+        handle.remove()
+    assert passes == [1]
+    assert sum(fc_calls) == 1 + 40  # the plan's one example, then the scan's 40; the second pass stopped earlier
