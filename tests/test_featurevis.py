@@ -571,3 +571,75 @@ def test_a_relu_unit_that_is_off_on_the_grey_start_still_gets_going():
     assert (start.activation == 0).all()
     result = fv.render(model, "2", fv.channel([0, 1]), [0, 1], 1, 8, 8, steps=64, transforms=fv.no_transforms(8, 8))
     assert (result.activation > 0).all(), result.activation
+
+
+# --- the fast paths equal the plain ones -----------------------------------------------------
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adam_matches_torch_optim_adam(monkeypatch, fused):
+    """Our Adam (torch's fused kernel, or the five-op fallback) gives torch.optim.Adam's numbers."""
+    if not fused:
+        monkeypatch.setattr(fv, "FUSED_ADAM", None)
+    elif fv.FUSED_ADAM is None:
+        pytest.skip("this torch has no fused Adam kernel")
+    ours = torch.randn(4, 1, 8, 5, 2, generator=gen(1)).requires_grad_(True)
+    theirs = ours.detach().clone().requires_grad_(True)
+    opt, ref = fv.Adam(ours, 0.05), torch.optim.Adam([theirs], lr=0.05)
+    for step in range(40):
+        g = torch.randn(ours.shape, generator=gen(100 + step))
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ours.detach(), torch.randn(4, 1, 8, 5, 2, generator=gen(1)))  # it moved
+
+
+@pytest.mark.parametrize("channels,height,width", [(1, 8, 8), (3, 6, 10), (1, 7, 9)])
+def test_fourier_basis_equals_the_fft(monkeypatch, channels, height, width):
+    """Small images use one matrix for scale, inverse FFT and colour: the same images and gradients."""
+    fast = fv.FourierImage(3, channels, height, width, [1, 2, 3])
+    monkeypatch.setattr(fv, "BASIS_MAX_ENTRIES", 0)
+    slow = fv.FourierImage(3, channels, height, width, [1, 2, 3])
+    assert fast.basis is not None and slow.basis is None
+    weights = torch.randn(3, channels, height, width, generator=gen(2))
+    (fast() * weights).sum().backward()
+    (slow() * weights).sum().backward()
+    torch.testing.assert_close(fast(), slow(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.spectrum.grad, slow.spectrum.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("height,width", [(8, 8), (12, 10)])
+def test_warp_matrices_equal_grid_sample(monkeypatch, height, width):
+    """RandomAffine's per-step matrices warp exactly as its grid_sample does, step after step."""
+    x = torch.rand(2, 3, height, width, generator=gen(5))
+    fast = fv.standard_transforms(height, width)
+    g_fast = gen(9)
+    matrix_outputs = [fast(x, g_fast) for _ in range(fv.POOL_STEPS + 3)]  # past one pool refill
+    matrix, offset, transposed = fast.linear(gen(9), height, width, x.dtype, x.device)  # a new generator: step 0
+    torch.testing.assert_close(transposed, matrix.T)
+    torch.testing.assert_close(x.reshape(-1, height * width) @ matrix + offset,
+                               matrix_outputs[0].reshape(-1, height * width), rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(fv, "WARP_MATRIX_PIXELS", 0)
+    slow = fv.standard_transforms(height, width)
+    g_slow = gen(9)
+    for out in matrix_outputs:
+        torch.testing.assert_close(out, slow(x, g_slow), rtol=1e-5, atol=1e-5)
+    assert slow.linear(gen(9), height, width, x.dtype, x.device) is None
+
+
+def test_fused_steps_equal_autograd_through_the_image_and_warp():
+    """render's fused steps (FusedSteps: gradient of warp, sigmoid and basis written out) give the images
+    that autograd through FourierImage and the transform gives."""
+    model = fixtures_models.tiny_cnn().eval()
+    standard = fv.standard_transforms(8, 8)
+
+    def plain(x, g):  # the same transform, without `linear`: render takes the autograd path
+        return standard(x, g)
+
+    kwargs = dict(steps=24, seed=3, n_frames=4)
+    fused = fv.render(model, "conv", fv.channel(UNITS[:2]), SEEDS[:2], 1, 8, 8,
+                      transforms=fv.standard_transforms(8, 8), **kwargs)
+    slow = fv.render(model, "conv", fv.channel(UNITS[:2]), SEEDS[:2], 1, 8, 8, transforms=plain, **kwargs)
+    torch.testing.assert_close(fused.images, slow.images, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.activation, slow.activation, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(fused.images, torch.full_like(fused.images, 0.5), atol=1e-3)  # it optimized
