@@ -23,9 +23,9 @@ frozen during the run). On small images, where a step's fixed costs rival
 the model's own forward and backward, the image is one matrix away from its
 spectrum (`FourierImage.basis`), each step's warp is one matrix
 (`RandomAffine.linear`), and their gradient is written out (`FusedSteps`):
-the step then costs the model's forward and backward plus a handful of ops. Seeds are explicit: the same call gives the same
-images. No file I/O here: the feature-vis stage (visualize.py) encodes and
-stores what this returns.
+the step then costs the model's forward and backward plus a handful of ops.
+Seeds are explicit: the same call gives the same images. No file I/O here:
+the feature-vis stage (visualize.py) encodes and stores what this returns.
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ def channel(units: Sequence[int] | torch.Tensor) -> Objective:
     and a mean cost four (it matters on small models, see FusedSteps).
     """
     units = torch.as_tensor(units, dtype=torch.long)
-    weights: dict = {}
+    weights: dict = {}  # for the last activation shape seen
 
     def fn(a):
         key = (tuple(a.shape), a.dtype, a.device)
@@ -308,25 +308,15 @@ def channel(units: Sequence[int] | torch.Tensor) -> Objective:
             if a.dim() not in (2, 3, 4):
                 raise AtlasError(f"cannot visualize a layer output of shape {tuple(a.shape)}")
             w = torch.zeros(a.shape, dtype=a.dtype, device=a.device)
-            positions = _unit_values(w, units.to(a.device)).shape[1]
-            w_view = w.view(a.shape[0], -1)
-            _unit_values_assign(w, units.to(a.device), torch.full((a.shape[0], positions), 1.0 / positions,
-                                                                  dtype=a.dtype, device=a.device))
+            rows, picked = torch.arange(a.shape[0], device=a.device), units.to(a.device)
+            if a.dim() == 3:  # [B, T, D]: units index D, positions T
+                w[rows, :, picked] = 1.0 / a.shape[1]
+            else:  # [B, C, H, W] or [B, F]
+                w[rows, picked] = 1.0 / (a.shape[2] * a.shape[3] if a.dim() == 4 else 1)
             weights.clear()
-            weights[key] = w_view
+            weights[key] = w.view(a.shape[0], -1)
         return torch.linalg.vecdot(a.reshape(a.shape[0], -1), weights[key])
     return Objective(fn, "channel")
-
-
-def _unit_values_assign(a: torch.Tensor, units: torch.Tensor, values: torch.Tensor) -> None:
-    """The inverse of _unit_values: a[b, unit units[b], every position] = values[b] ([B, M])."""
-    rows = torch.arange(a.shape[0], device=a.device)
-    if a.dim() == 4:
-        a[rows, units] = values.view(a.shape[0], a.shape[2], a.shape[3])
-    elif a.dim() == 3:
-        a[rows, :, units] = values
-    else:
-        a[rows, units] = values[:, 0]
 
 
 def neuron(units: Sequence[int] | torch.Tensor) -> Objective:

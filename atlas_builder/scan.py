@@ -215,7 +215,7 @@ class TopK:
         """Offer a whole chunk at once: values [R, U] (fastest as the transpose of a unit-major [U, R]), ids [R] ascending.
 
         One `torch.topk` per chunk along each unit's contiguous row instead of
-        a test per batch; no maps (`fill_maps` adds them from a second pass).
+        a test per batch; no maps (`set_maps` adds them from a second pass).
         The one subtlety is a tie at the k-th value: which of the equal values
         enter depends on their ids, so for those units the k lowest-id equal
         entries are offered instead of topk's arbitrary ones.
@@ -1073,16 +1073,11 @@ class _StopForward(Exception):
 
 
 def forward_plan(net: torch.nn.Module, x: torch.Tensor, layers: list[str], device: torch.device) -> ForwardPlan:
-    shapes: dict[str, tuple[int, ...]] = {}
     calls: dict[str, int] = {}
-
-    def sink(name: str, out: torch.Tensor) -> None:
-        shapes[name] = tuple(out.shape[1:])
-        calls[name] = calls.get(name, 0) + 1
-
-    with Probe(net, layers, sink=sink), torch.inference_mode():
+    with Probe(net, layers, sink=lambda name, out: calls.__setitem__(name, calls.get(name, 0) + 1)) as probe, \
+            torch.inference_mode():
         net(x.to(device))
-    return ForwardPlan(shapes, calls)
+    return ForwardPlan(dict(probe.shapes), calls)
 
 
 DEFER_MAPS = 8  # maps from a second pass when the dataset has this many times more examples than map slots
@@ -1124,12 +1119,11 @@ def maps_pass(net: torch.nn.Module, data, start: int, accs: dict[str, LayerAccum
     expected = sum(plan.calls[name] for name in mapped)
     batch: dict = {}
 
-    def sink(name: str, output: torch.Tensor) -> None:
-        batch["calls"] += 1
-        if name in mapped and batch["calls_of"].setdefault(name, 0) + 1 == plan.calls[name]:
+    def sink(name: str, output: torch.Tensor) -> None:  # the Probe reports the mapped layers alone
+        calls = batch["calls_of"][name] = batch["calls_of"].get(name, 0) + 1
+        if calls == plan.calls[name]:  # a module called several times per forward: its last call counts
             mapped[name].fill(output, batch["first"], batch["sampled"])
-        if name in mapped:
-            batch["calls_of"][name] += 1
+        batch["calls"] += 1
         if batch["calls"] == expected:
             raise _StopForward  # the rest of the model is not needed
 
