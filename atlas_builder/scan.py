@@ -28,7 +28,9 @@ shapes alone): copied in the hook for the candidates that beat a unit's
 current k-th value, or — when the dataset is much larger than the number of
 top-/bottom-k slots, where that per-batch test would cost as much as a small
 model's forward — from a second pass over just the examples that ended in
-some top- or bottom-k, the scan itself keeping only the values.
+some top- or bottom-k, the scan itself keeping only the values. In that
+mode a ReLU right after a probed layer in a plain `nn.Sequential` is not
+hooked: its values and maps are derived from that layer (`derived_layers`).
 
 A module the forward calls several times (a shared ReLU) counts its last
 call once per example, as the Probe's own values do.
@@ -549,12 +551,12 @@ class LayerAccumulator:
     """
 
     def __init__(self, n_units: int, cfg: ScanSection, n_classes: int, sample: np.ndarray, deferred: bool = False,
-                 activity_ids: np.ndarray | None = None):
+                 activity_ids: np.ndarray | None = None, flat: bool | None = None):
         self.reduce, self.threshold = cfg.reduce, cfg.active_threshold
         self.deferred = deferred  # top-/bottom-k in bulk at flush, maps from a second pass (`fill`)
         # deferred: the examples whose position activity counts (flat layers: from the values at flush)
         self.activity_ids = None if activity_ids is None else torch.as_tensor(np.asarray(activity_ids, np.int64))
-        self.flat: bool | None = None  # whether the output has no positions (known at the first observe)
+        self.flat = flat  # whether the output has no positions (None: known at the first observe)
         self.top = TopK(n_units, cfg.top_k, largest=True)
         self.bottom = TopK(n_units, cfg.top_k, largest=False)
         self.moments = Moments(n_units)
@@ -642,10 +644,15 @@ class LayerAccumulator:
         self.top.queue(*candidates)
         self.bottom.queue(*candidates)
 
-    def flush(self) -> None:
+    def flush(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Feed the buffered batches to the accumulators; returns that chunk (values [R, U], ids, labels), or None.
+
+        The chunk's values are the transpose of a unit-major [U, R] tensor; a
+        layer derived from this one (`derived_layers`) is fed from it.
+        """
         self._resolve()
         if not self._buffer:
-            return
+            return None
         # unit-major [U, R] (returned as its [R, U] transpose): the accumulators reduce over contiguous rows
         values = torch.cat([b[0].T for b in self._buffer], dim=1).cpu().T
         ids, labels = (torch.cat([b[i] for b in self._buffer]).cpu() for i in (1, 2))
@@ -654,7 +661,12 @@ class LayerAccumulator:
         self._buffer = []
         if rows:
             fractions.append(active_fraction(torch.cat(rows), self.threshold))
-        fraction = torch.cat(fractions).cpu() if fractions else None
+        self.absorb(values, ids, labels, torch.cat(fractions).cpu() if fractions else None)
+        return values, ids, labels
+
+    def absorb(self, values: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
+               fraction: torch.Tensor | None = None) -> None:
+        """One chunk of reduced values [R, U] (ids ascending) into every accumulator; top-k in bulk when deferred."""
         chunk = Chunk(values)
         self.moments.update(chunk)
         self.activity.update(chunk, fraction)
@@ -686,11 +698,14 @@ class LayerAccumulator:
         self._plan = [t[order] for t in (which, unit, rank, rows)]
         self._plan_rows = self._plan[3].numpy()
         self._plan_maps: list[torch.Tensor] = []
+        self._activity_rows: list[torch.Tensor] = []  # copies of the pass's activity rows, measured at the end
 
     def fill(self, output: torch.Tensor, first: int, sampled: torch.Tensor | None) -> None:
         """Second pass of a deferred layer, on pass rows [first, first + B): keep the maps its entries need.
 
-        sampled: rows of this batch that are activity rows (their active positions are measured).
+        sampled: rows of this batch that are activity rows; they are copied
+        and their active positions measured all at once in `finish_maps`
+        (large maps: measured here, as in `observe`).
         """
         maps = unit_maps(output)
         if maps is not None:
@@ -702,10 +717,17 @@ class LayerAccumulator:
                     rows, units = rows.to(maps.device), units.to(maps.device)
                 self._plan_maps.append(maps[rows, units].float().cpu())  # a copy: in-place ops cannot reach it
         if sampled is not None:
-            self.activity.add_positions(active_fraction(output.index_select(0, sampled), self.threshold).cpu())
+            rows = output.index_select(0, sampled)  # a copy
+            if rows.numel() >= MEASURE_AT_ONCE * rows.shape[0]:
+                self.activity.add_positions(active_fraction(rows, self.threshold).cpu())
+            else:
+                self._activity_rows.append(rows)
 
     def finish_maps(self) -> None:
-        """After the second pass: every kept entry's map and argmax position."""
+        """After the second pass: every kept entry's map and argmax position, and the activity rows' positions."""
+        if self._activity_rows:
+            self.activity.add_positions(active_fraction(torch.cat(self._activity_rows), self.threshold).cpu())
+            self._activity_rows = []
         if not self._plan_maps:
             return
         which, unit, rank, _ = self._plan
@@ -995,14 +1017,22 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
     batch: dict = {"calls": {}}  # what the hooks need to know about the batch in flight
     plan = forward_plan(net, torch.as_tensor(dataset.data[start][0])[None], layers, device) if stop > start else None
     deferred = plan is not None and defer_maps(plan, cfg, len(dataset))
+    derived = derived_layers(net, layers, plan, cfg) if deferred else {}  # {relu: the layer it follows}
+    hooked = [name for name in layers if name not in derived]
+
+    def new_accumulator(shape: tuple[int, ...]) -> LayerAccumulator:
+        return LayerAccumulator(unit_count(shape), cfg, n_classes, sample, deferred,
+                                activity_rows if deferred else None, flat=len(shape) == 1)
 
     def sink(name: str, output: torch.Tensor) -> None:
         calls = batch["calls"][name] = batch["calls"].get(name, 0) + 1
         if calls < plan.calls.get(name, 1):  # a module called several times per forward: its last call counts
             return
         if name not in accs:
-            accs[name] = LayerAccumulator(unit_count(tuple(output.shape[1:])), cfg, n_classes, sample, deferred,
-                                          activity_rows if deferred else None)
+            accs[name] = new_accumulator(tuple(output.shape[1:]))
+            for relu, source in derived.items():
+                if source == name:
+                    accs[relu] = new_accumulator(plan.shapes[relu])
         batch["bytes"] += accs[name].observe(output, batch["ids"], batch["labels"], batch.get("sampled"))
 
     predicted, confidence, label_batches, outputs = [], [], [], []
@@ -1010,8 +1040,12 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
     batch["bytes"] = 0
 
     def flush() -> None:
-        for acc in accs.values():
-            acc.flush()
+        for name in hooked:
+            chunk = accs[name].flush() if name in accs else None
+            for relu, source in derived.items():  # ReLU(max over positions) = max over positions of the ReLU
+                if source == name and chunk is not None:
+                    values, ids, labels = chunk
+                    accs[relu].absorb(torch.relu(values), ids, labels)
         if outputs:  # the model's prediction and confidence, a chunk of batches at a time
             conf, pred = torch.cat(outputs).float().softmax(1).max(1)
             predicted.append(pred.cpu())
@@ -1021,7 +1055,7 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
 
     autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg.precision)) if cfg.precision != "float32"
                 else nullcontext())
-    with Probe(net, layers, cfg.reduce, sink=sink, model_name=model.name) as probe, torch.inference_mode(), \
+    with Probe(net, hooked, cfg.reduce, sink=sink, model_name=model.name) as probe, torch.inference_mode(), \
             worker_errors():
         for x, y in tqdm(loader, desc=f"scan {model.name}", unit="batch", disable=not progress, leave=False):
             n = x.shape[0]
@@ -1033,7 +1067,7 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
             batch["calls"] = {}
             with autocast:
                 out = net(x.to(device, non_blocking=True))
-            plan.check_calls(batch["calls"], model.name)
+            plan.check_calls(batch["calls"], model.name, derived)
             seen += n
             label_batches.append(labels)
             if isinstance(out, torch.Tensor) and out.dim() == 2:
@@ -1045,12 +1079,13 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
         flush()
     if deferred:
         maps_pass(net, data, start, accs, plan, activity_rows[(activity_rows >= start) & (activity_rows < stop)], cfg,
-                  device, autocast)
+                  device, autocast, derived)
     for acc in accs.values():
         acc.to_cpu()
     labels = torch.cat(label_batches) if label_batches else torch.zeros(0, dtype=torch.long)
     complete = predicted and sum(len(p) for p in predicted) == stop - start
-    return ScanPart(start, stop, accs, dict(probe.shapes), labels,
+    shapes = {**probe.shapes, **{relu: plan.shapes[relu] for relu in derived if relu in accs}}
+    return ScanPart(start, stop, accs, shapes, labels,
                     torch.cat(predicted) if complete else None, torch.cat(confidence) if complete else None,
                     time.perf_counter() - began)
 
@@ -1061,9 +1096,11 @@ class ForwardPlan:
     shapes: dict[str, tuple[int, ...]]
     calls: dict[str, int]  # hook calls per forward: more than one for a module the forward uses several times
 
-    def check_calls(self, calls: dict[str, int], model: str) -> None:
-        if calls != self.calls:
-            name = next(n for n in self.calls if calls.get(n, 0) != self.calls[n])
+    def check_calls(self, calls: dict[str, int], model: str, skipped=()) -> None:
+        """Fail when a forward's hook calls differ from the plan's (`skipped`: layers not hooked in this pass)."""
+        if len(calls) + len(skipped) != len(self.calls) or any(calls.get(n, 0) != c for n, c in self.calls.items()
+                                                                if n not in skipped):
+            name = next(n for n in self.calls if n not in skipped and calls.get(n, 0) != self.calls[n])
             raise AtlasError(f"layer {name!r} of model {model!r} ran {calls.get(name, 0)} times in one forward pass "
                              f"but {self.calls[name]} times in another; probe layers that every forward uses alike")
 
@@ -1078,6 +1115,32 @@ def forward_plan(net: torch.nn.Module, x: torch.Tensor, layers: list[str], devic
             torch.inference_mode():
         net(x.to(device))
     return ForwardPlan(dict(probe.shapes), calls)
+
+
+def derived_layers(net: torch.nn.Module, layers: list[str], plan: ForwardPlan, cfg: ScanSection) -> dict[str, str]:
+    """Probed ReLUs whose values follow exactly from the probed layer just before them: {relu: that layer}.
+
+    ReLU is monotone, so the max over a unit's positions of ReLU(x) is
+    ReLU(max of x), bit for bit, and its maps are ReLU of the maps: such a
+    layer needs no hook of its own (its hook and spatial max can cost as much
+    as the layer itself on small models). Only where nothing can run
+    between the two: consecutive children of a plain `nn.Sequential` (its own
+    forward), each called once per forward, no other hooks on either, the
+    first one hooked itself, and `scan.reduce = "max"`.
+    """
+    if cfg.reduce != "max" or plan is None:
+        return {}
+    probed, derived = set(layers), {}
+    for parent_name, parent in net.named_modules():
+        if not isinstance(parent, torch.nn.Sequential) or type(parent).forward is not torch.nn.Sequential.forward:
+            continue
+        children = [(f"{parent_name}.{n}" if parent_name else n, m) for n, m in parent.named_children()]
+        for (source, first), (name, relu) in zip(children, children[1:]):
+            if (type(relu) is torch.nn.ReLU and name in probed and source in probed and source not in derived
+                    and plan.calls.get(name) == 1 and plan.calls.get(source) == 1
+                    and not first._forward_hooks and not relu._forward_pre_hooks and not relu._forward_hooks):
+                derived[name] = source
+    return derived
 
 
 DEFER_MAPS = 8  # maps from a second pass when the dataset has this many times more examples than map slots
@@ -1101,13 +1164,16 @@ def defer_maps(plan: ForwardPlan, cfg: ScanSection, n_examples: int) -> bool:
 
 
 def maps_pass(net: torch.nn.Module, data, start: int, accs: dict[str, LayerAccumulator], plan: ForwardPlan,
-              activity_rows: np.ndarray, cfg: ScanSection, device: torch.device, autocast) -> None:
+              activity_rows: np.ndarray, cfg: ScanSection, device: torch.device, autocast,
+              derived: dict[str, str] | None = None) -> None:
     """The second pass of a deferred scan: every conv/token layer's top-/bottom-k maps and activity rows' positions.
 
     data: the part's examples (index i is example start + i). Each needed
     example is run once, in ascending order, in batches of scan.batch_size;
-    each forward stops once the last layer with maps has reported.
+    each forward stops once the last layer with maps has reported. A
+    derived layer (`derived_layers`) is filled from its source's output.
     """
+    derived = derived or {}
     mapped = {name: acc for name, acc in accs.items() if not acc.flat}
     if not mapped:
         return
@@ -1116,20 +1182,25 @@ def maps_pass(net: torch.nn.Module, data, start: int, accs: dict[str, LayerAccum
     for acc in mapped.values():
         acc.plan_maps(ids)
     activity = np.isin(ids.numpy(), activity_rows)
-    expected = sum(plan.calls[name] for name in mapped)
+    hooked = [name for name in mapped if name not in derived]
+    followers = {name: [relu for relu, source in derived.items() if source == name and relu in mapped]
+                 for name in hooked}
+    expected = sum(plan.calls[name] for name in hooked)
     batch: dict = {}
 
     def sink(name: str, output: torch.Tensor) -> None:  # the Probe reports the mapped layers alone
         calls = batch["calls_of"][name] = batch["calls_of"].get(name, 0) + 1
         if calls == plan.calls[name]:  # a module called several times per forward: its last call counts
             mapped[name].fill(output, batch["first"], batch["sampled"])
+            for relu in followers[name]:
+                mapped[relu].fill(torch.relu(output), batch["first"], batch["sampled"])
         batch["calls"] += 1
         if batch["calls"] == expected:
             raise _StopForward  # the rest of the model is not needed
 
     loader = DataLoader(Subset(data, (ids - start).tolist()), batch_size=cfg.batch_size, shuffle=False)
     done = 0
-    with Probe(net, list(mapped), cfg.reduce, sink=sink), torch.inference_mode():
+    with Probe(net, hooked, cfg.reduce, sink=sink), torch.inference_mode():
         for x, _ in loader:
             n = x.shape[0]
             sampled = np.flatnonzero(activity[done:done + n])

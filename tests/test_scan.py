@@ -925,10 +925,11 @@ def test_scan_model_buffer_flushes_when_full(update_sizes):
     """A 1 MiB buffer fills during a pass over 12000 examples; the result equals that of a buffer that never does."""
     data = fixtures_models.TinyDataset(n=12000)
     small, model = run_scan(data, batch_size=400, buffer_mb=1, top_k=3, sample_size=100)
-    assert len(update_sizes) > 2 * len(LAYERS) and sum(update_sizes) == 12000 * len(LAYERS)
+    assert len(update_sizes) >= 2 * len(LAYERS) and sum(update_sizes) == 12000 * len(LAYERS)
+    flushes = len(update_sizes)
     update_sizes.clear()
     big, _ = run_scan(data, batch_size=400, buffer_mb=1000, top_k=3, sample_size=100)
-    assert len(update_sizes) <= 2 * len(LAYERS)
+    assert len(update_sizes) <= 2 * len(LAYERS) and len(update_sizes) < flushes
     scans_equal(small, big)
     outputs, _ = brute_outputs(model, data.images, batch=400)
     for layer in small.layers:
@@ -1134,3 +1135,98 @@ def test_deferred_maps_chosen_by_shapes_and_second_pass_stops_after_the_last_map
         handle.remove()
     assert passes == [1]
     assert sum(fc_calls) == 1 + 40  # the plan's one example, then the scan's 40; the second pass stopped earlier
+
+
+class AddThenReLU(nn.Module):
+    """conv, an in-place add, then ReLU: its own forward, so the ReLU's input is not the conv's output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(8)
+        self.conv, self.relu, self.fc = nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Linear(3 * 64, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        h += 0.5  # a plain-Python step between the two modules
+        return self.fc(self.relu(h).flatten(1))
+
+
+def derivable_cnn(inplace: bool) -> nn.Module:
+    torch.manual_seed(9)
+    return nn.Sequential(OrderedDict([
+        ("conv", nn.Conv2d(1, 3, 3, padding=1)), ("relu", nn.ReLU(inplace=inplace)), ("flat", nn.Flatten()),
+        ("block", nn.Sequential(OrderedDict([("fc", nn.Linear(192, 6)), ("act", nn.ReLU())]))),
+        ("out", nn.Linear(6, 3))])).eval()
+
+
+def test_derived_layers_only_where_nothing_runs_between():
+    """A ReLU right after a probed layer in a plain nn.Sequential is derived from it; not with mean reduce,
+    its own forward, another hook, an unprobed source, or a module called twice."""
+    from atlas_builder.scan import derived_layers, forward_plan
+
+    x = torch.zeros(1, 1, 8, 8)
+    net = nn.Sequential(OrderedDict([("conv", nn.Conv2d(1, 3, 3, padding=1)), ("relu", nn.ReLU()),
+                                     ("pool", nn.MaxPool2d(2)), ("relu2", nn.ReLU()), ("flat", nn.Flatten()),
+                                     ("fc", nn.Linear(48, 4)), ("act", nn.ReLU())])).eval()
+    layers = ["conv", "relu", "relu2", "fc", "act"]
+    plan = forward_plan(net, x, layers, CPU)
+    # relu2 follows the unprobed pool; the flat fc -> act pair is derived too (its value is the output itself)
+    assert derived_layers(net, layers, plan, ScanSection()) == {"relu": "conv", "act": "fc"}
+    nested = derivable_cnn(inplace=False)
+    layers = ["conv", "relu", "block.fc", "block.act", "out"]
+    plan = forward_plan(nested, x, layers, CPU)
+    assert derived_layers(nested, layers, plan, ScanSection()) == {"relu": "conv", "block.act": "block.fc"}
+    assert derived_layers(nested, layers, plan, ScanSection(reduce="mean")) == {}
+    assert derived_layers(nested, ["relu", "block.fc", "block.act"], plan, ScanSection()) == {"block.act": "block.fc"}
+    custom = AddThenReLU().eval()
+    plan = forward_plan(custom, x, ["conv", "relu"], CPU)
+    assert derived_layers(custom, ["conv", "relu"], plan, ScanSection()) == {}
+    handle = nested.relu.register_forward_pre_hook(lambda m, i: None)
+    try:
+        assert "relu" not in derived_layers(nested, layers, forward_plan(nested, x, layers, CPU), ScanSection())
+    finally:
+        handle.remove()
+    shared = nn.Sequential(OrderedDict([("fc", nn.Linear(64, 4)), ("act", nn.ReLU())]))
+    twice = nn.Sequential(OrderedDict([("flat", nn.Flatten()), ("a", shared), ("b", nn.Linear(4, 64)), ("c", shared)]))
+    plan = forward_plan(twice, x, ["a.fc", "a.act"], CPU)
+    assert plan.calls == {"a.fc": 2, "a.act": 2} and derived_layers(twice, ["a.fc", "a.act"], plan, ScanSection()) == {}
+
+
+@pytest.mark.parametrize("make", [lambda: derivable_cnn(True), lambda: derivable_cnn(False), AddThenReLU],
+                         ids=["inplace-relu", "relu", "own-forward"])
+def test_derived_relu_scans_exactly_as_its_own_hook(make, monkeypatch):
+    """Deferred scan: a derived ReLU (no hook, values and maps from the layer before) gives bit for bit what
+    hooking it gives, including an in-place ReLU that overwrites the conv's output; checked against brute force."""
+    monkeypatch.setattr(scan_mod, "DEFER_MAPS", 0)
+    model = make().eval()
+    layers = [n for n in ("conv", "relu", "block.fc", "block.act", "out", "fc") if n in dict(model.named_modules())]
+    x = torch.randn(60, 1, 8, 8, generator=torch.Generator().manual_seed(10))
+    x[:7] = 0.0  # ties: equal maxima and whole-zero ReLU maps
+    labels = torch.arange(60) % 3
+    dataset = AtlasDataset(TensorDataset(x, labels), CLASSES, (), (), "test", "fp")
+    loaded = LoadedModel(ModelSection("d", "x:y"), model, "fp", {"parameters": 0})
+    cfg = ScanSection(top_k=3, batch_size=8, sample_size=20)
+    found = []
+    original = scan_mod.derived_layers
+    monkeypatch.setattr(scan_mod, "derived_layers", lambda *a: found.append(original(*a)) or found[-1])
+    derived = scan_model(loaded, dataset, layers, cfg, CPU, progress=False)
+    monkeypatch.setattr(scan_mod, "derived_layers", lambda *a: {})
+    hooked = scan_model(loaded, dataset, layers, cfg, CPU, progress=False)
+    scans_equal(derived, hooked)
+    expect = {} if make is AddThenReLU else {"relu": "conv", "block.act": "block.fc"}
+    assert found == [expect]
+    outputs = {n: [] for n in layers}  # over the scan's batches (a kernel may round a batch of 60 differently)
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: outputs[n].append(o.clone())) for n in layers]
+    try:
+        with torch.inference_mode():
+            for i in range(0, 60, 8):
+                model(x[i:i + 8])
+    finally:
+        for h in handles:
+            h.remove()
+    for layer in derived.layers:
+        v, p, maps = brute_layer(torch.cat(outputs[layer.info.name]))
+        check_topk(layer.top, v, p, maps, 3, True)
+        check_topk(layer.bottom, v, p, maps, 3, False)
+        check_moments({k: layer.stats[k] for k in ("count", "nonfinite", "mean", "std", "min", "max")}, v)
