@@ -1019,6 +1019,7 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
     deferred = plan is not None and defer_maps(plan, cfg, len(dataset))
     derived = derived_layers(net, layers, plan, cfg) if deferred else {}  # {relu: the layer it follows}
     hooked = [name for name in layers if name not in derived]
+    followers = {name: [relu for relu, source in derived.items() if source == name] for name in hooked}
 
     def new_accumulator(shape: tuple[int, ...]) -> LayerAccumulator:
         return LayerAccumulator(unit_count(shape), cfg, n_classes, sample, deferred,
@@ -1030,9 +1031,8 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
             return
         if name not in accs:
             accs[name] = new_accumulator(tuple(output.shape[1:]))
-            for relu, source in derived.items():
-                if source == name:
-                    accs[relu] = new_accumulator(plan.shapes[relu])
+            for relu in followers[name]:
+                accs[relu] = new_accumulator(plan.shapes[relu])
         batch["bytes"] += accs[name].observe(output, batch["ids"], batch["labels"], batch.get("sampled"))
 
     predicted, confidence, label_batches, outputs = [], [], [], []
@@ -1042,10 +1042,9 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
     def flush() -> None:
         for name in hooked:
             chunk = accs[name].flush() if name in accs else None
-            for relu, source in derived.items():  # ReLU(max over positions) = max over positions of the ReLU
-                if source == name and chunk is not None:
-                    values, ids, labels = chunk
-                    accs[relu].absorb(torch.relu(values), ids, labels)
+            for relu in followers[name] if chunk is not None else ():  # ReLU(max) = max of the ReLU
+                values, ids, labels = chunk
+                accs[relu].absorb(torch.relu(values), ids, labels)
         if outputs:  # the model's prediction and confidence, a chunk of batches at a time
             conf, pred = torch.cat(outputs).float().softmax(1).max(1)
             predicted.append(pred.cpu())
