@@ -54,6 +54,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from . import kernels
 from .config import ScanSection
 from .errors import AtlasError
 from .probe import LayerInfo, Probe, active_fraction, check_called, reduce_output, unit_count, unit_maps
@@ -214,38 +215,28 @@ class TopK:
         self.slots[unit, rank] = slots
 
     def offer_chunk(self, values: "torch.Tensor | Chunk", ids: torch.Tensor) -> None:
-        """Offer a whole chunk at once: values [R, U] (fastest as the transpose of a unit-major [U, R]), ids [R] ascending.
+        """Offer a whole chunk at once: values [R, U] (fastest as the transpose of a unit-major [U, R]), ids [R].
 
-        One `torch.topk` per chunk along each unit's contiguous row instead of
-        a test per batch; no maps (`set_maps` adds them from a second pass).
-        The one subtlety is a tie at the k-th value: which of the equal values
-        enter depends on their ids, so for those units the k lowest-id equal
-        entries are offered instead of topk's arbitrary ones.
+        The values-only state of a deferred scan (no maps yet: `set_maps`
+        adds them from a second pass). One compiled insertion pass along each
+        unit's contiguous row updates the state in place; ties go to the
+        lower id because ids must ascend and exceed every id offered before
+        (the scan's order; shards combine by `merge`).
         """
         chunk = as_chunk(values)
-        vt = chunk.vt
-        n_rows = vt.shape[1]
-        if n_rows == 0:
+        if chunk.n == 0:
             return
-        worst = -torch.inf * self.sign
-        if not chunk.finite:  # NaN and +-Inf never enter (fold drops them anyway)
-            vt = torch.where(torch.isfinite(vt), vt, worst)
-        k = min(self.k, n_rows)
-        best, index = torch.topk(vt, min(k + 1, n_rows), dim=1, largest=self.sign > 0, sorted=True)
-        keep = torch.ones(vt.shape[0], k, dtype=torch.bool, device=vt.device)
-        extra_units = extra_index = None
-        if best.shape[1] > k:
-            tied = (best[:, k - 1] == best[:, k]) & (best[:, k - 1] != worst)
-            if bool(tied.any()):
-                units = tied.nonzero().view(-1)
-                tau = best[units, k - 1]
-                keep[units] = best[units, :k] != tau[:, None]  # strictly better: in for certain
-                extra_units, extra_index = first_equal(vt, units, tau, k)
-        units = torch.arange(vt.shape[0], device=vt.device).view(-1, 1).expand(-1, k)[keep]
-        rows = index[:, :k][keep]
-        if extra_units is not None:
-            units, rows = torch.cat([units, extra_units]), torch.cat([rows, extra_index])
-        self.queue(units, ids.index_select(0, rows), vt[units, rows], None)
+        if self.maps is not None:
+            raise ValueError("offer_chunk keeps values only; this TopK already holds maps")
+        self.fold()
+        ids = ids.cpu()
+        if len(self.ids) and int(ids[0]) <= int(self.ids.max()):
+            raise ValueError("offer_chunk needs example ids above every id offered before")
+        kernels.insert_top(chunk.unit_major(), ids.numpy(), np.float32(self.sign), self.keys.numpy(),
+                           self.ids.numpy(), self.positions.numpy())
+        self.threshold = self.keys[:, -1].clone()
+        self.bound = self.threshold * self.sign
+        self._device_bound = None
 
     def kept(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(unit, rank) of every kept entry, unit-major."""
@@ -285,36 +276,6 @@ MEASURE_AT_ONCE = 2**15  # per-row map size from which sampled rows are measured
 POSITION_SAMPLE = 256  # examples (a subset of the sample) on which the fraction of active positions is measured
 
 
-def first_equal(vt: torch.Tensor, units: torch.Tensor, tau: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(unit, row) of the first k rows of each of `units` (rows of vt [U, R]) whose value equals its tau.
-
-    Ties are usually plentiful (a ReLU's zeros), so a prefix of the rows is
-    searched first; units with fewer than k there search the whole row.
-    """
-    prefix = min(vt.shape[1], 64 * k)
-    equal = vt[units, :prefix] == tau[:, None]
-    enough = equal.sum(1) >= k
-    found = [first_k(units[enough], equal[enough], k)]
-    if not bool(enough.all()):
-        rest = units[~enough]
-        found.append(first_k(rest, vt.index_select(0, rest) == tau[~enough, None], k))
-    return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
-
-
-def first_k(units: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(unit, column) of the first k True columns of each row of mask [T, C] (row i belongs to units[i])."""
-    row, col = mask.nonzero(as_tuple=True)  # row-major: each row's columns ascending
-    counts = torch.bincount(row, minlength=mask.shape[0])
-    rank = torch.arange(len(row), device=mask.device) - (torch.cumsum(counts, 0) - counts)[row]
-    first = rank < k
-    return units[row[first]], col[first]
-
-
-def all_finite(lo: torch.Tensor, hi: torch.Tensor) -> bool:
-    """Whether every value was finite, from its per-unit amin and amax (which NaN and +-Inf reach)."""
-    return bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())
-
-
 def exact_order(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """int64 keys that order like (key descending, id ascending) with no ties: keys [B, U] float, ids [B]."""
     k = keys.float() + 0.0  # -0.0 -> +0.0
@@ -325,34 +286,39 @@ def exact_order(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 class Chunk:
-    """A chunk of reduced activations [R, U] and what several accumulators compute from it once.
+    """A chunk of reduced activations [R, U] and the per-unit sums several accumulators read from it.
 
-    Kept unit-major (`vt` [U, R]): every per-unit reduction then runs over
-    contiguous memory, several times faster than over the columns of [R, U].
-    `finite`: whether every value is finite (from amin/amax, which NaN and
-    +-Inf reach); `centered()`: the values minus each unit's first value, in
-    float64 — a shift close to the data, so sums of squares lose nothing to
-    cancellation even for a large offset with a small spread.
+    Kept unit-major (`unit_major()` [U, R]): each unit's values contiguous,
+    so one compiled pass per unit (`kernels.chunk_stats`) gives the moments,
+    the active count (above `threshold`) and the per-class sums (`labels`
+    [R], -1 or >= n_classes for none) together, computed once on first use.
     """
 
-    def __init__(self, values: torch.Tensor):
+    def __init__(self, values: torch.Tensor, labels: torch.Tensor | None = None, n_classes: int = 0,
+                 threshold: float = 0.0):
         self.values = values
-        self.vt = values.T
         self.n = values.shape[0]
-        self.lo, self.hi = self.vt.amin(1), self.vt.amax(1)
-        self.finite = all_finite(self.lo, self.hi)
-        self._centered: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.labels, self.n_classes, self.threshold = labels, n_classes, threshold
+        self._unit_major: np.ndarray | None = None
+        self._stats: tuple | None = None
 
     @property
     def shape(self) -> torch.Size:
         return self.values.shape
 
-    def centered(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(c [U, R] float64, shift [U] float64) with c = values - shift; only for finite chunks."""
-        if self._centered is None:
-            shift = self.vt[:, 0].double()
-            self._centered = (torch.sub(self.vt, shift[:, None]), shift)
-        return self._centered
+    def unit_major(self) -> np.ndarray:
+        """[U, R] float32, C-contiguous (a view of the buffer when the values came unit-major)."""
+        if self._unit_major is None:
+            self._unit_major = np.ascontiguousarray(self.values.detach().cpu().float().T.numpy())
+        return self._unit_major
+
+    def stats(self) -> tuple:
+        """`kernels.chunk_stats` of this chunk: count, total, squares, shift, lo, hi, nonfinite, active, class sums, counts."""
+        if self._stats is None:
+            labels = (np.full(self.n, -1, np.int64) if self.labels is None
+                      else self.labels.cpu().long().numpy())
+            self._stats = kernels.chunk_stats(self.unit_major(), labels, self.n_classes, np.float32(self.threshold))
+        return self._stats
 
 
 def as_chunk(values) -> Chunk:
@@ -372,28 +338,15 @@ class Moments:
 
     def update(self, values: "torch.Tensor | Chunk") -> None:
         """values: [R, U] (fastest as the transpose of a unit-major [U, R]), or a Chunk of them."""
-        chunk = as_chunk(values)
+        count, total, squares, shift, lo, hi, nonfinite = (torch.from_numpy(a) for a in as_chunk(values).stats()[:7])
         other = Moments.__new__(Moments)
-        n_units = chunk.vt.shape[0]
-        if chunk.finite:  # the usual case: sums of the centered float64 values, few passes
-            n = chunk.n
-            other.count = torch.full((n_units,), float(n), dtype=torch.float64)
-            c, shift = chunk.centered()
-            total = c.sum(1)
-            other.mean = shift + total / max(n, 1)
-            other.m2 = (torch.linalg.vector_norm(c, dim=1).square() - total.square() / max(n, 1)).clamp(min=0)
-            other.min, other.max = chunk.lo.double(), chunk.hi.double()
-            other.nonfinite = torch.zeros(n_units, dtype=torch.float64)
-        else:
-            v = chunk.vt.double()
-            finite = torch.isfinite(v)
-            n = finite.sum(1, dtype=torch.float64)
-            other.count = n
-            other.mean = torch.where(finite, v, 0.0).sum(1) / n.clamp(min=1)
-            other.m2 = torch.where(finite, v - other.mean[:, None], 0.0).square().sum(1)
-            other.min = torch.where(finite, v, torch.inf).amin(1)
-            other.max = torch.where(finite, v, -torch.inf).amax(1)
-            other.nonfinite = (~finite).sum(1, dtype=torch.float64)
+        n = count.double()
+        safe = n.clamp(min=1)
+        other.count = n
+        other.mean = torch.where(n > 0, shift + total / safe, 0.0)
+        other.m2 = (squares - total.square() / safe).clamp(min=0)
+        other.min, other.max = lo, hi
+        other.nonfinite = nonfinite.double()
         self.merge(other)
 
     def merge(self, other: "Moments") -> None:
@@ -433,12 +386,10 @@ class Activity:
     def update(self, values: "torch.Tensor | Chunk", position_fraction: torch.Tensor | None = None) -> None:
         """values: [R, U] reduced activations (or a Chunk); position_fraction: [R', U] from probe.active_fraction."""
         chunk = as_chunk(values)
+        if chunk.threshold != self.threshold:
+            chunk = Chunk(chunk.values, threshold=self.threshold)
         self.n += chunk.n
-        vt = chunk.vt
-        if chunk.finite:  # 0/1 floats: faster than comparing and counting bools
-            self.examples_active += (vt - self.threshold).clamp_(min=0).sign_().sum(1).double()
-        else:  # NaN is not active
-            self.examples_active += (vt > self.threshold).sum(1, dtype=torch.float64)
+        self.examples_active += torch.from_numpy(chunk.stats()[7]).double()  # NaN is not active
         if position_fraction is not None:
             self.add_positions(position_fraction)
 
@@ -469,25 +420,11 @@ class ClassMeans:
         """values: [R, U] (or a Chunk of them); labels: [R], -1 for unknown."""
         chunk = as_chunk(values)
         n_classes = self.sums.shape[0]
-        if not len(labels):
-            return
-        if int(labels.min()) < 0 or int(labels.max()) >= n_classes:  # some examples count in no class
-            keep = (labels >= 0) & (labels < n_classes)
-            if not bool(keep.any()):
-                return
-            chunk, labels = Chunk(chunk.values[keep]), labels[keep]
-        if chunk.finite:  # one-hot matmul: per-class sums of the centered values in one BLAS call
-            c, shift = chunk.centered()
-            onehot = torch.zeros(n_classes, len(labels), dtype=torch.float64)
-            onehot[labels, torch.arange(len(labels))] = 1.0
-            counts = torch.bincount(labels, minlength=n_classes).double().view(-1, 1)
-            self.sums += onehot @ c.T + counts * shift
-            self.counts += counts
-        else:
-            v = chunk.values.double()
-            finite = torch.isfinite(v)
-            self.sums.index_add_(0, labels, torch.where(finite, v, 0.0))
-            self.counts.index_add_(0, labels, finite.double())
+        if chunk.labels is not labels or chunk.n_classes != n_classes:
+            chunk = Chunk(chunk.values, labels, n_classes, chunk.threshold)
+        sums, counts = chunk.stats()[8:]
+        self.sums += torch.from_numpy(sums)
+        self.counts += torch.from_numpy(counts)
 
     def merge(self, other: "ClassMeans") -> None:
         self.sums += other.sums
@@ -667,7 +604,7 @@ class LayerAccumulator:
     def absorb(self, values: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
                fraction: torch.Tensor | None = None) -> None:
         """One chunk of reduced values [R, U] (ids ascending) into every accumulator; top-k in bulk when deferred."""
-        chunk = Chunk(values)
+        chunk = Chunk(values, labels, self.classes.sums.shape[0], self.threshold)
         self.moments.update(chunk)
         self.activity.update(chunk, fraction)
         self.classes.update(chunk, labels)

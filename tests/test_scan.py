@@ -223,7 +223,7 @@ def test_topk_offer_chunk_matches_brute_force(largest, kinds):
 
 
 def test_topk_offer_chunk_ties_beyond_the_searched_prefix():
-    """A tie whose lowest-id entries come after first_equal's prefix of rows is still found."""
+    """A tie whose lowest-id entries come late in a long chunk: the k lowest ids among them win."""
     n, k = 2000, 3
     values = np.zeros((n, 2), dtype=np.float32)
     values[:, 0] = np.arange(n)  # no tie at all
