@@ -1,19 +1,24 @@
-"""Compiled loops behind the scan's accumulators: one pass over each unit's row of a chunk.
+"""Compiled loops behind the scan's accumulators, over plain numpy arrays.
 
-Owns two numba kernels over plain numpy arrays, unit-major ([U, R]: each
-unit's R values contiguous, which is how the scan buffers them):
+Owns four numba kernels:
 
-- `chunk_stats`: in one read of the chunk, every per-unit sum the streaming
-  accumulators need (count, centred sum and sum of squares, min, max,
-  non-finite count, active count, per-class sums and counts);
-- `insert_top`: a running top-k per unit, updated in place by insertion.
+- `chunk_family`: in one read of a unit-major chunk ([U, R]: each unit's R
+  values contiguous, as the scan buffers them), every per-unit sum the
+  streaming accumulators need (count, centred sum and sum of squares, min,
+  max, non-finite count, active count, per-class sums and counts), for a
+  layer and the ReLUs derived from it, and their top-/bottom-k;
+- `insert_top`: a running top-k per unit, updated in place from a chunk;
+- `offer_maps`: the same from one batch in the forward hook, copying each
+  entering example's spatial map and its argmax;
+- `histogram_rows`: every unit's histogram of its sampled activations.
 
 It does not own what the numbers mean (which values count, how chunks
 merge, ties): the accumulators in `scan.py` do, and test these kernels
-through them against brute force. The torch ops they replace made about ten
-passes over the chunk, which on a small model cost as much as its forward.
+through them against brute force. The torch ops they replace cost, on a
+small model, as much as its forward: about ten passes over each chunk, and
+several small ops per layer per batch.
 Compiled on first use and cached on disk (numba `cache=True`), so only the
-first scan after an install pays the compile (about a second each).
+first scan after an install pays the compile (a second or two each).
 """
 
 from __future__ import annotations
@@ -22,97 +27,223 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True, nogil=True)
-def chunk_stats(vt, labels, n_classes, threshold):  # pragma: no cover - compiled
-    """Per-unit sums of a chunk vt [U, R] float32; labels [R] int64 (outside [0, n_classes): no class).
-
-    Returns (count, total, squares, shift, lo, hi, nonfinite, active,
-    class_sums [C, U], class_counts [C, U]): count, lo and hi over the finite
-    values; total and squares of (value - shift) in float64, shift being the
-    unit's first finite value (a shift close to the data, so the variance
-    loses nothing to cancellation); active: values above `threshold` (NaN
-    never is, +Inf is); class sums are of the uncentred finite values.
-    """
-    n_units, n_rows = vt.shape
-    count = np.zeros(n_units, np.int64)
-    total = np.zeros(n_units)
-    squares = np.zeros(n_units)
-    shift = np.zeros(n_units)
-    lo = np.full(n_units, np.inf)
-    hi = np.full(n_units, -np.inf)
-    nonfinite = np.zeros(n_units, np.int64)
-    active = np.zeros(n_units, np.int64)
-    class_sums = np.zeros((n_classes, n_units))
-    class_counts = np.zeros((n_classes, n_units))
-    sums = np.zeros(n_classes)
-    counts = np.zeros(n_classes)
-    for u in range(n_units):
-        row = vt[u]
-        s = 0.0
-        for r in range(n_rows):
-            if np.isfinite(row[r]):
-                s = np.float64(row[r])
-                break
-        n = 0
-        bad = 0
-        on = 0
-        t = 0.0
-        q = 0.0
-        low = np.inf
-        high = -np.inf
-        sums[:] = 0.0
-        counts[:] = 0.0
-        for r in range(n_rows):
-            x = row[r]
-            if x > threshold:
-                on += 1
-            if not np.isfinite(x):
-                bad += 1
-                continue
-            c = np.float64(x) - s
-            t += c
-            q += c * c
-            n += 1
-            if x < low:
-                low = x
-            if x > high:
-                high = x
-            label = labels[r]
-            if 0 <= label < n_classes:
-                sums[label] += c
-                counts[label] += 1.0
-        count[u], total[u], squares[u], shift[u] = n, t, q, s
-        lo[u], hi[u], nonfinite[u], active[u] = low, high, bad, on
-        for label in range(n_classes):
-            class_sums[label, u] = sums[label] + counts[label] * s
-            class_counts[label, u] = counts[label]
-    return count, total, squares, shift, lo, hi, nonfinite, active, class_sums, class_counts
+@numba.njit(cache=True, nogil=True, inline="always")
+def _insert(keys, kept_ids, positions, s, u, key, example):  # pragma: no cover - compiled
+    """Insert key (which beats keys[s, u, -1]) after the keys >= it; returns the new k-th key."""
+    k = keys.shape[2]
+    j = k - 1
+    while j > 0 and keys[s, u, j - 1] < key:
+        keys[s, u, j] = keys[s, u, j - 1]
+        kept_ids[s, u, j] = kept_ids[s, u, j - 1]
+        positions[s, u, j] = positions[s, u, j - 1]
+        j -= 1
+    keys[s, u, j] = key
+    kept_ids[s, u, j] = example
+    positions[s, u, j] = -1
+    return keys[s, u, k - 1]
 
 
 @numba.njit(cache=True, nogil=True)
 def insert_top(vt, ids, sign, keys, kept_ids, positions):  # pragma: no cover - compiled
-    """Offer a chunk vt [U, R] float32 (row r is example ids[r]) to each unit's top-k keys [U, k], in place.
+    """Offer a chunk vt [U, R] float32 (row r is example ids[r]) to a top-k state, in place.
 
-    A key is sign * value; keys are kept best first, -inf for an empty slot,
-    with their example ids and positions (-1 for a new entry). A key enters
-    when it beats the k-th strictly, and goes after the keys equal to it: so
-    with ids ascending, and above every id already kept, ties go to the
-    lower id. NaN and +-Inf never enter.
+    State [1, U, k]: keys = sign * value, best first, -inf for an empty slot,
+    with example ids and positions (-1 for a new entry). A key enters when
+    it beats the k-th strictly, and goes after the keys equal to it: so with
+    ids ascending, and above every id already kept, ties go to the lower
+    id. NaN and +-Inf never enter.
     """
     n_units, n_rows = vt.shape
-    k = keys.shape[1]
+    k = keys.shape[2]
     for u in range(n_units):
-        worst = keys[u, k - 1]
+        worst = keys[0, u, k - 1]
         for r in range(n_rows):
             key = sign * vt[u, r]
             if key > worst and key < np.inf:
+                worst = _insert(keys, kept_ids, positions, 0, u, key, ids[r])
+
+
+@numba.njit(cache=True, nogil=True)
+def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids, positions):  # pragma: no cover
+    """Per-unit sums of a chunk for a layer and the ReLUs derived from it, and their top-/bottom-k, in one read.
+
+    vt [U, R] float32; labels [R] int64 (outside [0, n_classes): no class).
+    Member f sees the values as they are (rectify[f] False) or their ReLU
+    (True; NaN stays NaN). Returns, each with a leading member axis [F, ...]:
+    count, total, squares, shift, lo, hi, nonfinite, active [F, U] and
+    class_sums, class_counts [F, U, C]: count, lo and hi over the finite
+    values; total, squares and class sums of (value - shift) in float64,
+    shift being the unit's first finite value (a shift close to the data, so
+    the variance loses nothing to cancellation); active: values above
+    `threshold` (NaN never is, +Inf is). When keys is not empty
+    ([2F, U, k], with kept_ids and positions as in `insert_top`), state 2f
+    is member f's top-k and 2f + 1 its bottom-k, updated in place (ids
+    ascending, above every id kept before).
+    """
+    n_units, n_rows = vt.shape
+    n_members = rectify.shape[0]
+    with_top = keys.shape[0] > 0
+    k = keys.shape[2]
+    count = np.zeros((n_members, n_units), np.int64)
+    total = np.zeros((n_members, n_units))
+    squares = np.zeros((n_members, n_units))
+    shift = np.zeros((n_members, n_units))
+    lo = np.full((n_members, n_units), np.inf)
+    hi = np.full((n_members, n_units), -np.inf)
+    nonfinite = np.zeros((n_members, n_units), np.int64)
+    active = np.zeros((n_members, n_units), np.int64)
+    class_sums = np.zeros((n_members, n_units, n_classes))
+    class_counts = np.zeros((n_members, n_units, n_classes))
+    for u in range(n_units):
+        row = vt[u]
+        for f in range(n_members):
+            relu = rectify[f]
+            s = 0.0
+            for r in range(n_rows):
+                if np.isfinite(row[r]):
+                    s = np.float64(max(row[r], np.float32(0.0))) if relu else np.float64(row[r])
+                    break
+            top = np.float32(-np.inf)
+            bottom = np.float32(-np.inf)
+            if with_top:
+                top = keys[2 * f, u, k - 1]
+                bottom = keys[2 * f + 1, u, k - 1]
+            n = 0
+            bad = 0
+            on = 0
+            t = 0.0
+            q = 0.0
+            low = np.inf
+            high = -np.inf
+            for r in range(n_rows):
+                x = row[r]
+                if relu and x < 0:
+                    x = np.float32(0.0)
+                if x > threshold:
+                    on += 1
+                if not np.isfinite(x):
+                    bad += 1
+                    continue
+                c = np.float64(x) - s
+                t += c
+                q += c * c
+                n += 1
+                if x < low:
+                    low = x
+                if x > high:
+                    high = x
+                label = labels[r]
+                if 0 <= label < n_classes:
+                    class_sums[f, u, label] += c
+                    class_counts[f, u, label] += 1.0
+                if with_top:
+                    if x > top:
+                        top = _insert(keys, kept_ids, positions, 2 * f, u, x, ids[r])
+                    if -x > bottom:
+                        bottom = _insert(keys, kept_ids, positions, 2 * f + 1, u, -x, ids[r])
+            count[f, u], total[f, u], squares[f, u], shift[f, u] = n, t, q, s
+            lo[f, u], hi[f, u], nonfinite[f, u], active[f, u] = low, high, bad, on
+    return count, total, squares, shift, lo, hi, nonfinite, active, class_sums, class_counts
+
+
+@numba.njit(cache=True, nogil=True)
+def offer_maps(values, maps, ids, signs, rectify, keys, ints, state_maps):  # pragma: no cover - compiled
+    """Offer one batch, with its maps, to S top-k states at once, in place: the forward hook's path on the CPU.
+
+    values [B, U] float32, maps [B, U, M] float32 (the live layer output,
+    any strides), ids [B] ascending and above every id offered before.
+    State s (a top-k if signs[s] = 1, a bottom-k if -1; rectify[s]: of
+    ReLU(values) and ReLU(maps), a ReLU derived from this layer): keys
+    [S, U, k] (sign * value, best first, -inf empty); ints [S, 3, U, k]:
+    example ids and positions in rank order, and the slot of each rank;
+    state_maps [S, U, k, M] in slot order. A key enters when it beats the
+    k-th strictly and goes after the keys equal to it (ties to the lower id);
+    it takes the evicted entry's slot, its map is copied there and its
+    position is the map's first argmax. NaN and +-Inf never enter.
+    """
+    n_rows, n_units = values.shape
+    n_states, _, k = keys.shape
+    width = maps.shape[2]
+    unit_major = np.empty((n_units, n_rows), np.float32)
+    for b in range(n_rows):
+        for u in range(n_units):
+            unit_major[u, b] = values[b, u]
+    for s in range(n_states):
+        sign = signs[s]
+        relu = rectify[s]
+        for u in range(n_units):
+            worst = keys[s, u, k - 1]
+            row = unit_major[u]
+            hits = 0  # usually none: a branch-free count first, the insertion loop only where needed
+            for b in range(n_rows):
+                x = row[b]
+                if relu:
+                    x = x if x > 0 or x != x else np.float32(0.0)
+                hits += (sign * x > worst) & (sign * x < np.float32(np.inf))
+            if hits == 0:
+                continue
+            for b in range(n_rows):
+                v = row[b]
+                if relu and v < 0:
+                    v = np.float32(0.0)
+                key = sign * v
+                if not (key > worst and key < np.inf):
+                    continue
+                slot = ints[s, 2, u, k - 1]
                 j = k - 1
-                while j > 0 and keys[u, j - 1] < key:
-                    keys[u, j] = keys[u, j - 1]
-                    kept_ids[u, j] = kept_ids[u, j - 1]
-                    positions[u, j] = positions[u, j - 1]
+                while j > 0 and keys[s, u, j - 1] < key:
+                    keys[s, u, j] = keys[s, u, j - 1]
+                    for i in range(3):
+                        ints[s, i, u, j] = ints[s, i, u, j - 1]
                     j -= 1
-                keys[u, j] = key
-                kept_ids[u, j] = ids[r]
-                positions[u, j] = -1
-                worst = keys[u, k - 1]
+                best = -np.inf
+                at = -1
+                for m in range(width):
+                    x = maps[b, u, m]
+                    if relu and x < 0:
+                        x = np.float32(0.0)
+                    state_maps[s, u, slot, m] = x
+                    if x > best:
+                        best = x
+                        at = m
+                keys[s, u, j] = key
+                ints[s, 0, u, j] = ids[b]
+                ints[s, 1, u, j] = at
+                ints[s, 2, u, j] = slot
+                worst = keys[s, u, k - 1]
+
+
+@numba.njit(cache=True, nogil=True)
+def histogram_rows(vt, bins):  # pragma: no cover - compiled
+    """Per unit row of vt [U, S] float32: `bins` equal bins between its finite min and max.
+
+    Returns (counts [U, bins] int64, lo [U], hi [U] float32); a unit with no
+    finite value has lo = hi = 0 and no counts. The bin of x is
+    floor((x - lo) / width * bins), clipped to the last bin, width = max(hi - lo, 1e-12),
+    computed in float32 as numpy's histogram over the same edges would.
+    """
+    n_units, n_rows = vt.shape
+    counts = np.zeros((n_units, bins), np.int64)
+    lo = np.zeros(n_units, np.float32)
+    hi = np.zeros(n_units, np.float32)
+    for u in range(n_units):
+        row = vt[u]
+        low = np.float32(np.inf)
+        high = np.float32(-np.inf)
+        for r in range(n_rows):
+            x = row[r]
+            if np.isfinite(x):
+                if x < low:
+                    low = x
+                if x > high:
+                    high = x
+        if not np.isfinite(low):
+            continue
+        lo[u], hi[u] = low, high
+        width = max(high - low, np.float32(1e-12))
+        for r in range(n_rows):
+            x = row[r]
+            if np.isfinite(x):
+                i = int(np.floor((x - low) / width * np.float32(bins)))
+                counts[u, min(max(i, 0), bins - 1)] += 1
+    return counts, lo, hi

@@ -90,9 +90,7 @@ class TopK:
         self.maps: torch.Tensor | None = None  # [U, k, M] float32, in slot order: rank r's map is slot slots[u, r]
         self.slots = torch.arange(k).repeat(n_units, 1)  # an entry keeps its slot while it stays: a fold copies
         # only the maps of new entries, not the whole state (large conv maps made every fold a big copy)
-        self.threshold = torch.full((n_units,), -torch.inf)  # a key must exceed this to enter
-        self.bound = self.threshold * self.sign
-        self._device_bound: torch.Tensor | None = None  # `bound` on the device of the activations
+        self._device_bound: torch.Tensor | None = None  # the k-th value, on the device of the activations
         self._pending: list[tuple] = []
         self._pending_rows = 0
 
@@ -184,8 +182,6 @@ class TopK:
             self._fold_maps(pending, widths[0] if widths else self.maps.shape[2], n_state, state_slots, chosen,
                             unit, rank)
         self.positions[self.positions == -2] = -1
-        self.threshold = self.keys[:, -1].clone()
-        self.bound = self.threshold * self.sign  # the same in value space: beat it (> for top, < for bottom)
         self._device_bound = None
 
     def _fold_maps(self, pending: list[tuple], width: int, n_state: int, state_slots: torch.Tensor,
@@ -232,10 +228,8 @@ class TopK:
         ids = ids.cpu()
         if len(self.ids) and int(ids[0]) <= int(self.ids.max()):
             raise ValueError("offer_chunk needs example ids above every id offered before")
-        kernels.insert_top(chunk.unit_major(), ids.numpy(), np.float32(self.sign), self.keys.numpy(),
-                           self.ids.numpy(), self.positions.numpy())
-        self.threshold = self.keys[:, -1].clone()
-        self.bound = self.threshold * self.sign
+        kernels.insert_top(chunk.unit_major(), ids.numpy(), np.float32(self.sign), self.keys.numpy()[None],
+                           self.ids.numpy()[None], self.positions.numpy()[None])
         self._device_bound = None
 
     def kept(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +248,7 @@ class TopK:
     def might_take(self, values: torch.Tensor) -> torch.Tensor:
         """[B, U] mask of activations that beat the current k-th (cheap pre-check before `offer`)."""
         if self._device_bound is None or self._device_bound.device != values.device:
-            self._device_bound = self.bound.to(values.device)  # the state stays on the CPU; a copy per fold
+            self._device_bound = (self.keys[:, -1] * self.sign).to(values.device)  # the state stays on the CPU
         return values > self._device_bound if self.sign > 0 else values < self._device_bound
 
     def merge(self, other: "TopK") -> None:
@@ -271,7 +265,41 @@ class TopK:
                           None if maps is None else maps.numpy(), valid.numpy())
 
 
-RESOLVE_EVERY = 2  # candidates are resolved once a layer holds this many times U * k of them
+class HookTopK:
+    """The top- and bottom-k of one hooked layer and of the ReLUs derived from it, fed together in the hook.
+
+    On the CPU, one compiled call per batch (`kernels.offer_maps`) updates
+    all of them in place from the live output, copying the maps of just the
+    examples that enter. While the pass runs, each TopK's tensors are views
+    of the joint arrays (a later `fold`, as in a merge, gives them their own).
+    """
+
+    def __init__(self, tops: list[tuple[TopK, bool]], width: int):
+        """tops: (TopK, rectify) pairs, rectify for a derived ReLU's; width: positions per map."""
+        first = tops[0][0]
+        n, u, k = len(tops), first.n_units, first.k
+        self.tops = [top for top, _ in tops]
+        self.keys = np.empty((n, u, k), np.float32)
+        self.ints = np.empty((n, 3, u, k), np.int64)  # example ids, positions (rank order), slot of each rank
+        self.maps = np.zeros((n, u, k, width), np.float32)  # slot order
+        self.signs = np.array([top.sign for top in self.tops], np.float32)
+        self.rectify = np.array([rectify for _, rectify in tops])
+        for s, top in enumerate(self.tops):
+            top.fold()
+            self.keys[s], self.ints[s, 0], self.ints[s, 1], self.ints[s, 2] = top.keys, top.ids, top.positions, top.slots
+            if top.maps is not None:
+                self.maps[s] = top.maps
+            top.keys, top.ids, top.positions, top.slots, top.maps = (
+                torch.from_numpy(a) for a in (self.keys[s], *self.ints[s], self.maps[s]))
+
+    def offer(self, values: torch.Tensor, maps: torch.Tensor, ids: torch.Tensor) -> None:
+        """values [B, U] float32, maps [B, U, M] float32 on the CPU; ids [B] ascending, above all ids before."""
+        kernels.offer_maps(values.numpy(), maps.numpy(), ids.numpy(), self.signs, self.rectify, self.keys,
+                           self.ints, self.maps)
+        for top in self.tops:
+            top._device_bound = None
+
+
 MEASURE_AT_ONCE = 2**15  # per-row map size from which sampled rows are measured in the hook, not copied
 POSITION_SAMPLE = 256  # examples (a subset of the sample) on which the fraction of active positions is measured
 
@@ -289,22 +317,33 @@ class Chunk:
     """A chunk of reduced activations [R, U] and the per-unit sums several accumulators read from it.
 
     Kept unit-major (`unit_major()` [U, R]): each unit's values contiguous,
-    so one compiled pass per unit (`kernels.chunk_stats`) gives the moments,
-    the active count (above `threshold`) and the per-class sums (`labels`
-    [R], -1 or >= n_classes for none) together, computed once on first use.
+    so one compiled pass per unit (`kernels.chunk_family`) gives the
+    moments, the active count (above `threshold`) and the per-class sums
+    (`labels` [R], -1 or >= n_classes for none) together, computed once on
+    first use (or handed in as `stats`). rectify: the chunk is ReLU of
+    `values` (a derived layer's), which is never materialized whole.
     """
 
     def __init__(self, values: torch.Tensor, labels: torch.Tensor | None = None, n_classes: int = 0,
-                 threshold: float = 0.0):
+                 threshold: float = 0.0, rectify: bool = False, stats: tuple | None = None):
         self.values = values
         self.n = values.shape[0]
-        self.labels, self.n_classes, self.threshold = labels, n_classes, threshold
+        self.labels, self.n_classes, self.threshold, self.rectify = labels, n_classes, threshold, rectify
         self._unit_major: np.ndarray | None = None
-        self._stats: tuple | None = None
+        self._stats = stats
 
     @property
     def shape(self) -> torch.Size:
         return self.values.shape
+
+    def like(self, labels: torch.Tensor | None = None, n_classes: int = 0, threshold: float = 0.0) -> "Chunk":
+        """The same values with other labels or threshold (their sums computed afresh)."""
+        return Chunk(self.values, labels, n_classes, threshold, self.rectify)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The chunk's rows `index` [n, U] (a copy)."""
+        picked = self.values.index_select(0, index.to(self.values.device))
+        return picked.relu_() if self.rectify else picked
 
     def unit_major(self) -> np.ndarray:
         """[U, R] float32, C-contiguous (a view of the buffer when the values came unit-major)."""
@@ -313,11 +352,15 @@ class Chunk:
         return self._unit_major
 
     def stats(self) -> tuple:
-        """`kernels.chunk_stats` of this chunk: count, total, squares, shift, lo, hi, nonfinite, active, class sums, counts."""
+        """The chunk's per-unit sums: count, total, squares, shift, lo, hi, nonfinite, active [U], class sums, counts [U, C]."""
         if self._stats is None:
             labels = (np.full(self.n, -1, np.int64) if self.labels is None
                       else self.labels.cpu().long().numpy())
-            self._stats = kernels.chunk_stats(self.unit_major(), labels, self.n_classes, np.float32(self.threshold))
+            no_top = np.empty((0, self.values.shape[1], 1), np.float32)
+            family = kernels.chunk_family(self.unit_major(), labels, self.n_classes, np.float32(self.threshold),
+                                          np.zeros(0, np.int64), np.array([self.rectify]), no_top,
+                                          no_top.astype(np.int64), no_top.astype(np.int64))
+            self._stats = tuple(a[0] for a in family)
         return self._stats
 
 
@@ -387,7 +430,7 @@ class Activity:
         """values: [R, U] reduced activations (or a Chunk); position_fraction: [R', U] from probe.active_fraction."""
         chunk = as_chunk(values)
         if chunk.threshold != self.threshold:
-            chunk = Chunk(chunk.values, threshold=self.threshold)
+            chunk = chunk.like(chunk.labels, chunk.n_classes, self.threshold)
         self.n += chunk.n
         self.examples_active += torch.from_numpy(chunk.stats()[7]).double()  # NaN is not active
         if position_fraction is not None:
@@ -421,10 +464,11 @@ class ClassMeans:
         chunk = as_chunk(values)
         n_classes = self.sums.shape[0]
         if chunk.labels is not labels or chunk.n_classes != n_classes:
-            chunk = Chunk(chunk.values, labels, n_classes, chunk.threshold)
-        sums, counts = chunk.stats()[8:]
-        self.sums += torch.from_numpy(sums)
-        self.counts += torch.from_numpy(counts)
+            chunk = chunk.like(labels, n_classes, chunk.threshold)
+        shift = torch.from_numpy(chunk.stats()[3])
+        sums, counts = (torch.from_numpy(a) for a in chunk.stats()[8:])  # [U, C], of the values minus shift
+        self.sums += (sums + counts * shift[:, None]).T
+        self.counts += counts.T
 
     def merge(self, other: "ClassMeans") -> None:
         self.sums += other.sums
@@ -450,19 +494,20 @@ class SampleRows:
         self.matrix = torch.zeros(len(self.ids), n_units, dtype=torch.float16)
         self.filled = torch.zeros(len(self.ids), dtype=torch.bool)
 
-    def update(self, values: torch.Tensor, ids: torch.Tensor) -> None:
+    def update(self, values: "torch.Tensor | Chunk", ids: torch.Tensor) -> None:
+        """values: [R, U] (or a Chunk of them) of examples ids [R]."""
         if not len(self.ids):
             return
+        chunk = as_chunk(values)
         if len(ids) and int(ids[-1]) - int(ids[0]) == len(ids) - 1:  # consecutive ids (the scan's chunks)
             lo, hi = torch.searchsorted(self.ids, torch.stack([ids[0], ids[-1] + 1]).cpu()).tolist()
             slot = torch.arange(lo, hi)
-            rows = (self.ids[lo:hi] - ids[0]).to(values.device)
-            self.matrix[slot] = values.index_select(0, rows).to(torch.float16).cpu()
+            self.matrix[slot] = chunk.rows(self.ids[lo:hi] - ids[0]).to(torch.float16).cpu()
             self.filled[slot] = True
             return
         slot = torch.searchsorted(self.ids, ids).clamp(max=len(self.ids) - 1)
         hit = self.ids[slot] == ids
-        self.matrix[slot[hit]] = values[hit].to(torch.float16)
+        self.matrix[slot[hit]] = chunk.rows(hit.nonzero().view(-1)).to(torch.float16)
         self.filled[slot[hit]] = True
 
     def merge(self, other: "SampleRows") -> None:
@@ -478,43 +523,43 @@ class LayerAccumulator:
 
     Per batch, only what needs the full output is done at once, in the hook
     (before any later in-place op can change the output): the reduction to
-    one value per unit and, unless `deferred`, the top-/bottom-k candidate
-    test (which copies the maps of just the candidates that beat a unit's
-    current k-th value) and the position activity of sampled rows. The
-    [B, U] values wait in a buffer and feed the other accumulators in chunks
-    at `flush`. `deferred`: the top-/bottom-k are taken in bulk at flush and
-    the maps and position activity come from a second pass (`plan_maps`,
-    `fill`, `finish_maps`).
+    one value per unit, the copy of the rows whose active positions count
+    and, on the CPU, the top-/bottom-k of a conv/token layer with the maps
+    of the examples that enter (`HookTopK`, compiled). The [B, U] values
+    wait in a buffer and feed the other accumulators in chunks at `flush`
+    (and the top-/bottom-k of flat layers, in bulk). `followers`: the
+    accumulators of ReLUs derived from this layer (`derived_layers`), fed
+    from its output. `deferred` (devices other than the CPU, whose memory
+    the compiled kernels cannot read): the top-/bottom-k are taken in bulk at
+    flush, values only, and the maps and position activity come from a
+    second pass (`plan_maps`, `fill`, `finish_maps`).
     """
 
     def __init__(self, n_units: int, cfg: ScanSection, n_classes: int, sample: np.ndarray, deferred: bool = False,
-                 activity_ids: np.ndarray | None = None, flat: bool | None = None):
+                 activity_ids: np.ndarray | None = None, flat: bool | None = None,
+                 followers: "list[LayerAccumulator] | None" = None):
         self.reduce, self.threshold = cfg.reduce, cfg.active_threshold
         self.deferred = deferred  # top-/bottom-k in bulk at flush, maps from a second pass (`fill`)
-        # deferred: the examples whose position activity counts (flat layers: from the values at flush)
+        # the examples whose position activity counts (flat layers: from the values at flush); deferred only
         self.activity_ids = None if activity_ids is None else torch.as_tensor(np.asarray(activity_ids, np.int64))
         self.flat = flat  # whether the output has no positions (None: known at the first observe)
+        self.followers = followers or []  # derived ReLUs: fed ReLU of this layer's values, rows and maps
         self.top = TopK(n_units, cfg.top_k, largest=True)
         self.bottom = TopK(n_units, cfg.top_k, largest=False)
         self.moments = Moments(n_units)
         self.activity = Activity(n_units, cfg.active_threshold)
         self.classes = ClassMeans(n_classes, n_units)
         self.sample = SampleRows(sample, n_units)
-        self._buffer: list[tuple] = []  # (values, ids, labels, sampled rows or None, their fraction or None)
-        self._candidates: list[tuple] = []  # per batch with candidates: (values, ids, flat [B*U] indices, their maps)
-        self._candidate_rows = 0
+        self._hook_top: HookTopK | None = None
+        self._buffer: list[tuple] = []  # (values, ids, labels, sampled rows or None, their fractions or None)
 
     def observe(self, output: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
                 sampled: torch.Tensor | None) -> int:
         """output: the live layer output [B, ...]; sampled: rows of the batch whose active positions count.
 
-        Returns the bytes this call added to the buffer. Every op here is paid
-        on every batch of every layer, so only what needs the live output is
-        done: the reduction, one candidate test for top- and bottom-k together,
-        a copy of the candidates' maps (the only part of the output a later
-        in-place op could spoil) and of the sampled rows. Which unit, example
-        and value each candidate is, is worked out later for many batches at
-        once (`_resolve`), from the buffered values.
+        Returns the bytes this call added to the buffer. Every op here is
+        paid on every batch of every layer, so only what needs the live
+        output is done.
         """
         maps = unit_maps(output)
         if maps is None:
@@ -527,96 +572,77 @@ class LayerAccumulator:
         if self.deferred:
             self._buffer.append((values, ids, labels, None, None))
             return values.numel() * 16
-        n_units = self.top.n_units
-        either = self.top.might_take(values)
-        either |= self.bottom.might_take(values)
-        flat = either.view(-1).nonzero().view(-1)  # candidates grow rarer as the pass goes on
-        found = len(flat)
-        if found > self.top.k * n_units:  # a flood (the first batches): each TopK pre-selects the batch's k best
-            self._resolve()
-            self.top.offer(values, ids, None, maps)
-            self.bottom.offer(values, ids, None, maps)
-        elif found:
-            if maps is None:
-                candidate_maps = None
-            elif maps.is_contiguous():
-                candidate_maps = maps.flatten(0, 1).index_select(0, flat)
-            else:
-                candidate_maps = maps[flat // n_units, flat % n_units]
-            self._candidates.append((values, ids, flat, candidate_maps))
-            self._candidate_rows += found
-            if self._candidate_rows >= RESOLVE_EVERY * self.top.k * n_units:  # keep the thresholds fresh
-                self._resolve()
-        rows = fraction = None
+        if maps is not None:
+            if self._hook_top is None:
+                self._hook_top = HookTopK([(top, rectify) for acc, rectify in self._family()
+                                           for top in (acc.top, acc.bottom)], maps.shape[2])
+            self._hook_top.offer(values, maps if maps.dtype == torch.float32 else maps.float(), ids)
+        rows = fractions = None
         if sampled is not None:
             rows = output.index_select(0, sampled)  # a copy: later in-place ops cannot reach it
             if rows.numel() >= MEASURE_AT_ONCE * rows.shape[0]:  # large maps: measuring now costs less than keeping the copy
-                rows, fraction = None, active_fraction(rows, self.threshold)
-        self._buffer.append((values, ids, labels, rows, fraction))
-        kept = rows if rows is not None else fraction
-        return values.numel() * 16 + (kept.numel() * kept.element_size() if kept is not None else 0)
+                rows, fractions = None, self._fractions(rows)
+        self._buffer.append((values, ids, labels, rows, fractions))
+        kept = [rows] if rows is not None else fractions or []
+        return values.numel() * 16 + sum(t.numel() * t.element_size() for t in kept)
 
-    def _resolve(self) -> None:
-        """Turn the batches' candidate positions into (unit, example id, value, map) and queue them on both TopKs.
+    def _family(self) -> "list[tuple[LayerAccumulator, bool]]":
+        """This accumulator and its followers, with whether each one's values are ReLU of this layer's."""
+        return [(self, False)] + [(follower, True) for follower in self.followers]
 
-        One set of ops for all the batches since the last call (each TopK's
-        fold ranks the candidates, so one set serves the top- and the bottom-k).
+    def _fractions(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """The active positions of sampled rows for this layer and each follower (ReLU of the rows)."""
+        return [active_fraction(rows if not rectify else torch.relu(rows), self.threshold)
+                for _, rectify in self._family()]
+
+    def flush(self) -> None:
+        """Feed the buffered batches to the accumulators (and the followers'), as one unit-major chunk.
+
+        One compiled read of the chunk (`kernels.chunk_family`) gives every
+        sum of this layer and of its followers (ReLU of its values) and, for
+        the top-/bottom-k not taken in the hook, their insertions.
         """
-        if not self._candidates:
-            return
-        values, ids, flats, maps = zip(*self._candidates)
-        self._candidates, self._candidate_rows = [], 0
-        n_units = self.top.n_units
-        if len(flats) == 1:
-            flat, values, ids = flats[0], values[0], ids[0]
-        else:
-            sizes = [v.shape[0] for v in values]
-            starts = torch.tensor(np.cumsum([0] + sizes[:-1]) * n_units, device=flats[0].device)
-            counts = torch.tensor([len(f) for f in flats], device=flats[0].device)
-            flat = torch.cat(flats) + torch.repeat_interleave(starts, counts)
-            values, ids = torch.cat(values), torch.cat(ids)
-        candidate_maps = None if maps[0] is None else (maps[0] if len(maps) == 1 else torch.cat(maps)).float()
-        candidates = (flat % n_units, ids.index_select(0, flat // n_units), values.view(-1).index_select(0, flat),
-                      candidate_maps)
-        self.top.queue(*candidates)
-        self.bottom.queue(*candidates)
-
-    def flush(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Feed the buffered batches to the accumulators; returns that chunk (values [R, U], ids, labels), or None.
-
-        The chunk's values are the transpose of a unit-major [U, R] tensor; a
-        layer derived from this one (`derived_layers`) is fed from it.
-        """
-        self._resolve()
         if not self._buffer:
-            return None
-        # unit-major [U, R] (returned as its [R, U] transpose): the accumulators reduce over contiguous rows
+            return
+        # unit-major [U, R] (used as its [R, U] transpose): the accumulators reduce over contiguous rows
         values = torch.cat([b[0].T for b in self._buffer], dim=1).cpu().T
         ids, labels = (torch.cat([b[i] for b in self._buffer]).cpu() for i in (1, 2))
         rows = [b[3] for b in self._buffer if b[3] is not None]
-        fractions = [b[4] for b in self._buffer if b[4] is not None]
+        measured = [b[4] for b in self._buffer if b[4] is not None]
         self._buffer = []
         if rows:
-            fractions.append(active_fraction(torch.cat(rows), self.threshold))
-        self.absorb(values, ids, labels, torch.cat(fractions).cpu() if fractions else None)
-        return values, ids, labels
+            measured.append(self._fractions(torch.cat(rows)))
+        family = self._family()
+        tops = [top for acc, _ in family for top in (acc.top, acc.bottom)] if self.deferred or self.flat else []
+        for top in tops:
+            top.fold()  # nothing pending in a scan; the state must be values only (maps come later)
+            if top.maps is not None:
+                raise ValueError("a top-k with maps cannot take a chunk in bulk")
+        n_units, k = self.top.n_units, self.top.k
+        keys = np.stack([top.keys.numpy() for top in tops]) if tops else np.empty((0, n_units, k), np.float32)
+        kept = np.stack([top.ids.numpy() for top in tops]) if tops else np.empty((0, n_units, k), np.int64)
+        positions = np.stack([top.positions.numpy() for top in tops]) if tops else kept.copy()
+        n_classes = self.classes.sums.shape[0]
+        stats = kernels.chunk_family(np.ascontiguousarray(values.T.numpy()), labels.numpy(), n_classes,
+                                     np.float32(self.threshold), ids.numpy(),
+                                     np.array([rectify for _, rectify in family]), keys, kept, positions)
+        for i, top in enumerate(tops):
+            top.keys, top.ids, top.positions = (torch.from_numpy(a[i].copy()) for a in (keys, kept, positions))
+            top._device_bound = None
+        for f, (acc, rectify) in enumerate(family):
+            chunk = Chunk(values, labels, n_classes, self.threshold, rectify, tuple(a[f] for a in stats))
+            acc.absorb(chunk, ids, labels, torch.cat([m[f] for m in measured]).cpu() if measured else None)
 
-    def absorb(self, values: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
+    def absorb(self, chunk: Chunk, ids: torch.Tensor, labels: torch.Tensor,
                fraction: torch.Tensor | None = None) -> None:
-        """One chunk of reduced values [R, U] (ids ascending) into every accumulator; top-k in bulk when deferred."""
-        chunk = Chunk(values, labels, self.classes.sums.shape[0], self.threshold)
+        """One chunk (ids ascending, its sums computed) into the moments, activity, class means and sample."""
         self.moments.update(chunk)
         self.activity.update(chunk, fraction)
         self.classes.update(chunk, labels)
-        self.sample.update(values, ids)
-        if self.deferred:
-            self.top.offer_chunk(chunk, ids)
-            self.bottom.offer_chunk(chunk, ids)
-            if self.flat and self.activity_ids is not None:  # a flat unit's one position: its value
-                rows = torch.isin(ids, self.activity_ids).nonzero().view(-1)
-                self.activity.add_positions(active_fraction(values.index_select(0, rows), self.threshold))
-        self.top.fold()
-        self.bottom.fold()
+        self.sample.update(chunk, ids)
+        if self.deferred and self.flat and self.activity_ids is not None:  # a flat unit's one position: its value
+            rows = torch.isin(ids, self.activity_ids).nonzero().view(-1)
+            self.activity.add_positions(active_fraction(chunk.rows(rows), self.threshold))
 
     def needed(self) -> torch.Tensor:
         """Example ids a deferred layer's second pass must see: those of its kept top- and bottom-k entries."""
@@ -637,12 +663,13 @@ class LayerAccumulator:
         self._plan_maps: list[torch.Tensor] = []
         self._activity_rows: list[torch.Tensor] = []  # copies of the pass's activity rows, measured at the end
 
-    def fill(self, output: torch.Tensor, first: int, sampled: torch.Tensor | None) -> None:
+    def fill(self, output: torch.Tensor, first: int, sampled: torch.Tensor | None, rectify: bool = False) -> None:
         """Second pass of a deferred layer, on pass rows [first, first + B): keep the maps its entries need.
 
         sampled: rows of this batch that are activity rows; they are copied
         and their active positions measured all at once in `finish_maps`
-        (large maps: measured here, as in `observe`).
+        (large maps: measured here, as in `observe`). rectify: this is a
+        ReLU derived from the layer whose output this is (ReLU of the copies).
         """
         maps = unit_maps(output)
         if maps is not None:
@@ -652,9 +679,12 @@ class LayerAccumulator:
                 units = self._plan[1][lo:hi]
                 if maps.device.type != "cpu":
                     rows, units = rows.to(maps.device), units.to(maps.device)
-                self._plan_maps.append(maps[rows, units].float().cpu())  # a copy: in-place ops cannot reach it
+                chosen = maps[rows, units].float()  # a copy: in-place ops cannot reach it
+                self._plan_maps.append((chosen.relu_() if rectify else chosen).cpu())
         if sampled is not None:
             rows = output.index_select(0, sampled)  # a copy
+            if rectify:
+                rows = rows.relu_()
             if rows.numel() >= MEASURE_AT_ONCE * rows.shape[0]:
                 self.activity.add_positions(active_fraction(rows, self.threshold).cpu())
             else:
@@ -770,18 +800,10 @@ def input_activations(net: torch.nn.Module, dataset: AtlasDataset, layers: list[
 
 
 def histogram(sample: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per unit: `bins` equal bins between the min and max of its finite sampled activations."""
-    v = torch.from_numpy(sample).T.float()  # unit-major [U, S]: each unit's reductions over contiguous memory
-    finite = torch.isfinite(v)
-    lo = torch.where(finite, v, torch.inf).amin(1)
-    hi = torch.where(finite, v, -torch.inf).amax(1)
-    empty = ~torch.isfinite(lo)
-    lo, hi = torch.where(empty, 0.0, lo), torch.where(empty, 0.0, hi)
-    width = (hi - lo).clamp(min=1e-12)
-    idx = ((v - lo[:, None]) / width[:, None] * bins).floor().clamp(0, bins - 1)
-    idx = torch.where(finite, idx, 0).long()
-    counts = torch.zeros(v.shape[0], bins).scatter_add_(1, idx, finite.float())
-    return counts.long().numpy(), lo.numpy(), hi.numpy()
+    """Per unit: `bins` equal bins between the min and max of its finite sampled activations (lo = hi = 0 if none)."""
+    unit_major = np.ascontiguousarray(sample.T, dtype=np.float32)  # each unit's samples contiguous
+    counts, lo, hi = kernels.histogram_rows(unit_major, bins)
+    return counts, lo, hi
 
 
 def class_selectivity(class_means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -953,35 +975,33 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
     accs: dict[str, LayerAccumulator] = {}
     batch: dict = {"calls": {}}  # what the hooks need to know about the batch in flight
     plan = forward_plan(net, torch.as_tensor(dataset.data[start][0])[None], layers, device) if stop > start else None
-    deferred = plan is not None and defer_maps(plan, cfg, len(dataset))
-    derived = derived_layers(net, layers, plan, cfg) if deferred else {}  # {relu: the layer it follows}
+    deferred = plan is not None and defer_maps(plan, cfg, len(dataset), device)
+    derived = derived_layers(net, layers, plan, cfg)  # {relu: the layer it follows}
     hooked = [name for name in layers if name not in derived]
     followers = {name: [relu for relu, source in derived.items() if source == name] for name in hooked}
 
-    def new_accumulator(shape: tuple[int, ...]) -> LayerAccumulator:
+    def new_accumulator(shape: tuple[int, ...], followers=None) -> LayerAccumulator:
         return LayerAccumulator(unit_count(shape), cfg, n_classes, sample, deferred,
-                                activity_rows if deferred else None, flat=len(shape) == 1)
+                                activity_rows if deferred else None, len(shape) == 1, followers)
 
     def sink(name: str, output: torch.Tensor) -> None:
         calls = batch["calls"][name] = batch["calls"].get(name, 0) + 1
         if calls < plan.calls.get(name, 1):  # a module called several times per forward: its last call counts
             return
         if name not in accs:
-            accs[name] = new_accumulator(tuple(output.shape[1:]))
             for relu in followers[name]:
                 accs[relu] = new_accumulator(plan.shapes[relu])
-        batch["bytes"] += accs[name].observe(output, batch["ids"], batch["labels"], batch.get("sampled"))
+            accs[name] = new_accumulator(tuple(output.shape[1:]), [accs[relu] for relu in followers[name]])
+        batch["bytes"] += accs[name].observe(output, batch["ids"], batch["labels"], batch["sampled"])
 
     predicted, confidence, label_batches, outputs = [], [], [], []
     seen = start
     batch["bytes"] = 0
 
     def flush() -> None:
-        for name in hooked:
-            chunk = accs[name].flush() if name in accs else None
-            for relu in followers[name] if chunk is not None else ():  # ReLU(max) = max of the ReLU
-                values, ids, labels = chunk
-                accs[relu].absorb(torch.relu(values), ids, labels)
+        for name in hooked:  # each also feeds its followers
+            if name in accs:
+                accs[name].flush()
         if outputs:  # the model's prediction and confidence, a chunk of batches at a time
             conf, pred = torch.cat(outputs).float().softmax(1).max(1)
             predicted.append(pred.cpu())
@@ -997,9 +1017,11 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
             n = x.shape[0]
             labels = torch.as_tensor(y).view(-1).long()
             batch["ids"], batch["labels"] = torch.arange(seen, seen + n, device=device), labels.to(device)
+            batch["sampled"] = None
             if not deferred:  # the rows whose active positions are measured in the hook
                 lo, hi = np.searchsorted(activity_rows, [seen, seen + n])
-                batch["sampled"] = None if hi == lo else torch.as_tensor(activity_rows[lo:hi] - seen, device=device)
+                if hi > lo:
+                    batch["sampled"] = torch.as_tensor(activity_rows[lo:hi] - seen, device=device)
             batch["calls"] = {}
             with autocast:
                 out = net(x.to(device, non_blocking=True))
@@ -1009,8 +1031,7 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
             if isinstance(out, torch.Tensor) and out.dim() == 2:
                 outputs.append(out)
                 batch["bytes"] += out.numel() * out.element_size()
-            # fold after the first batch (sets the top-k thresholds), then in chunks of bounded memory
-            if (seen == start + n and not deferred) or batch["bytes"] >= cfg.buffer_mb * 2**20:
+            if batch["bytes"] >= cfg.buffer_mb * 2**20:  # chunks of bounded memory
                 flush()
         flush()
     if deferred:
@@ -1079,22 +1100,28 @@ def derived_layers(net: torch.nn.Module, layers: list[str], plan: ForwardPlan, c
     return derived
 
 
+HOOK_MAPS_DEVICES = ("cpu",)  # devices whose outputs the compiled kernels can read in the hook
 DEFER_MAPS = 8  # maps from a second pass when the dataset has this many times more examples than map slots
 
 
-def defer_maps(plan: ForwardPlan, cfg: ScanSection, n_examples: int) -> bool:
-    """Whether the maps of top-/bottom-k examples are cheaper from a second pass than copied during the scan.
+def defer_maps(plan: ForwardPlan, cfg: ScanSection, n_examples: int, device: torch.device) -> bool:
+    """Whether the maps of top-/bottom-k examples come from a second pass rather than from the hook.
 
-    During the scan each batch pays, for every conv/token layer, a candidate
-    test and a copy of the candidates' maps: a few small ops that can cost as
-    much as a small model's whole forward. A second pass over just the
-    examples that end up in some top- or bottom-k (plus the activity rows),
-    stopped after the last conv/token layer, costs at most `2 * top_k *
-    units` examples; when the dataset is more than DEFER_MAPS times larger
-    than that, the scan keeps only the values (top-k in bulk, one
-    `torch.topk` per chunk) and the second pass adds the maps. The choice
-    depends on shapes alone, so it is the same in every run and on every rank.
+    In the hook, a compiled kernel (`HookTopK`) tests each batch against
+    every unit's current k-th values and copies the maps of just the
+    examples that enter: a few microseconds per layer and batch, which on a
+    small model still adds up to a good part of its forward. A second pass
+    over just the examples that end up in some top- or bottom-k (plus the
+    activity rows), stopped after the last conv/token layer, costs at most
+    `2 * top_k * units` examples; when the dataset is more than DEFER_MAPS
+    times larger than that, the scan keeps only the values (top-k in bulk,
+    one compiled pass per chunk) and the second pass adds the maps. Off the
+    CPU (a GPU), where the kernels cannot read the output, always so. The
+    choice depends on shapes alone, so it is the same in every run and on
+    every rank.
     """
+    if device.type not in HOOK_MAPS_DEVICES:
+        return True
     slots = sum(2 * cfg.top_k * unit_count(shape) for shape in plan.shapes.values() if len(shape) in (2, 3))
     return slots > 0 and slots * DEFER_MAPS <= n_examples
 
@@ -1119,8 +1146,6 @@ def maps_pass(net: torch.nn.Module, data, start: int, accs: dict[str, LayerAccum
         acc.plan_maps(ids)
     activity = np.isin(ids.numpy(), activity_rows)
     hooked = [name for name in mapped if name not in derived]
-    followers = {name: [relu for relu, source in derived.items() if source == name and relu in mapped]
-                 for name in hooked}
     expected = sum(plan.calls[name] for name in hooked)
     batch: dict = {}
 
@@ -1128,8 +1153,8 @@ def maps_pass(net: torch.nn.Module, data, start: int, accs: dict[str, LayerAccum
         calls = batch["calls_of"][name] = batch["calls_of"].get(name, 0) + 1
         if calls == plan.calls[name]:  # a module called several times per forward: its last call counts
             mapped[name].fill(output, batch["first"], batch["sampled"])
-            for relu in followers[name]:
-                mapped[relu].fill(torch.relu(output), batch["first"], batch["sampled"])
+            for follower in mapped[name].followers:  # derived ReLUs (mapped too: same shape)
+                follower.fill(output, batch["first"], batch["sampled"], rectify=True)
         batch["calls"] += 1
         if batch["calls"] == expected:
             raise _StopForward  # the rest of the model is not needed

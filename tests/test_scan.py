@@ -150,7 +150,8 @@ def topk_pass(values, positions, maps, k, largest, batch, ids=None, with_maps=Tr
 
 @pytest.fixture(params=["in-hook", "deferred"])
 def maps_mode(request, monkeypatch) -> str:
-    """Both ways the scan gets the top-k maps: copied in the hook, or from a second pass (scan.defer_maps)."""
+    """Both ways the scan gets the top-k maps: in the hook by the compiled kernel, or from a second pass
+    (scan.defer_maps: for datasets much larger than the map slots, and off the CPU)."""
     monkeypatch.setattr(scan_mod, "DEFER_MAPS", 10**12 if request.param == "in-hook" else 0)
     return request.param
 
@@ -761,8 +762,8 @@ def test_layer_accumulator_merge_in_either_order_equals_one_pass():
 
 @pytest.mark.parametrize("batch,flush_every", [(1, 1), (4, 3), (16, 1), (50, 100)])
 def test_layer_accumulator_observe_matches_brute_force(batch, flush_every):
-    """The scan's path: raw conv outputs observed batch by batch (the first ones flood the top-k, later ones
-    are gathered for top and bottom at once), flushed now and then; the sampled rows give the position activity."""
+    """The scan's path: raw conv outputs observed batch by batch (the top-/bottom-k and their maps taken in the
+    hook by the compiled kernel), flushed now and then; the sampled rows give the position activity."""
     g = torch.Generator().manual_seed(80)
     out = torch.randn(50, 4, 3, 3, generator=g).round(decimals=1)  # rounded: ties within and across maps
     out[[3, 20, 21, 44], 1] = 4.5  # whole maps equal: a tie for unit 1's top
@@ -1113,28 +1114,34 @@ def test_scan_model_module_called_twice_counts_its_last_call_once(maps_mode):
 
 
 def test_deferred_maps_chosen_by_shapes_and_second_pass_stops_after_the_last_map_layer(monkeypatch):
-    """defer_maps: a second pass when the dataset outnumbers the map slots DEFER_MAPS times; that pass runs
-    each needed example once and stops the forward before layers that need nothing (here the flat fc)."""
+    """defer_maps: a second pass when the dataset outnumbers the map slots DEFER_MAPS times, or off the CPU;
+    that pass runs each needed example once and stops the forward before layers that need nothing (here the
+    flat fc); the maps from the hook and from the second pass agree bit for bit."""
     from atlas_builder.scan import ForwardPlan, defer_maps
 
     plan = ForwardPlan({"conv": (2, 8, 8), "relu": (2, 8, 8), "fc": (3,)}, {"conv": 1, "relu": 1, "fc": 1})
     cfg = ScanSection(top_k=4)
     slots = 2 * 4 * (2 + 2)  # top- and bottom-k of the conv/token layers' units
-    assert defer_maps(plan, cfg, slots * scan_mod.DEFER_MAPS)
-    assert not defer_maps(plan, cfg, slots * scan_mod.DEFER_MAPS - 1)
-    assert not defer_maps(ForwardPlan({"fc": (3,)}, {"fc": 1}), cfg, 10**9)  # no maps: nothing to defer
-    fc_calls, passes = [], []
+    assert defer_maps(plan, cfg, slots * scan_mod.DEFER_MAPS, CPU)
+    assert not defer_maps(plan, cfg, slots * scan_mod.DEFER_MAPS - 1, CPU)
+    assert defer_maps(plan, cfg, 1, torch.device("cuda"))  # a device the kernels cannot read
+    assert not defer_maps(ForwardPlan({"fc": (3,)}, {"fc": 1}), cfg, 10**9, CPU)  # no maps: nothing to defer
     original = scan_mod.maps_pass
-    monkeypatch.setattr(scan_mod, "maps_pass", lambda *a, **k: (passes.append(1), original(*a, **k)))
-    monkeypatch.setattr(scan_mod, "DEFER_MAPS", 0)
     loaded, dataset = wrap(fixtures_models.tiny_dataset())
-    handle = loaded.module.fc.register_forward_hook(lambda m, i, o: fc_calls.append(len(o)))
-    try:
-        scan_model(loaded, dataset, LAYERS, ScanSection(top_k=4, batch_size=7), CPU, progress=False)
-    finally:
-        handle.remove()
-    assert passes == [1]
-    assert sum(fc_calls) == 1 + 40  # the plan's one example, then the scan's 40; the second pass stopped earlier
+    results = []
+    for defer in (10**12, 0):
+        monkeypatch.setattr(scan_mod, "DEFER_MAPS", defer)
+        fc_calls, passes = [], []
+        monkeypatch.setattr(scan_mod, "maps_pass", lambda *a, **k: (passes.append(1), original(*a, **k)))
+        handle = loaded.module.fc.register_forward_hook(lambda m, i, o: fc_calls.append(len(o)))
+        try:
+            results.append(scan_model(loaded, dataset, LAYERS, ScanSection(top_k=4, batch_size=7), CPU,
+                                      progress=False))
+        finally:
+            handle.remove()
+        assert passes == ([] if defer else [1])
+        assert sum(fc_calls) == 1 + 40  # the plan's one example, then the scan's 40; a second pass stops earlier
+    scans_equal(*results)
 
 
 class AddThenReLU(nn.Module):
@@ -1194,10 +1201,9 @@ def test_derived_layers_only_where_nothing_runs_between():
 
 @pytest.mark.parametrize("make", [lambda: derivable_cnn(True), lambda: derivable_cnn(False), AddThenReLU],
                          ids=["inplace-relu", "relu", "own-forward"])
-def test_derived_relu_scans_exactly_as_its_own_hook(make, monkeypatch):
-    """Deferred scan: a derived ReLU (no hook, values and maps from the layer before) gives bit for bit what
-    hooking it gives, including an in-place ReLU that overwrites the conv's output; checked against brute force."""
-    monkeypatch.setattr(scan_mod, "DEFER_MAPS", 0)
+def test_derived_relu_scans_exactly_as_its_own_hook(make, maps_mode, monkeypatch):
+    """A derived ReLU (no hook, values and maps from the layer before) gives bit for bit what hooking it
+    gives, including an in-place ReLU that overwrites the conv's output; checked against brute force."""
     model = make().eval()
     layers = [n for n in ("conv", "relu", "block.fc", "block.act", "out", "fc") if n in dict(model.named_modules())]
     x = torch.randn(60, 1, 8, 8, generator=torch.Generator().manual_seed(10))
