@@ -147,11 +147,11 @@ def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids,
 
 
 @numba.njit(cache=True, nogil=True)
-def offer_maps(values, maps, ids, signs, rectify, keys, ints, state_maps):  # pragma: no cover - compiled
+def offer_maps(values, maps, first, signs, rectify, keys, ints, state_maps):  # pragma: no cover - compiled
     """Offer one batch, with its maps, to S top-k states at once, in place: the forward hook's path on the CPU.
 
     values [B, U] float32, maps [B, U, M] float32 (the live layer output,
-    any strides), ids [B] ascending and above every id offered before.
+    any strides), of examples first .. first + B - 1, above every id offered before.
     State s (a top-k if signs[s] = 1, a bottom-k if -1; rectify[s]: of
     ReLU(values) and ReLU(maps), a ReLU derived from this layer): keys
     [S, U, k] (sign * value, best first, -inf empty); ints [S, 3, U, k]:
@@ -207,7 +207,7 @@ def offer_maps(values, maps, ids, signs, rectify, keys, ints, state_maps):  # pr
                         best = x
                         at = m
                 keys[s, u, j] = key
-                ints[s, 0, u, j] = ids[b]
+                ints[s, 0, u, j] = first + b
                 ints[s, 1, u, j] = at
                 ints[s, 2, u, j] = slot
                 worst = keys[s, u, k - 1]

@@ -141,7 +141,7 @@ class Probe:
     is [B, U] and `positions[layer]` [B, U]. With `sink`, the hook instead
     calls `sink(layer, output)` with the live output tensor (before any later
     in-place op can change it) and keeps nothing. Either way `shapes[layer]`
-    is the output shape of one example.
+    is the output shape of one example (as its first call gave it).
     """
 
     def __init__(self, model: nn.Module, layers: list[str], reduce: str = "max", sink=None,
@@ -222,8 +222,10 @@ class Probe:
                 raise AtlasError(f"layer {name!r} ({type(module).__name__}){of} returns {type(output).__name__}, "
                                  f"not a tensor, so it has no units to probe; remove it from layers = [...], or probe "
                                  f"one of its submodules (`atlas layers CONFIG` shows each module's output)")
-            output = output.detach()
-            self.shapes[name] = tuple(output.shape[1:])
+            if output.requires_grad:
+                output = output.detach()
+            if name not in self.shapes:
+                self.shapes[name] = tuple(output.shape[1:])
             try:
                 if self.sink is not None:
                     self.sink(name, output)

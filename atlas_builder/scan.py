@@ -292,9 +292,9 @@ class HookTopK:
             top.keys, top.ids, top.positions, top.slots, top.maps = (
                 torch.from_numpy(a) for a in (self.keys[s], *self.ints[s], self.maps[s]))
 
-    def offer(self, values: torch.Tensor, maps: torch.Tensor, ids: torch.Tensor) -> None:
-        """values [B, U] float32, maps [B, U, M] float32 on the CPU; ids [B] ascending, above all ids before."""
-        kernels.offer_maps(values.numpy(), maps.numpy(), ids.numpy(), self.signs, self.rectify, self.keys,
+    def offer(self, values: torch.Tensor, maps: torch.Tensor, first: int) -> None:
+        """values [B, U] float32, maps [B, U, M] float32 on the CPU, of examples first, first + 1, ... (above all before)."""
+        kernels.offer_maps(values.numpy(), maps.numpy(), first, self.signs, self.rectify, self.keys,
                            self.ints, self.maps)
         for top in self.tops:
             top._device_bound = None
@@ -553,9 +553,9 @@ class LayerAccumulator:
         self._hook_top: HookTopK | None = None
         self._buffer: list[tuple] = []  # (values, ids, labels, sampled rows or None, their fractions or None)
 
-    def observe(self, output: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
-                sampled: torch.Tensor | None) -> int:
-        """output: the live layer output [B, ...]; sampled: rows of the batch whose active positions count.
+    def observe(self, output: torch.Tensor, first: int, labels: torch.Tensor, sampled: torch.Tensor | None) -> int:
+        """output: the live layer output [B, ...] of examples first, first + 1, ... (above every example before);
+        labels [B]; sampled: rows of the batch whose active positions count.
 
         Returns the bytes this call added to the buffer. Every op here is
         paid on every batch of every layer, so only what needs the live
@@ -570,19 +570,19 @@ class LayerAccumulator:
             values = values.float()
         self.flat = maps is None
         if self.deferred:
-            self._buffer.append((values, ids, labels, None, None))
+            self._buffer.append((values, first, labels, None, None))
             return values.numel() * 16
         if maps is not None:
             if self._hook_top is None:
                 self._hook_top = HookTopK([(top, rectify) for acc, rectify in self._family()
                                            for top in (acc.top, acc.bottom)], maps.shape[2])
-            self._hook_top.offer(values, maps if maps.dtype == torch.float32 else maps.float(), ids)
+            self._hook_top.offer(values, maps if maps.dtype == torch.float32 else maps.float(), first)
         rows = fractions = None
         if sampled is not None:
             rows = output.index_select(0, sampled)  # a copy: later in-place ops cannot reach it
             if rows.numel() >= MEASURE_AT_ONCE * rows.shape[0]:  # large maps: measuring now costs less than keeping the copy
                 rows, fractions = None, self._fractions(rows)
-        self._buffer.append((values, ids, labels, rows, fractions))
+        self._buffer.append((values, first, labels, rows, fractions))
         kept = [rows] if rows is not None else fractions or []
         return values.numel() * 16 + sum(t.numel() * t.element_size() for t in kept)
 
@@ -606,7 +606,8 @@ class LayerAccumulator:
             return
         # unit-major [U, R] (used as its [R, U] transpose): the accumulators reduce over contiguous rows
         values = torch.cat([b[0].T for b in self._buffer], dim=1).cpu().T
-        ids, labels = (torch.cat([b[i] for b in self._buffer]).cpu() for i in (1, 2))
+        labels = torch.cat([b[2] for b in self._buffer]).cpu()
+        ids = torch.arange(self._buffer[0][1], self._buffer[0][1] + len(values))  # each batch follows the one before
         rows = [b[3] for b in self._buffer if b[3] is not None]
         measured = [b[4] for b in self._buffer if b[4] is not None]
         self._buffer = []
@@ -992,7 +993,7 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
             for relu in followers[name]:
                 accs[relu] = new_accumulator(plan.shapes[relu])
             accs[name] = new_accumulator(tuple(output.shape[1:]), [accs[relu] for relu in followers[name]])
-        batch["bytes"] += accs[name].observe(output, batch["ids"], batch["labels"], batch["sampled"])
+        batch["bytes"] += accs[name].observe(output, batch["first"], batch["labels"], batch["sampled"])
 
     predicted, confidence, label_batches, outputs = [], [], [], []
     seen = start
@@ -1016,7 +1017,7 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
         for x, y in tqdm(loader, desc=f"scan {model.name}", unit="batch", disable=not progress, leave=False):
             n = x.shape[0]
             labels = torch.as_tensor(y).view(-1).long()
-            batch["ids"], batch["labels"] = torch.arange(seen, seen + n, device=device), labels.to(device)
+            batch["first"], batch["labels"] = seen, labels.to(device)
             batch["sampled"] = None
             if not deferred:  # the rows whose active positions are measured in the hook
                 lo, hi = np.searchsorted(activity_rows, [seen, seen + n])

@@ -776,7 +776,7 @@ def test_layer_accumulator_observe_matches_brute_force(batch, flush_every):
         n = min(batch, 50 - i)
         rows = sample[(sample >= i) & (sample < i + n)] - i
         sampled = None if not len(rows) else torch.from_numpy(rows)
-        acc.observe(out[i:i + n], torch.arange(i, i + n), labels[i:i + n], sampled)
+        acc.observe(out[i:i + n], i, labels[i:i + n], sampled)
         if step % flush_every == 0:
             acc.flush()
     acc.flush()
