@@ -17,8 +17,8 @@ merge, ties): the accumulators in `scan.py` do, and test these kernels
 through them against brute force. The torch ops they replace cost, on a
 small model, as much as its forward: about ten passes over each chunk, and
 several small ops per layer per batch.
-Compiled on first use and cached on disk (numba `cache=True`), so only the
-first scan after an install pays the compile (a second or two each).
+Compiled on first use and cached on disk (numba `cache=True`): about 3 s
+for all of them once after an install, then about 0.25 s per process to load.
 """
 
 from __future__ import annotations

@@ -21,16 +21,18 @@ dataset's size, so shards from several processes can be combined:
   redundancy flag are computed from it, and the embedding stage uses it.
 
 Activations are buffered between batches (at most `scan.buffer_mb`) so the
-accumulators run on large chunks, unit-major (each unit's values contiguous);
-that keeps the scan close to the speed of a bare forward pass while memory
-stays flat. The top-k maps come one of two ways (`defer_maps` chooses, from
-shapes alone): copied in the hook for the candidates that beat a unit's
-current k-th value, or — when the dataset is much larger than the number of
-top-/bottom-k slots, where that per-batch test would cost as much as a small
-model's forward — from a second pass over just the examples that ended in
-some top- or bottom-k, the scan itself keeping only the values. In that
-mode a ReLU right after a probed layer in a plain `nn.Sequential` is not
-hooked: its values and maps are derived from that layer (`derived_layers`).
+accumulators run on large chunks, unit-major (each unit's values contiguous),
+and their inner loops are compiled (`kernels`): one read of a chunk gives a
+layer's sums and those of the ReLUs derived from it. That keeps the scan
+close to the speed of a bare forward pass while memory stays flat. The top-k
+maps come one of two ways (`defer_maps` chooses, from shapes and the device
+alone): in the hook (`HookTopK`: one compiled call per layer and batch
+copies the maps of just the examples that enter), or — when the dataset is
+much larger than the number of top-/bottom-k slots, and always off the CPU
+— from a second pass over just the examples that ended in some top- or
+bottom-k, the scan itself keeping only the values. A ReLU right after a
+probed layer in a plain `nn.Sequential` is not hooked: its values and maps
+are derived from that layer (`derived_layers`).
 
 A module the forward calls several times (a shared ReLU) counts its last
 call once per example, as the Probe's own values do.
