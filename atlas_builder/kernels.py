@@ -63,6 +63,29 @@ def insert_top(vt, ids, sign, keys, kept_ids, positions):  # pragma: no cover - 
                 worst = _insert(keys, kept_ids, positions, 0, u, key, ids[r])
 
 
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
+def _row_sums(row, relu, shift, threshold):  # pragma: no cover - compiled
+    """(sum, sum of squares of value - shift, active count, non-finite count) of one row, vectorized.
+
+    Reassociated (so the sums vectorize); the sums are only right when the
+    row is all finite, which the non-finite count tells.
+    """
+    total = 0.0
+    squares = 0.0
+    active = 0
+    bad = 0
+    for r in range(row.shape[0]):
+        x = row[r]
+        if relu:
+            x = max(x, np.float32(0.0))
+        active += x > threshold
+        bad += not np.isfinite(x)
+        c = np.float64(x) - shift
+        total += c
+        squares += c * c
+    return total, squares, active, bad
+
+
 @numba.njit(cache=True, nogil=True)
 def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids, positions):  # pragma: no cover
     """Per-unit sums of a chunk for a layer and the ReLUs derived from it, and their top-/bottom-k, in one read.
@@ -94,53 +117,54 @@ def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids,
     active = np.zeros((n_members, n_units), np.int64)
     class_sums = np.zeros((n_members, n_units, n_classes))
     class_counts = np.zeros((n_members, n_units, n_classes))
+    valid = np.empty(n_rows, np.bool_)
+    for r in range(n_rows):
+        valid[r] = 0 <= labels[r] < n_classes
+    zero = np.float32(0.0)
     for u in range(n_units):
         row = vt[u]
         for f in range(n_members):
             relu = rectify[f]
             s = 0.0
-            for r in range(n_rows):
-                if np.isfinite(row[r]):
-                    s = np.float64(max(row[r], np.float32(0.0))) if relu else np.float64(row[r])
-                    break
-            top = np.float32(-np.inf)
-            bottom = np.float32(-np.inf)
-            if with_top:
-                top = keys[2 * f, u, k - 1]
-                bottom = keys[2 * f + 1, u, k - 1]
-            n = 0
-            bad = 0
-            on = 0
-            t = 0.0
-            q = 0.0
-            low = np.inf
-            high = -np.inf
+            if n_rows:
+                s = np.float64(max(row[0], zero)) if relu else np.float64(row[0])
+            t, q, on, bad = _row_sums(row, relu, s, threshold)
+            exact = bad == 0  # the usual case: all finite, the vectorized sums stand
+            n = n_rows
+            if not exact:  # sums again over the finite values only, shifted by the first of them
+                n, t, q, s = 0, 0.0, 0.0, 0.0
+                for r in range(n_rows):
+                    if np.isfinite(row[r]):
+                        s = np.float64(max(row[r], zero)) if relu else np.float64(row[r])
+                        break
+            sums = class_sums[f, u]
+            counts = class_counts[f, u]
+            top = keys[2 * f, u, k - 1] if with_top else np.float32(np.inf)
+            bottom = keys[2 * f + 1, u, k - 1] if with_top else np.float32(np.inf)
+            low = np.float32(np.inf)
+            high = np.float32(-np.inf)
             for r in range(n_rows):
                 x = row[r]
                 if relu and x < 0:
-                    x = np.float32(0.0)
-                if x > threshold:
-                    on += 1
-                if not np.isfinite(x):
-                    bad += 1
-                    continue
-                c = np.float64(x) - s
-                t += c
-                q += c * c
-                n += 1
+                    x = zero
+                if not exact:
+                    if not np.isfinite(x):
+                        continue
+                    c = np.float64(x) - s
+                    t += c
+                    q += c * c
+                    n += 1
                 if x < low:
                     low = x
                 if x > high:
                     high = x
-                label = labels[r]
-                if 0 <= label < n_classes:
-                    class_sums[f, u, label] += c
-                    class_counts[f, u, label] += 1.0
-                if with_top:
-                    if x > top:
-                        top = _insert(keys, kept_ids, positions, 2 * f, u, x, ids[r])
-                    if -x > bottom:
-                        bottom = _insert(keys, kept_ids, positions, 2 * f + 1, u, -x, ids[r])
+                if valid[r]:
+                    sums[labels[r]] += np.float64(x) - s
+                    counts[labels[r]] += 1.0
+                if x > top:
+                    top = _insert(keys, kept_ids, positions, 2 * f, u, x, ids[r])
+                if -x > bottom:
+                    bottom = _insert(keys, kept_ids, positions, 2 * f + 1, u, -x, ids[r])
             count[f, u], total[f, u], squares[f, u], shift[f, u] = n, t, q, s
             lo[f, u], hi[f, u], nonfinite[f, u], active[f, u] = low, high, bad, on
     return count, total, squares, shift, lo, hi, nonfinite, active, class_sums, class_counts

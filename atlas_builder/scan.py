@@ -343,8 +343,8 @@ class Chunk:
         return Chunk(self.values, labels, n_classes, threshold, self.rectify)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
-        """The chunk's rows `index` [n, U] (a copy)."""
-        picked = self.values.index_select(0, index.to(self.values.device))
+        """The chunk's rows `index` [n, U] (a copy; gathered along each unit's contiguous row)."""
+        picked = torch.from_numpy(self.unit_major()[:, index.cpu().numpy()]).T
         return picked.relu_() if self.rectify else picked
 
     def unit_major(self) -> np.ndarray:
@@ -839,14 +839,18 @@ def redundancy(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Pearson correlation over the sample; units with no variance correlate
     with nothing (partner -1, correlation NaN).
     """
-    v = np.nan_to_num(sample.T.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)  # unit-major [U, S]
-    n_units = v.shape[0]
-    if n_units < 2 or v.shape[1] < 2:
+    z = sample.T.astype(np.float64)  # unit-major [U, S], a copy worked on in place
+    n_units = z.shape[0]
+    if n_units < 2 or z.shape[1] < 2:
         return np.full(n_units, -1), np.full(n_units, np.nan)
-    z = v - v.mean(1, keepdims=True)
+    finite = np.isfinite(z)
+    if not finite.all():
+        z[~finite] = 0.0
+    scale = max(1.0, float(np.abs(z).max()))
+    z -= z.mean(1, keepdims=True)
     norm = np.sqrt(np.einsum("us,us->u", z, z))
-    ok = norm > 1e-9 * max(1.0, float(np.abs(v).max()))
-    z = np.where(ok[:, None], z / np.where(ok, norm, 1)[:, None], 0.0)
+    ok = norm > 1e-9 * scale
+    z *= np.where(ok, 1.0 / np.where(ok, norm, 1.0), 0.0)[:, None]
     corr = z @ z.T
     np.fill_diagonal(corr, -np.inf)
     corr[:, ~ok] = -np.inf
@@ -1129,13 +1133,22 @@ def defer_maps(plan: ForwardPlan, cfg: ScanSection, n_examples: int, device: tor
     return slots > 0 and slots * DEFER_MAPS <= n_examples
 
 
+def second_pass_batch(plan: ForwardPlan, cfg: ScanSection, n_examples: int) -> int:
+    """Examples per batch of the second pass: as many as `scan.buffer_mb` of the probed conv/token outputs
+    allows (at least `scan.batch_size`, at most all `n_examples`): its few examples then run in a few large
+    batches, whose fixed costs (hooks, copies) are paid less often."""
+    per_example = 4 * sum(int(np.prod(shape)) for shape in plan.shapes.values() if len(shape) in (2, 3))
+    fits = cfg.buffer_mb * 2**20 // max(per_example, 1)
+    return max(cfg.batch_size, min(n_examples, fits))
+
+
 def maps_pass(net: torch.nn.Module, data, start: int, accs: dict[str, LayerAccumulator], plan: ForwardPlan,
               activity_rows: np.ndarray, cfg: ScanSection, device: torch.device, autocast,
               derived: dict[str, str] | None = None) -> None:
     """The second pass of a deferred scan: every conv/token layer's top-/bottom-k maps and activity rows' positions.
 
     data: the part's examples (index i is example start + i). Each needed
-    example is run once, in ascending order, in batches of scan.batch_size;
+    example is run once, in ascending order, in batches of `second_pass_batch`;
     each forward stops once the last layer with maps has reported. A
     derived layer (`derived_layers`) is filled from its source's output.
     """
@@ -1162,7 +1175,8 @@ def maps_pass(net: torch.nn.Module, data, start: int, accs: dict[str, LayerAccum
         if batch["calls"] == expected:
             raise _StopForward  # the rest of the model is not needed
 
-    loader = DataLoader(Subset(data, (ids - start).tolist()), batch_size=cfg.batch_size, shuffle=False)
+    loader = DataLoader(Subset(data, (ids - start).tolist()), batch_size=second_pass_batch(plan, cfg, len(ids)),
+                        shuffle=False)
     done = 0
     with Probe(net, hooked, cfg.reduce, sink=sink), torch.inference_mode():
         for x, _ in loader:

@@ -1144,6 +1144,18 @@ def test_deferred_maps_chosen_by_shapes_and_second_pass_stops_after_the_last_map
     scans_equal(*results)
 
 
+def test_second_pass_batches_as_large_as_the_buffer_allows():
+    from atlas_builder.scan import ForwardPlan, second_pass_batch
+
+    plan = ForwardPlan({"conv": (4, 16, 16), "relu": (4, 16, 16), "fc": (10,)}, {"conv": 1, "relu": 1, "fc": 1})
+    per_example = 4 * 2 * 4 * 256  # float32 conv and relu outputs; the flat fc does not count
+    cfg = ScanSection(batch_size=8, buffer_mb=1)
+    assert second_pass_batch(plan, cfg, 10**6) == 2**20 // per_example  # 128
+    assert second_pass_batch(plan, cfg, 50) == 50  # all at once
+    assert second_pass_batch(plan, cfg, 3) == 8  # never below scan.batch_size
+    assert second_pass_batch(plan, ScanSection(batch_size=500, buffer_mb=1), 10**6) == 500
+
+
 class AddThenReLU(nn.Module):
     """conv, an in-place add, then ReLU: its own forward, so the ReLU's input is not the conv's output."""
 
