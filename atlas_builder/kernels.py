@@ -1,6 +1,6 @@
 """Compiled loops behind the scan's accumulators, over plain numpy arrays.
 
-Owns four numba kernels:
+Owns five numba kernels:
 
 - `chunk_family`: in one read of a unit-major chunk ([U, R]: each unit's R
   values contiguous, as the scan buffers them), every per-unit sum the
@@ -10,6 +10,8 @@ Owns four numba kernels:
 - `insert_top`: a running top-k per unit, updated in place from a chunk;
 - `offer_maps`: the same from one batch in the forward hook, copying each
   entering example's spatial map and its argmax;
+- `active_positions`: the fraction of each unit's active positions on the
+  batch's activity rows, read in place in the hook;
 - `histogram_rows`: every unit's histogram of its sampled activations.
 
 It does not own what the numbers mean (which values count, how chunks
@@ -271,3 +273,31 @@ def histogram_rows(vt, bins):  # pragma: no cover - compiled
                 i = int(np.floor((x - low) / width * np.float32(bins)))
                 counts[u, min(max(i, 0), bins - 1)] += 1
     return counts, lo, hi
+
+
+@numba.njit(cache=True, nogil=True)
+def active_positions(maps, rows, threshold, rectify):  # pragma: no cover - compiled
+    """Fraction of each unit's positions above `threshold` on some rows of a live output, read in place.
+
+    maps [B, U, M] float32 (any strides), rows [n] int64: which batch rows;
+    member f counts ReLU(value) when rectify[f]. Returns [F, n, U] float32
+    (count / M; NaN is never above the threshold), what `probe.active_fraction`
+    gives on a copy of those rows.
+    """
+    n_members = rectify.shape[0]
+    n_units, width = maps.shape[1], maps.shape[2]
+    out = np.zeros((n_members, rows.shape[0], n_units), np.float32)
+    zero = np.float32(0.0)
+    for i in range(rows.shape[0]):
+        b = rows[i]
+        for u in range(n_units):
+            for f in range(n_members):
+                relu = rectify[f]
+                above = 0
+                for m in range(width):
+                    x = maps[b, u, m]
+                    if relu and x < 0:
+                        x = zero
+                    above += x > threshold
+                out[f, i, u] = np.float32(above) / np.float32(width)
+    return out

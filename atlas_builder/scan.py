@@ -302,7 +302,7 @@ class HookTopK:
             top._device_bound = None
 
 
-MEASURE_AT_ONCE = 2**15  # per-row map size from which sampled rows are measured in the hook, not copied
+MEASURE_AT_ONCE = 2**15  # per-row map size from which the second pass measures activity rows at once, not copied
 POSITION_SAMPLE = 256  # examples (a subset of the sample) on which the fraction of active positions is measured
 
 
@@ -525,9 +525,10 @@ class LayerAccumulator:
 
     Per batch, only what needs the full output is done at once, in the hook
     (before any later in-place op can change the output): the reduction to
-    one value per unit, the copy of the rows whose active positions count
-    and, on the CPU, the top-/bottom-k of a conv/token layer with the maps
-    of the examples that enter (`HookTopK`, compiled). The [B, U] values
+    one value per unit, the active positions of the activity rows (measured
+    in place, `kernels.active_positions`) and the top-/bottom-k of a
+    conv/token layer with the maps of the examples that enter (`HookTopK`,
+    compiled). The [B, U] values
     wait in a buffer and feed the other accumulators in chunks at `flush`
     (and the top-/bottom-k of flat layers, in bulk). `followers`: the
     accumulators of ReLUs derived from this layer (`derived_layers`), fed
@@ -578,12 +579,15 @@ class LayerAccumulator:
             if self._hook_top is None:
                 self._hook_top = HookTopK([(top, rectify) for acc, rectify in self._family()
                                            for top in (acc.top, acc.bottom)], maps.shape[2])
-            self._hook_top.offer(values, maps if maps.dtype == torch.float32 else maps.float(), first)
+            live = maps if maps.dtype == torch.float32 else maps.float()
+            self._hook_top.offer(values, live, first)
         rows = fractions = None
-        if sampled is not None:
+        if sampled is not None and maps is not None:  # measured in place, for this layer and its followers
+            fractions = list(torch.from_numpy(kernels.active_positions(
+                live.numpy(), sampled.numpy(), np.float32(self.threshold),
+                np.array([rectify for _, rectify in self._family()]))))
+        elif sampled is not None:
             rows = output.index_select(0, sampled)  # a copy: later in-place ops cannot reach it
-            if rows.numel() >= MEASURE_AT_ONCE * rows.shape[0]:  # large maps: measuring now costs less than keeping the copy
-                rows, fractions = None, self._fractions(rows)
         self._buffer.append((values, first, labels, rows, fractions))
         kept = [rows] if rows is not None else fractions or []
         return values.numel() * 16 + sum(t.numel() * t.element_size() for t in kept)

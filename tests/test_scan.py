@@ -1072,14 +1072,18 @@ def test_scan_in_bfloat16_is_close_to_float32():
         np.testing.assert_allclose(b.top.values[:, 0], a.top.values[:, 0], rtol=0.02, atol=0.02)
 
 
-def test_sampled_rows_measured_in_the_hook_or_at_flush_agree(monkeypatch):
-    """Large maps are measured at once (MEASURE_AT_ONCE), small ones copied and measured in bulk: same result."""
+def test_sampled_rows_measured_in_the_hook_or_in_the_second_pass_agree(monkeypatch):
+    """The activity rows' positions: measured in place by the kernel in the hook, or in the second pass (large
+    maps at once, MEASURE_AT_ONCE; small ones copied and measured in bulk): the same result."""
     data = fixtures_models.tiny_dataset()
-    deferred, _ = run_scan(data, sample_size=30)
+    in_hook, _ = run_scan(data, sample_size=30)
+    monkeypatch.setattr(scan_mod, "DEFER_MAPS", 0)
+    copied, _ = run_scan(data, sample_size=30)
     monkeypatch.setattr(scan_mod, "MEASURE_AT_ONCE", 1)
     at_once, _ = run_scan(data, sample_size=30)
-    scans_equal(at_once, deferred, rtol=1e-6)
-    assert deferred.layers[0].stats["position_activity"].any()
+    scans_equal(copied, in_hook, rtol=1e-6)
+    scans_equal(at_once, in_hook, rtol=1e-6)
+    assert in_hook.layers[0].stats["position_activity"].any()
 
 
 class SharedReLU(nn.Module):
