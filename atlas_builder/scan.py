@@ -1014,7 +1014,9 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
             if name in accs:
                 accs[name].flush()
         if outputs:  # the model's prediction and confidence, a chunk of batches at a time
-            conf, pred = torch.cat(outputs).float().softmax(1).max(1)
+            logits = torch.cat(outputs).float()
+            top, pred = logits.max(1)  # the softmax's largest probability: 1 / sum(exp(logit - max))
+            conf = torch.exp(logits - top[:, None]).sum(1).reciprocal_()
             predicted.append(pred.cpu())
             confidence.append(conf.cpu())
             outputs.clear()

@@ -17,7 +17,7 @@ runs and is printed apart: it is a one-time cost, not throughput.
    figure; the 540-example demo scan itself is printed too (there the fixed
    cost of the final summary weighs more);
 2. torchvision resnet18 (weights=None) over 2,000 synthetic 128-px images,
-   batches of 64, every conv/linear/ReLU module probed;
+   batches of 64, every conv/linear/ReLU module probed (3 runs);
 3. peak RSS of a scan of N and 4N examples, each in a fresh process, over a
    dataset that makes its examples on the fly (so only the scan can grow).
 
@@ -158,7 +158,7 @@ def main() -> None:
         tiled = all_images.repeat(reps, 1, 1, 1)[:n_stream]
         noise = torch.randn(tiled.shape, generator=torch.Generator().manual_seed(1)) * 0.02
         stream = wrap(Tensors((tiled + noise).clamp(0, 1), all_labels.repeat(reps)[:n_stream]), 10)
-        repeats = 1 if args.quick else 5
+        repeats = 1 if args.quick else 11  # this machine's speed swings by 10-20 % from one run to the next
         ratio_cnn = side_by_side("demo CNN, digit stream", model, stream, cfg, repeats)
         demo = wrap(Tensors(torch.from_numpy(test_images), torch.from_numpy(test_labels)), 10)
         side_by_side("demo CNN, the 540-example demo (fixed costs included)", model, demo, cfg, 5)
@@ -172,7 +172,7 @@ def main() -> None:
         imgs = torch.rand(n_img, 3, 128, 128, generator=g)
         synthetic = wrap(Tensors(imgs, torch.arange(n_img) % 1000), 1000)
         ratio_resnet = side_by_side("resnet18 (weights=None), 128 px synthetic", resnet, synthetic,
-                                    ScanSection(batch_size=64), 1)
+                                    ScanSection(batch_size=64), 1 if args.quick else 3)
 
         n = 5_000 if args.quick else 20_000
         rss_n, rss_4n = peak_rss(n, data_dir), peak_rss(4 * n, data_dir)
