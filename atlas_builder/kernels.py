@@ -1,15 +1,14 @@
 """Compiled loops behind the scan's accumulators, over plain numpy arrays.
 
-Owns five numba kernels:
+Owns four numba kernels:
 
 - `chunk_family`: in one read of a unit-major chunk ([U, R]: each unit's R
   values contiguous, as the scan buffers them), every per-unit sum the
   streaming accumulators need (count, centred sum and sum of squares, min,
   max, non-finite count, active count, per-class sums and counts), for a
   layer and the ReLUs derived from it, and their top-/bottom-k;
-- `insert_top`: a running top-k per unit, updated in place from a chunk;
-- `offer_maps`: the same from one batch in the forward hook, copying each
-  entering example's spatial map and its argmax;
+- `offer_maps`: the top-/bottom-k from one batch in the forward hook,
+  copying each entering example's spatial map and its argmax;
 - `active_positions`: the fraction of each unit's active positions on the
   batch's activity rows, read in place in the hook;
 - `histogram_rows`: every unit's histogram of its sampled activations.
@@ -43,26 +42,6 @@ def _insert(keys, kept_ids, positions, s, u, key, example):  # pragma: no cover 
     kept_ids[s, u, j] = example
     positions[s, u, j] = -1
     return keys[s, u, k - 1]
-
-
-@numba.njit(cache=True, nogil=True)
-def insert_top(vt, ids, sign, keys, kept_ids, positions):  # pragma: no cover - compiled
-    """Offer a chunk vt [U, R] float32 (row r is example ids[r]) to a top-k state, in place.
-
-    State [1, U, k]: keys = sign * value, best first, -inf for an empty slot,
-    with example ids and positions (-1 for a new entry). A key enters when
-    it beats the k-th strictly, and goes after the keys equal to it: so with
-    ids ascending, and above every id already kept, ties go to the lower
-    id. NaN and +-Inf never enter.
-    """
-    n_units, n_rows = vt.shape
-    k = keys.shape[2]
-    for u in range(n_units):
-        worst = keys[0, u, k - 1]
-        for r in range(n_rows):
-            key = sign * vt[u, r]
-            if key > worst and key < np.inf:
-                worst = _insert(keys, kept_ids, positions, 0, u, key, ids[r])
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
@@ -101,9 +80,12 @@ def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids,
     shift being the unit's first finite value (a shift close to the data, so
     the variance loses nothing to cancellation); active: values above
     `threshold` (NaN never is, +Inf is). When keys is not empty
-    ([2F, U, k], with kept_ids and positions as in `insert_top`), state 2f
-    is member f's top-k and 2f + 1 its bottom-k, updated in place (ids
-    ascending, above every id kept before).
+    ([2F, U, k]: key = sign * value, best first, -inf for an empty slot;
+    kept_ids and positions alike, positions -1 for a new entry), state 2f is
+    member f's top-k and 2f + 1 its bottom-k, updated in place: a key enters
+    when it beats the k-th strictly and goes after the keys equal to it, so
+    with ids ascending, above every id kept before, ties go to the lower id.
+    NaN and +-Inf never enter; a state whose keys are +inf takes nothing.
     """
     n_units, n_rows = vt.shape
     n_members = rectify.shape[0]

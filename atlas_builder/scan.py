@@ -216,23 +216,20 @@ class TopK:
         """Offer a whole chunk at once: values [R, U] (fastest as the transpose of a unit-major [U, R]), ids [R].
 
         The values-only state of a deferred scan (no maps yet: `set_maps`
-        adds them from a second pass). One compiled insertion pass along each
-        unit's contiguous row updates the state in place; ties go to the
-        lower id because ids must ascend and exceed every id offered before
-        (the scan's order; shards combine by `merge`).
+        adds them from a second pass). The insertion pass of the scan's own
+        flush (`family_sums`) updates the state; ties go to the lower id
+        because ids must ascend and exceed every id offered before (the
+        scan's order; shards combine by `merge`).
         """
         chunk = as_chunk(values)
         if chunk.n == 0:
             return
-        if self.maps is not None:
-            raise ValueError("offer_chunk keeps values only; this TopK already holds maps")
-        self.fold()
         ids = ids.cpu()
+        self.fold()
         if len(self.ids) and int(ids[0]) <= int(self.ids.max()):
             raise ValueError("offer_chunk needs example ids above every id offered before")
-        kernels.insert_top(chunk.unit_major(), ids.numpy(), np.float32(self.sign), self.keys.numpy()[None],
-                           self.ids.numpy()[None], self.positions.numpy()[None])
-        self._device_bound = None
+        pair = (self, None) if self.sign > 0 else (None, self)
+        family_sums(chunk.unit_major(), np.full(chunk.n, -1, np.int64), 0, 0.0, ids, np.array([False]), [pair])
 
     def kept(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(unit, rank) of every kept entry, unit-major."""
@@ -265,6 +262,35 @@ class TopK:
         maps = self.ranked_maps()
         return TopKResult(values.numpy(), self.ids.numpy(), self.positions.numpy(),
                           None if maps is None else maps.numpy(), valid.numpy())
+
+
+def family_sums(unit_major: np.ndarray, labels: np.ndarray, n_classes: int, threshold: float, ids: torch.Tensor,
+                rectify: np.ndarray, tops: "list[tuple[TopK | None, TopK | None]] | None" = None) -> tuple:
+    """`kernels.chunk_family` of a unit-major chunk [U, R] (examples ids [R], ascending and above all before).
+
+    tops: per member, its (top-k, bottom-k), either None for none, fed the
+    chunk in bulk (values only: their maps, if any, come later) and updated
+    here; None: no top-k at all. Returns the kernel's per-member sums.
+    """
+    n_units = unit_major.shape[0]
+    present = [top for pair in tops or [] for top in pair if top is not None]
+    k = present[0].k if present else 1
+    keys = np.full((2 * len(tops or []), n_units, k), np.inf, np.float32)  # +inf: a state that takes nothing
+    kept = np.full(keys.shape, -1, np.int64)
+    positions = np.full(keys.shape, -1, np.int64)
+    for s, top in enumerate(top for pair in tops or [] for top in pair):
+        if top is not None:
+            top.fold()  # nothing pending in a scan
+            if top.maps is not None:
+                raise ValueError("a top-k with maps cannot take a chunk in bulk")
+            keys[s], kept[s], positions[s] = top.keys, top.ids, top.positions
+    sums = kernels.chunk_family(unit_major, labels, n_classes, np.float32(threshold), ids.numpy(), rectify,
+                                keys, kept, positions)
+    for s, top in enumerate(top for pair in tops or [] for top in pair):
+        if top is not None:
+            top.keys, top.ids, top.positions = (torch.from_numpy(a[s]) for a in (keys, kept, positions))
+            top._device_bound = None
+    return sums
 
 
 class HookTopK:
@@ -358,10 +384,8 @@ class Chunk:
         if self._stats is None:
             labels = (np.full(self.n, -1, np.int64) if self.labels is None
                       else self.labels.cpu().long().numpy())
-            no_top = np.empty((0, self.values.shape[1], 1), np.float32)
-            family = kernels.chunk_family(self.unit_major(), labels, self.n_classes, np.float32(self.threshold),
-                                          np.zeros(0, np.int64), np.array([self.rectify]), no_top,
-                                          no_top.astype(np.int64), no_top.astype(np.int64))
+            family = family_sums(self.unit_major(), labels, self.n_classes, self.threshold,
+                                 torch.zeros(0, dtype=torch.long), np.array([self.rectify]))
             self._stats = tuple(a[0] for a in family)
         return self._stats
 
@@ -532,10 +556,11 @@ class LayerAccumulator:
     wait in a buffer and feed the other accumulators in chunks at `flush`
     (and the top-/bottom-k of flat layers, in bulk). `followers`: the
     accumulators of ReLUs derived from this layer (`derived_layers`), fed
-    from its output. `deferred` (devices other than the CPU, whose memory
-    the compiled kernels cannot read): the top-/bottom-k are taken in bulk at
-    flush, values only, and the maps and position activity come from a
-    second pass (`plan_maps`, `fill`, `finish_maps`).
+    from its output. `deferred` (`defer_maps`: a dataset much larger than the
+    map slots, or a device the compiled kernels cannot read): the
+    top-/bottom-k are taken in bulk at flush, values only, and the maps and
+    position activity come from a second pass (`plan_maps`, `fill`,
+    `finish_maps`).
     """
 
     def __init__(self, n_units: int, cfg: ScanSection, n_classes: int, sample: np.ndarray, deferred: bool = False,
@@ -547,6 +572,7 @@ class LayerAccumulator:
         self.activity_ids = None if activity_ids is None else torch.as_tensor(np.asarray(activity_ids, np.int64))
         self.flat = flat  # whether the output has no positions (None: known at the first observe)
         self.followers = followers or []  # derived ReLUs: fed ReLU of this layer's values, rows and maps
+        self._rectify = np.array([False] + [True] * len(self.followers))  # per member of `_family()`
         self.top = TopK(n_units, cfg.top_k, largest=True)
         self.bottom = TopK(n_units, cfg.top_k, largest=False)
         self.moments = Moments(n_units)
@@ -554,7 +580,7 @@ class LayerAccumulator:
         self.classes = ClassMeans(n_classes, n_units)
         self.sample = SampleRows(sample, n_units)
         self._hook_top: HookTopK | None = None
-        self._buffer: list[tuple] = []  # (values, ids, labels, sampled rows or None, their fractions or None)
+        self._buffer: list[tuple] = []  # (values, first id, labels, sampled rows or None, their fractions or None)
 
     def observe(self, output: torch.Tensor, first: int, labels: torch.Tensor, sampled: torch.Tensor | None) -> int:
         """output: the live layer output [B, ...] of examples first, first + 1, ... (above every example before);
@@ -584,8 +610,7 @@ class LayerAccumulator:
         rows = fractions = None
         if sampled is not None and maps is not None:  # measured in place, for this layer and its followers
             fractions = list(torch.from_numpy(kernels.active_positions(
-                live.numpy(), sampled.numpy(), np.float32(self.threshold),
-                np.array([rectify for _, rectify in self._family()]))))
+                live.numpy(), sampled.numpy(), np.float32(self.threshold), self._rectify)))
         elif sampled is not None:
             rows = output.index_select(0, sampled)  # a copy: later in-place ops cannot reach it
         self._buffer.append((values, first, labels, rows, fractions))
@@ -620,22 +645,10 @@ class LayerAccumulator:
         if rows:
             measured.append(self._fractions(torch.cat(rows)))
         family = self._family()
-        tops = [top for acc, _ in family for top in (acc.top, acc.bottom)] if self.deferred or self.flat else []
-        for top in tops:
-            top.fold()  # nothing pending in a scan; the state must be values only (maps come later)
-            if top.maps is not None:
-                raise ValueError("a top-k with maps cannot take a chunk in bulk")
-        n_units, k = self.top.n_units, self.top.k
-        keys = np.stack([top.keys.numpy() for top in tops]) if tops else np.empty((0, n_units, k), np.float32)
-        kept = np.stack([top.ids.numpy() for top in tops]) if tops else np.empty((0, n_units, k), np.int64)
-        positions = np.stack([top.positions.numpy() for top in tops]) if tops else kept.copy()
         n_classes = self.classes.sums.shape[0]
-        stats = kernels.chunk_family(np.ascontiguousarray(values.T.numpy()), labels.numpy(), n_classes,
-                                     np.float32(self.threshold), ids.numpy(),
-                                     np.array([rectify for _, rectify in family]), keys, kept, positions)
-        for i, top in enumerate(tops):
-            top.keys, top.ids, top.positions = (torch.from_numpy(a[i].copy()) for a in (keys, kept, positions))
-            top._device_bound = None
+        stats = family_sums(np.ascontiguousarray(values.T.numpy()), labels.numpy(), n_classes, self.threshold, ids,
+                            self._rectify, [(acc.top, acc.bottom) for acc, _ in family]
+                            if self.deferred or self.flat else None)
         for f, (acc, rectify) in enumerate(family):
             chunk = Chunk(values, labels, n_classes, self.threshold, rectify, tuple(a[f] for a in stats))
             acc.absorb(chunk, ids, labels, torch.cat([m[f] for m in measured]).cpu() if measured else None)
