@@ -6,7 +6,9 @@ Owns four numba kernels:
   values contiguous, as the scan buffers them), every per-unit sum the
   streaming accumulators need (count, centred sum and sum of squares, min,
   max, non-finite count, active count, per-class sums and counts), for a
-  layer and the ReLUs derived from it, and their top-/bottom-k;
+  layer and the ReLUs derived from it, and their top-/bottom-k; units run
+  in parallel (numba `prange`: each unit's sums and states are its own, so
+  the result does not depend on the number of threads);
 - `offer_maps`: the top-/bottom-k from one batch in the forward hook,
   copying each entering example's spatial map and its argmax;
 - `active_positions`: the fraction of each unit's active positions on the
@@ -18,8 +20,9 @@ merge, ties): the accumulators in `scan.py` do, and test these kernels
 through them against brute force. The torch ops they replace cost, on a
 small model, as much as its forward: about ten passes over each chunk, and
 several small ops per layer per batch.
-Compiled on first use and cached on disk (numba `cache=True`): about 3 s
-for all of them once after an install, then about 0.25 s per process to load.
+Compiled on first use and cached on disk (numba `cache=True`): about 17 s
+for all of them once after an install (the parallel `chunk_family` about
+half of it), then about 0.3 s per process to load.
 """
 
 from __future__ import annotations
@@ -67,7 +70,87 @@ def _row_sums(row, relu, shift, threshold):  # pragma: no cover - compiled
     return total, squares, active, bad
 
 
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _row_range(row):  # pragma: no cover - compiled
+    """(min, max) of a non-empty row known to be all finite, in 8 lanes so that it vectorizes
+    (fastmath: only right without NaN or Inf)."""
+    n = row.shape[0]
+    lows = np.empty(8, np.float32)
+    highs = np.empty(8, np.float32)
+    for lane in range(8):
+        lows[lane] = highs[lane] = row[0]
+    whole = n - n % 8
+    for j in range(0, whole, 8):
+        for lane in range(8):
+            x = row[j + lane]
+            lows[lane] = x if x < lows[lane] else lows[lane]
+            highs[lane] = x if x > highs[lane] else highs[lane]
+    low, high = lows[0], highs[0]
+    for lane in range(1, 8):
+        low = lows[lane] if lows[lane] < low else low
+        high = highs[lane] if highs[lane] > high else high
+    for j in range(whole, n):
+        x = row[j]
+        low = x if x < low else low
+        high = x if x > high else high
+    return low, high
+
+
 @numba.njit(cache=True, nogil=True)
+def _row_hits(row, start, stop, relu, top, bottom):  # pragma: no cover - compiled
+    """How many values of row[start:stop] (all finite) beat the k-th key of the top- or of the bottom-k (branch-free)."""
+    hits = 0
+    for r in range(start, stop):
+        x = row[r]
+        if relu:
+            x = max(x, np.float32(0.0))
+        hits += (x > top) | (-x > bottom)
+    return hits
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
+def _group_sum(row, rows, start, stop, relu):  # pragma: no cover - compiled
+    """Sum (float64) of row[rows[start:stop]], or of its ReLU."""
+    total = 0.0
+    for j in range(start, stop):
+        x = row[rows[j]]
+        if relu:
+            x = max(x, np.float32(0.0))
+        total += np.float64(x)
+    return total
+
+
+OFFER_BLOCK = 64  # rows tested at once (vectorized) before any is inserted: most blocks have none to insert
+
+
+@numba.njit(cache=True, nogil=True)
+def _offer_row(row, relu, exact, ids, keys, kept_ids, positions, f, u):  # pragma: no cover - compiled
+    """Insert one member's row into its top-k (state 2f) and bottom-k (2f + 1); non-finite values never enter.
+
+    An all-finite row goes by blocks: a block none of whose values beats
+    the current k-th keys is skipped after one vectorized test.
+    """
+    k = keys.shape[2]
+    top = keys[2 * f, u, k - 1]
+    bottom = keys[2 * f + 1, u, k - 1]
+    n_rows = row.shape[0]
+    for start in range(0, n_rows, OFFER_BLOCK):
+        stop = min(start + OFFER_BLOCK, n_rows)
+        if exact and _row_hits(row, start, stop, relu, top, bottom) == 0:
+            continue
+        for r in range(start, stop):
+            x = row[r]
+            if relu and x < 0:
+                x = np.float32(0.0)
+            if not exact and not np.isfinite(x):
+                continue
+            if x > top:
+                top = _insert(keys, kept_ids, positions, 2 * f, u, x, ids[r])
+            if -x > bottom:
+                bottom = _insert(keys, kept_ids, positions, 2 * f + 1, u, -x, ids[r])
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
 def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids, positions):  # pragma: no cover
     """Per-unit sums of a chunk for a layer and the ReLUs derived from it, and their top-/bottom-k, in one read.
 
@@ -86,11 +169,14 @@ def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids,
     when it beats the k-th strictly and goes after the keys equal to it, so
     with ids ascending, above every id kept before, ties go to the lower id.
     NaN and +-Inf never enter; a state whose keys are +inf takes nothing.
+
+    A unit's row is read by a few vectorized loops (sums, range, top-k
+    hits) and one gathering loop per class and member for the class sums; a
+    member whose row has NaN or Inf is summed again over its finite values.
     """
     n_units, n_rows = vt.shape
     n_members = rectify.shape[0]
     with_top = keys.shape[0] > 0
-    k = keys.shape[2]
     count = np.zeros((n_members, n_units), np.int64)
     total = np.zeros((n_members, n_units))
     squares = np.zeros((n_members, n_units))
@@ -102,55 +188,81 @@ def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids,
     class_sums = np.zeros((n_members, n_units, n_classes))
     class_counts = np.zeros((n_members, n_units, n_classes))
     valid = np.empty(n_rows, np.bool_)
+    chunk_counts = np.zeros(n_classes)  # of every row with a class: a finite member's counts
     for r in range(n_rows):
         valid[r] = 0 <= labels[r] < n_classes
+        if valid[r]:
+            chunk_counts[labels[r]] += 1.0
+    # the rows with a class, grouped by class (a stable counting sort): class sums read each group in turn
+    bounds = np.zeros(n_classes + 1, np.int64)
+    for c in range(n_classes):
+        bounds[c + 1] = bounds[c] + np.int64(chunk_counts[c])
+    fill = bounds[:-1].copy()
+    by_class = np.empty(bounds[-1], np.int64)
+    for r in range(n_rows):
+        if valid[r]:
+            by_class[fill[labels[r]]] = r
+            fill[labels[r]] += 1
     zero = np.float32(0.0)
-    for u in range(n_units):
+    for u in numba.prange(n_units):
         row = vt[u]
+        exact = np.empty(n_members, np.bool_)
+        n_exact = 0
+        ranged = False
+        low = high = zero
         for f in range(n_members):
             relu = rectify[f]
             s = 0.0
             if n_rows:
                 s = np.float64(max(row[0], zero)) if relu else np.float64(row[0])
             t, q, on, bad = _row_sums(row, relu, s, threshold)
-            exact = bad == 0  # the usual case: all finite, the vectorized sums stand
-            n = n_rows
-            if not exact:  # sums again over the finite values only, shifted by the first of them
-                n, t, q, s = 0, 0.0, 0.0, 0.0
-                for r in range(n_rows):
-                    if np.isfinite(row[r]):
-                        s = np.float64(max(row[r], zero)) if relu else np.float64(row[r])
-                        break
+            nonfinite[f, u], active[f, u] = bad, on
+            exact[f] = bad == 0  # the usual case: all finite, the vectorized sums stand
+            if exact[f]:
+                n_exact += 1
+                count[f, u], total[f, u], squares[f, u], shift[f, u] = n_rows, t, q, s
+                if n_rows:
+                    if not ranged:  # one read for every member: ReLU's range is ReLU of the range
+                        low, high = _row_range(row)
+                        ranged = True
+                    lo[f, u], hi[f, u] = (max(low, zero), max(high, zero)) if relu else (low, high)
+                class_counts[f, u] = chunk_counts
+                continue
+            # sums again over the finite values only, shifted by the first of them
+            n, t, q, s = 0, 0.0, 0.0, 0.0
+            for r in range(n_rows):
+                if np.isfinite(row[r]):
+                    s = np.float64(max(row[r], zero)) if relu else np.float64(row[r])
+                    break
+            least = np.float32(np.inf)
+            most = np.float32(-np.inf)
             sums = class_sums[f, u]
             counts = class_counts[f, u]
-            top = keys[2 * f, u, k - 1] if with_top else np.float32(np.inf)
-            bottom = keys[2 * f + 1, u, k - 1] if with_top else np.float32(np.inf)
-            low = np.float32(np.inf)
-            high = np.float32(-np.inf)
             for r in range(n_rows):
                 x = row[r]
                 if relu and x < 0:
                     x = zero
-                if not exact:
-                    if not np.isfinite(x):
-                        continue
-                    c = np.float64(x) - s
-                    t += c
-                    q += c * c
-                    n += 1
-                if x < low:
-                    low = x
-                if x > high:
-                    high = x
+                if not np.isfinite(x):
+                    continue
+                c = np.float64(x) - s
+                t += c
+                q += c * c
+                n += 1
+                least = min(least, x)
+                most = max(most, x)
                 if valid[r]:
-                    sums[labels[r]] += np.float64(x) - s
+                    sums[labels[r]] += c
                     counts[labels[r]] += 1.0
-                if x > top:
-                    top = _insert(keys, kept_ids, positions, 2 * f, u, x, ids[r])
-                if -x > bottom:
-                    bottom = _insert(keys, kept_ids, positions, 2 * f + 1, u, -x, ids[r])
-            count[f, u], total[f, u], squares[f, u], shift[f, u] = n, t, q, s
-            lo[f, u], hi[f, u], nonfinite[f, u], active[f, u] = low, high, bad, on
+            count[f, u], total[f, u], squares[f, u], shift[f, u], lo[f, u], hi[f, u] = n, t, q, s, least, most
+        if n_exact:  # the class sums of the finite members: each class's rows in turn, every member at once
+            for c in range(n_classes):
+                for f in range(n_members):
+                    if exact[f]:
+                        class_sums[f, u, c] = _group_sum(row, by_class, bounds[c], bounds[c + 1], rectify[f]) \
+                            - chunk_counts[c] * shift[f, u]
+        if with_top:
+            for f in range(n_members):
+                _offer_row(row, rectify[f], exact[f], ids, keys, kept_ids, positions, f, u)
     return count, total, squares, shift, lo, hi, nonfinite, active, class_sums, class_counts
 
 

@@ -622,9 +622,23 @@ class LayerAccumulator:
         return [(self, False)] + [(follower, True) for follower in self.followers]
 
     def _fractions(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """The active positions of sampled rows for this layer and each follower (ReLU of the rows)."""
+        """The active positions of rows of this layer's output for this layer and each follower (ReLU of the rows).
+
+        One compiled read of the rows where they are float32 on the CPU
+        (`kernels.active_positions`, in place: rows may be a live output),
+        else one torch pass per member.
+        """
+        maps = unit_maps(rows)
+        if maps is not None and maps.device.type == "cpu" and maps.dtype == torch.float32:
+            every = np.arange(len(rows))
+            return list(torch.from_numpy(kernels.active_positions(maps.numpy(), every, np.float32(self.threshold),
+                                                                  self._rectify)))
         return [active_fraction(rows if not rectify else torch.relu(rows), self.threshold)
                 for _, rectify in self._family()]
+
+    def _add_positions(self, fractions: list[torch.Tensor]) -> None:
+        for (acc, _), fraction in zip(self._family(), fractions):
+            acc.activity.add_positions(fraction.cpu())
 
     def flush(self) -> None:
         """Feed the buffered batches to the accumulators (and the followers'), as one unit-major chunk.
@@ -643,7 +657,7 @@ class LayerAccumulator:
         measured = [b[4] for b in self._buffer if b[4] is not None]
         self._buffer = []
         if rows:
-            measured.append(self._fractions(torch.cat(rows)))
+            measured.append(self._fractions(torch.cat(rows)))  # flat rows: the torch path
         family = self._family()
         n_classes = self.classes.sums.shape[0]
         stats = family_sums(np.ascontiguousarray(values.T.numpy()), labels.numpy(), n_classes, self.threshold, ids,
@@ -687,9 +701,10 @@ class LayerAccumulator:
         """Second pass of a deferred layer, on pass rows [first, first + B): keep the maps its entries need.
 
         sampled: rows of this batch that are activity rows; they are copied
-        and their active positions measured all at once in `finish_maps`
-        (large maps: measured here, as in `observe`). rectify: this is a
-        ReLU derived from the layer whose output this is (ReLU of the copies).
+        and their active positions measured all at once in `finish_maps`,
+        for this layer and its followers (large maps: measured here). A
+        follower is given none. rectify: this is a ReLU derived from the
+        layer whose output this is (ReLU of the maps).
         """
         maps = unit_maps(output)
         if maps is not None:
@@ -703,17 +718,15 @@ class LayerAccumulator:
                 self._plan_maps.append((chosen.relu_() if rectify else chosen).cpu())
         if sampled is not None:
             rows = output.index_select(0, sampled)  # a copy
-            if rectify:
-                rows = rows.relu_()
             if rows.numel() >= MEASURE_AT_ONCE * rows.shape[0]:
-                self.activity.add_positions(active_fraction(rows, self.threshold).cpu())
+                self._add_positions(self._fractions(rows))
             else:
                 self._activity_rows.append(rows)
 
     def finish_maps(self) -> None:
         """After the second pass: every kept entry's map and argmax position, and the activity rows' positions."""
         if self._activity_rows:
-            self.activity.add_positions(active_fraction(torch.cat(self._activity_rows), self.threshold).cpu())
+            self._add_positions(self._fractions(torch.cat(self._activity_rows)))
             self._activity_rows = []
         if not self._plan_maps:
             return
@@ -1001,6 +1014,8 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
     plan = forward_plan(net, torch.as_tensor(dataset.data[start][0])[None], layers, device) if stop > start else None
     deferred = plan is not None and defer_maps(plan, cfg, len(dataset), device)
     derived = derived_layers(net, layers, plan, cfg)  # {relu: the layer it follows}
+    # the second pass reruns the kept inputs (no reloading; the same inputs even under random augmentation)
+    kept: list[torch.Tensor] | None = [] if deferred and keeps_inputs(plan, cfg, stop - start) else None
     hooked = [name for name in layers if name not in derived]
     followers = {name: [relu for relu, source in derived.items() if source == name] for name in hooked}
 
@@ -1049,6 +1064,8 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
                 if hi > lo:
                     batch["sampled"] = torch.as_tensor(activity_rows[lo:hi] - seen, device=device)
             batch["calls"] = {}
+            if kept is not None:
+                kept.append(x)
             with autocast:
                 out = net(x.to(device, non_blocking=True))
             plan.check_calls(batch["calls"], model.name, derived)
@@ -1062,7 +1079,7 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
         flush()
     if deferred:
         maps_pass(net, data, start, accs, plan, activity_rows[(activity_rows >= start) & (activity_rows < stop)], cfg,
-                  device, autocast, derived)
+                  device, autocast, derived, torch.cat(kept) if kept else None)
     for acc in accs.values():
         acc.to_cpu()
     labels = torch.cat(label_batches) if label_batches else torch.zeros(0, dtype=torch.long)
@@ -1078,6 +1095,7 @@ class ForwardPlan:
     """What one forward of one example shows about the probed layers: output shapes and calls, in call order."""
     shapes: dict[str, tuple[int, ...]]
     calls: dict[str, int]  # hook calls per forward: more than one for a module the forward uses several times
+    input_bytes: int = 0  # of one example's input tensor
 
     def check_calls(self, calls: dict[str, int], model: str, skipped=()) -> None:
         """Fail when a forward's hook calls differ from the plan's (`skipped`: layers not hooked in this pass)."""
@@ -1097,7 +1115,7 @@ def forward_plan(net: torch.nn.Module, x: torch.Tensor, layers: list[str], devic
     with Probe(net, layers, sink=lambda name, out: calls.__setitem__(name, calls.get(name, 0) + 1)) as probe, \
             torch.inference_mode():
         net(x.to(device))
-    return ForwardPlan(dict(probe.shapes), calls)
+    return ForwardPlan(dict(probe.shapes), calls, x[0].numel() * x.element_size())
 
 
 def derived_layers(net: torch.nn.Module, layers: list[str], plan: ForwardPlan, cfg: ScanSection) -> dict[str, str]:
@@ -1152,6 +1170,13 @@ def defer_maps(plan: ForwardPlan, cfg: ScanSection, n_examples: int, device: tor
     return slots > 0 and slots * DEFER_MAPS <= n_examples
 
 
+def keeps_inputs(plan: ForwardPlan, cfg: ScanSection, n_examples: int) -> bool:
+    """Whether a deferred scan keeps its `n_examples` inputs for the second pass: when they fit in
+    `scan.buffer_mb` (the second pass then neither reloads nor re-transforms them); otherwise it reloads
+    just the examples it needs."""
+    return plan.input_bytes * n_examples <= cfg.buffer_mb * 2**20
+
+
 def second_pass_batch(plan: ForwardPlan, cfg: ScanSection, n_examples: int) -> int:
     """Examples per batch of the second pass: as many as `scan.buffer_mb` of the probed conv/token outputs
     allows (at least `scan.batch_size`, at most all `n_examples`): its few examples then run in a few large
@@ -1163,13 +1188,16 @@ def second_pass_batch(plan: ForwardPlan, cfg: ScanSection, n_examples: int) -> i
 
 def maps_pass(net: torch.nn.Module, data, start: int, accs: dict[str, LayerAccumulator], plan: ForwardPlan,
               activity_rows: np.ndarray, cfg: ScanSection, device: torch.device, autocast,
-              derived: dict[str, str] | None = None) -> None:
+              derived: dict[str, str] | None = None, inputs: torch.Tensor | None = None) -> None:
     """The second pass of a deferred scan: every conv/token layer's top-/bottom-k maps and activity rows' positions.
 
-    data: the part's examples (index i is example start + i). Each needed
-    example is run once, in ascending order, in batches of `second_pass_batch`;
-    each forward stops once the last layer with maps has reported. A
-    derived layer (`derived_layers`) is filled from its source's output.
+    data: the part's examples (index i is example start + i); inputs: all
+    of their inputs, kept by the first pass (`keeps_inputs`), or None to
+    reload the needed ones (in batches of `second_pass_batch`). Each needed
+    example is run once, in ascending order, in forwards of `scan.batch_size`
+    (the size the model runs fastest at is the one the scan was given); each
+    forward stops once the last layer with maps has reported. A derived
+    layer (`derived_layers`) is filled from its source's output.
     """
     derived = derived or {}
     mapped = {name: acc for name, acc in accs.items() if not acc.flat}
@@ -1188,17 +1216,20 @@ def maps_pass(net: torch.nn.Module, data, start: int, accs: dict[str, LayerAccum
         calls = batch["calls_of"][name] = batch["calls_of"].get(name, 0) + 1
         if calls == plan.calls[name]:  # a module called several times per forward: its last call counts
             mapped[name].fill(output, batch["first"], batch["sampled"])
-            for follower in mapped[name].followers:  # derived ReLUs (mapped too: same shape)
-                follower.fill(output, batch["first"], batch["sampled"], rectify=True)
+            for follower in mapped[name].followers:  # derived ReLUs (mapped too: same shape); rows measured above
+                follower.fill(output, batch["first"], None, rectify=True)
         batch["calls"] += 1
         if batch["calls"] == expected:
             raise _StopForward  # the rest of the model is not needed
 
-    loader = DataLoader(Subset(data, (ids - start).tolist()), batch_size=second_pass_batch(plan, cfg, len(ids)),
-                        shuffle=False)
+    if inputs is not None:
+        loaded = [inputs[ids - start]]
+    else:
+        loaded = (x for x, _ in DataLoader(Subset(data, (ids - start).tolist()), shuffle=False,
+                                           batch_size=second_pass_batch(plan, cfg, len(ids))))
     done = 0
     with Probe(net, hooked, cfg.reduce, sink=sink), torch.inference_mode():
-        for x, _ in loader:
+        for x in (part for chunk in loaded for part in chunk.split(cfg.batch_size)):
             n = x.shape[0]
             sampled = np.flatnonzero(activity[done:done + n])
             batch.update(first=done, sampled=torch.as_tensor(sampled, device=device) if len(sampled) else None,
