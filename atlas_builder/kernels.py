@@ -267,6 +267,48 @@ def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids,
 
 
 @numba.njit(cache=True, nogil=True)
+def _copy_map(source, target, relu):  # pragma: no cover - compiled
+    """target[:] = source, or its ReLU (a map without NaN: that of an entering example)."""
+    if relu:
+        for m in range(source.shape[0]):
+            target[m] = max(source[m], np.float32(0.0))
+    else:
+        target[:] = source
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"nnan", "nsz"})
+def _map_max(row):  # pragma: no cover - compiled
+    """The largest value of a non-empty map without NaN, in 8 lanes so that it vectorizes."""
+    n = row.shape[0]
+    lanes = np.empty(8, np.float32)
+    for lane in range(8):
+        lanes[lane] = row[0]
+    whole = n - n % 8
+    for j in range(0, whole, 8):
+        for lane in range(8):
+            x = row[j + lane]
+            lanes[lane] = x if x > lanes[lane] else lanes[lane]
+    best = lanes[0]
+    for lane in range(1, 8):
+        best = lanes[lane] if lanes[lane] > best else best
+    for j in range(whole, n):
+        best = row[j] if row[j] > best else best
+    return best
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_argmax(row):  # pragma: no cover - compiled
+    """The first position of a map's largest value (a map without NaN), -1 for an empty map."""
+    if row.shape[0] == 0:
+        return -1
+    best = _map_max(row)
+    for m in range(row.shape[0]):
+        if row[m] == best:
+            return m
+    return 0
+
+
+@numba.njit(cache=True, nogil=True)
 def offer_maps(values, maps, first, signs, rectify, keys, ints, state_maps):  # pragma: no cover - compiled
     """Offer one batch, with its maps, to S top-k states at once, in place: the forward hook's path on the CPU.
 
@@ -279,7 +321,8 @@ def offer_maps(values, maps, first, signs, rectify, keys, ints, state_maps):  # 
     state_maps [S, U, k, M] in slot order. A key enters when it beats the
     k-th strictly and goes after the keys equal to it (ties to the lower id);
     it takes the evicted entry's slot, its map is copied there and its
-    position is the map's first argmax. NaN and +-Inf never enter.
+    position is the map's first argmax. NaN and +-Inf never enter (so an
+    entering map, whose max or mean its value is, holds no NaN either).
     """
     n_rows, n_units = values.shape
     n_states, _, k = keys.shape
@@ -316,19 +359,11 @@ def offer_maps(values, maps, first, signs, rectify, keys, ints, state_maps):  # 
                     for i in range(3):
                         ints[s, i, u, j] = ints[s, i, u, j - 1]
                     j -= 1
-                best = -np.inf
-                at = -1
-                for m in range(width):
-                    x = maps[b, u, m]
-                    if relu and x < 0:
-                        x = np.float32(0.0)
-                    state_maps[s, u, slot, m] = x
-                    if x > best:
-                        best = x
-                        at = m
+                copied = state_maps[s, u, slot]
+                _copy_map(maps[b, u], copied, relu)
                 keys[s, u, j] = key
                 ints[s, 0, u, j] = first + b
-                ints[s, 1, u, j] = at
+                ints[s, 1, u, j] = _first_argmax(copied)
                 ints[s, 2, u, j] = slot
                 worst = keys[s, u, k - 1]
 

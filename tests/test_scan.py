@@ -1160,6 +1160,58 @@ def test_second_pass_batches_as_large_as_the_buffer_allows():
     assert second_pass_batch(plan, ScanSection(batch_size=500, buffer_mb=1), 10**6) == 500
 
 
+class Augmented(torch.utils.data.Dataset):
+    """Random augmentation: each read of an example adds fresh noise (as a random crop or flip would change it)."""
+
+    def __init__(self):
+        self.base = fixtures_models.tiny_dataset()
+        self.reads = 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        self.reads += 1
+        return x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(self.reads)), y
+
+
+def test_second_pass_reruns_the_kept_inputs_or_reloads_them_alike(monkeypatch):
+    """keeps_inputs: a deferred scan keeps every input when they fit in scan.buffer_mb; the second pass then
+    reruns them, or else reloads the examples it needs: the same scan either way (deterministic data)."""
+    from atlas_builder.scan import ForwardPlan, keeps_inputs
+
+    plan = ForwardPlan({"conv": (4, 8, 8)}, {"conv": 1}, input_bytes=256)
+    assert keeps_inputs(plan, ScanSection(buffer_mb=1), 2**20 // 256)
+    assert not keeps_inputs(plan, ScanSection(buffer_mb=1), 2**20 // 256 + 1)
+    monkeypatch.setattr(scan_mod, "DEFER_MAPS", 0)
+    kept, _ = run_scan(fixtures_models.tiny_dataset())
+    monkeypatch.setattr(scan_mod, "keeps_inputs", lambda *a: False)
+    reloaded, _ = run_scan(fixtures_models.tiny_dataset())
+    scans_equal(kept, reloaded)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_second_pass_maps_are_those_of_the_inputs_scanned_under_random_augmentation(keep, monkeypatch):
+    """With kept inputs, every top-/bottom-k map's max is the value it was ranked by, even when each read of
+    the dataset gives other inputs; reloaded, those maps come from other draws (so the scan keeps inputs
+    whenever they fit)."""
+    monkeypatch.setattr(scan_mod, "DEFER_MAPS", 0)
+    if not keep:
+        monkeypatch.setattr(scan_mod, "keeps_inputs", lambda *a: False)
+    data = Augmented()
+    result, _ = run_scan(data)
+    for layer in result.layers:
+        if layer.info.name == "fc":
+            continue
+        for top in (layer.top, layer.bottom):
+            matches = top.maps.max(2)[top.valid] == top.values[top.valid]
+            assert matches.all() if keep else not matches.all()
+    # the plan's one read, the scan's 40; reloading reads again every example the second pass needs (here
+    # all 40: each is a position-activity row)
+    assert data.reads == (1 + 40 if keep else 1 + 40 + 40)
+
+
 class AddThenReLU(nn.Module):
     """conv, an in-place add, then ReLU: its own forward, so the ReLU's input is not the conv's output."""
 
