@@ -1,6 +1,6 @@
 """Compiled loops behind the scan's accumulators, over plain numpy arrays.
 
-Owns four numba kernels:
+Owns five numba kernels:
 
 - `chunk_family`: in one read of a unit-major chunk ([U, R]: each unit's R
   values contiguous, as the scan buffers them), every per-unit sum the
@@ -13,6 +13,7 @@ Owns four numba kernels:
   copying each entering example's spatial map and its argmax;
 - `active_positions`: the fraction of each unit's active positions on the
   batch's activity rows, read in place in the hook;
+- `fill_maps`: the second pass's copies of the maps its entries need;
 - `histogram_rows`: every unit's histogram of its sampled activations.
 
 It does not own what the numbers mean (which values count, how chunks
@@ -366,6 +367,30 @@ def offer_maps(values, maps, first, signs, rectify, keys, ints, state_maps):  # 
                 ints[s, 1, u, j] = _first_argmax(copied)
                 ints[s, 2, u, j] = slot
                 worst = keys[s, u, k - 1]
+
+
+@numba.njit(cache=True, nogil=True)
+def fill_maps(maps, first, rows, units, slots, ranks, bottom, relu, top_maps, bottom_maps, top_positions,
+              bottom_positions):  # pragma: no cover - compiled
+    """The second pass's copies, in place: the maps of the planned entries whose pass rows lie in [first, first + B).
+
+    maps [B, U, M] float32 (the live layer output, any strides) of pass
+    rows first .. first + B - 1; entry e (rows ascending) is unit units[e],
+    rank ranks[e] of the top-k (bottom[e] False) or of the bottom-k, whose
+    map goes to slot slots[e] of top_maps / bottom_maps [U, k, M] (of its
+    ReLU when relu) and whose position becomes the map's first argmax
+    (top_positions / bottom_positions [U, k]).
+    """
+    lo = np.searchsorted(rows, first)
+    hi = np.searchsorted(rows, first + maps.shape[0])
+    for e in range(lo, hi):
+        u = units[e]
+        target = bottom_maps[u, slots[e]] if bottom[e] else top_maps[u, slots[e]]
+        _copy_map(maps[rows[e] - first, u], target, relu)
+        if bottom[e]:
+            bottom_positions[u, ranks[e]] = _first_argmax(target)
+        else:
+            top_positions[u, ranks[e]] = _first_argmax(target)
 
 
 @numba.njit(cache=True, nogil=True)

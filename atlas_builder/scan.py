@@ -328,6 +328,11 @@ class HookTopK:
             top._device_bound = None
 
 
+def compiled_reads(maps: torch.Tensor) -> bool:
+    """Whether the compiled kernels can read these maps where they are (float32 in CPU memory); else torch ops."""
+    return maps.device.type == "cpu" and maps.dtype == torch.float32
+
+
 MEASURE_AT_ONCE = 2**15  # per-row map size from which the second pass measures activity rows at once, not copied
 POSITION_SAMPLE = 256  # examples (a subset of the sample) on which the fraction of active positions is measured
 
@@ -629,7 +634,7 @@ class LayerAccumulator:
         else one torch pass per member.
         """
         maps = unit_maps(rows)
-        if maps is not None and maps.device.type == "cpu" and maps.dtype == torch.float32:
+        if maps is not None and compiled_reads(maps):
             every = np.arange(len(rows))
             return list(torch.from_numpy(kernels.active_positions(maps.numpy(), every, np.float32(self.threshold),
                                                                   self._rectify)))
@@ -694,7 +699,10 @@ class LayerAccumulator:
         order = torch.argsort(rows, stable=True)
         self._plan = [t[order] for t in (which, unit, rank, rows)]
         self._plan_rows = self._plan[3].numpy()
-        self._plan_maps: list[torch.Tensor] = []
+        which, unit, rank = self._plan[:3]
+        slots = torch.where(which == 0, self.top.slots[unit, rank], self.bottom.slots[unit, rank])
+        self._plan_arrays = (self._plan_rows, unit.numpy(), slots.numpy(), rank.numpy(), (which == 1).numpy())
+        self._plan_maps: list[torch.Tensor] = []  # the torch path's copies (off the CPU), given out at the end
         self._activity_rows: list[torch.Tensor] = []  # copies of the pass's activity rows, measured at the end
 
     def fill(self, output: torch.Tensor, first: int, sampled: torch.Tensor | None, rectify: bool = False) -> None:
@@ -707,7 +715,13 @@ class LayerAccumulator:
         layer whose output this is (ReLU of the maps).
         """
         maps = unit_maps(output)
-        if maps is not None:
+        if maps is not None and compiled_reads(maps):
+            for top in (self.top, self.bottom):  # copied straight into place by a compiled loop
+                if top.maps is None:
+                    top.maps = torch.zeros(top.n_units, top.k, maps.shape[2])
+            kernels.fill_maps(maps.numpy(), first, *self._plan_arrays, rectify, self.top.maps.numpy(),
+                              self.bottom.maps.numpy(), self.top.positions.numpy(), self.bottom.positions.numpy())
+        elif maps is not None:
             lo, hi = np.searchsorted(self._plan_rows, [first, first + len(output)])
             if hi > lo:
                 rows = self._plan[3][lo:hi] - first

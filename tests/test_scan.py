@@ -1212,6 +1212,16 @@ def test_second_pass_maps_are_those_of_the_inputs_scanned_under_random_augmentat
     assert data.reads == (1 + 40 if keep else 1 + 40 + 40)
 
 
+def test_second_pass_torch_path_equals_the_compiled_one(monkeypatch):
+    """Outputs the kernels cannot read (on a GPU, or bfloat16) take torch ops for the second pass's maps and
+    activity rows: the same scan, bit for bit."""
+    monkeypatch.setattr(scan_mod, "DEFER_MAPS", 0)
+    compiled, _ = run_scan(fixtures_models.tiny_dataset())
+    monkeypatch.setattr(scan_mod, "compiled_reads", lambda maps: False)
+    torch_ops, _ = run_scan(fixtures_models.tiny_dataset())
+    scans_equal(compiled, torch_ops)
+
+
 class AddThenReLU(nn.Module):
     """conv, an in-place add, then ReLU: its own forward, so the ReLU's input is not the conv's output."""
 
