@@ -321,8 +321,10 @@ def offer_maps(values, maps, first, signs, rectify, keys, ints, state_maps):  # 
     example ids and positions in rank order, and the slot of each rank;
     state_maps [S, U, k, M] in slot order. A key enters when it beats the
     k-th strictly and goes after the keys equal to it (ties to the lower id);
-    it takes the evicted entry's slot, its map is copied there and its
-    position is the map's first argmax. NaN and +-Inf never enter (so an
+    it takes the evicted entry's slot; once the batch is in, the entries
+    from it that stayed get their maps copied to their slots and their
+    positions (the map's first argmax): an entry the same batch evicts
+    again costs no copy. NaN and +-Inf never enter (so an
     entering map, whose max or mean its value is, holds no NaN either).
     """
     n_rows, n_units = values.shape
@@ -360,13 +362,15 @@ def offer_maps(values, maps, first, signs, rectify, keys, ints, state_maps):  # 
                     for i in range(3):
                         ints[s, i, u, j] = ints[s, i, u, j - 1]
                     j -= 1
-                copied = state_maps[s, u, slot]
-                _copy_map(maps[b, u], copied, relu)
                 keys[s, u, j] = key
                 ints[s, 0, u, j] = first + b
-                ints[s, 1, u, j] = _first_argmax(copied)
                 ints[s, 2, u, j] = slot
                 worst = keys[s, u, k - 1]
+            for j in range(k):  # the maps of the entries that are still in after the whole batch, only
+                if ints[s, 0, u, j] >= first:
+                    copied = state_maps[s, u, ints[s, 2, u, j]]
+                    _copy_map(maps[ints[s, 0, u, j] - first, u], copied, relu)
+                    ints[s, 1, u, j] = _first_argmax(copied)
 
 
 @numba.njit(cache=True, nogil=True)
