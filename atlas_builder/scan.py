@@ -27,7 +27,7 @@ layer's sums and those of the ReLUs derived from it. That keeps the scan
 close to the speed of a bare forward pass while memory stays flat. The top-k
 maps come one of two ways (`defer_maps` chooses, from shapes and the device
 alone): in the hook (`HookTopK`: one compiled call per layer and batch
-copies the maps of just the examples that enter), or — when the dataset is
+copies the maps of just the examples that enter and stay), or — when the dataset is
 much larger than the number of top-/bottom-k slots, and always off the CPU
 — from a second pass over just the examples that ended in some top- or
 bottom-k, the scan itself keeping only the values. A ReLU right after a
