@@ -742,14 +742,13 @@ class LayerAccumulator:
         if self._activity_rows:
             self._add_positions(self._fractions(torch.cat(self._activity_rows)))
             self._activity_rows = []
-        if not self._plan_maps:
-            return
-        which, unit, rank, _ = self._plan
-        maps = torch.cat(self._plan_maps)
-        for i, top in enumerate((self.top, self.bottom)):
-            mine = which == i
-            top.set_maps(unit[mine], rank[mine], maps[mine])
-        self._plan = self._plan_maps = None
+        if self._plan_maps:  # the torch path's copies
+            which, unit, rank, _ = self._plan
+            maps = torch.cat(self._plan_maps)
+            for i, top in enumerate((self.top, self.bottom)):
+                mine = which == i
+                top.set_maps(unit[mine], rank[mine], maps[mine])
+        self._plan = self._plan_arrays = self._plan_maps = None
 
     def update(self, values, ids, labels, positions=None, maps=None, position_fraction=None) -> None:
         """Feed already-reduced activations directly (tests, shard tools): values [R, U], maps [R, U, M]."""
@@ -1187,7 +1186,8 @@ def defer_maps(plan: ForwardPlan, cfg: ScanSection, n_examples: int, device: tor
 def keeps_inputs(plan: ForwardPlan, cfg: ScanSection, n_examples: int) -> bool:
     """Whether a deferred scan keeps its `n_examples` inputs for the second pass: when they fit in
     `scan.buffer_mb` (the second pass then neither reloads nor re-transforms them); otherwise it reloads
-    just the examples it needs."""
+    just the examples it needs. The batches are kept as the loader gave them, not copied (a model that
+    changed its own input in place would change them too; torchvision's models do not)."""
     return plan.input_bytes * n_examples <= cfg.buffer_mb * 2**20
 
 
