@@ -71,10 +71,10 @@ def _row_sums(row, relu, shift, threshold):  # pragma: no cover - compiled
     return total, squares, active, bad
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath={"nnan", "nsz"})
 def _row_range(row):  # pragma: no cover - compiled
-    """(min, max) of a non-empty row known to be all finite, in 8 lanes so that it vectorizes
-    (fastmath: only right without NaN or Inf)."""
+    """(min, max) of a non-empty row without NaN, in 8 lanes so that it vectorizes
+    (fastmath: only right without NaN)."""
     n = row.shape[0]
     lows = np.empty(8, np.float32)
     highs = np.empty(8, np.float32)
@@ -277,32 +277,12 @@ def _copy_map(source, target, relu):  # pragma: no cover - compiled
         target[:] = source
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"nnan", "nsz"})
-def _map_max(row):  # pragma: no cover - compiled
-    """The largest value of a non-empty map without NaN, in 8 lanes so that it vectorizes."""
-    n = row.shape[0]
-    lanes = np.empty(8, np.float32)
-    for lane in range(8):
-        lanes[lane] = row[0]
-    whole = n - n % 8
-    for j in range(0, whole, 8):
-        for lane in range(8):
-            x = row[j + lane]
-            lanes[lane] = x if x > lanes[lane] else lanes[lane]
-    best = lanes[0]
-    for lane in range(1, 8):
-        best = lanes[lane] if lanes[lane] > best else best
-    for j in range(whole, n):
-        best = row[j] if row[j] > best else best
-    return best
-
-
 @numba.njit(cache=True, nogil=True)
 def _first_argmax(row):  # pragma: no cover - compiled
     """The first position of a map's largest value (a map without NaN), -1 for an empty map."""
     if row.shape[0] == 0:
         return -1
-    best = _map_max(row)
+    best = _row_range(row)[1]
     for m in range(row.shape[0]):
         if row[m] == best:
             return m

@@ -298,7 +298,7 @@ class HookTopK:
 
     On the CPU, one compiled call per batch (`kernels.offer_maps`) updates
     all of them in place from the live output, copying the maps of just the
-    examples that enter. While the pass runs, each TopK's tensors are views
+    examples that enter and stay for the rest of the batch. While the pass runs, each TopK's tensors are views
     of the joint arrays (a later `fold`, as in a merge, gives them their own).
     """
 
@@ -613,9 +613,8 @@ class LayerAccumulator:
             live = maps if maps.dtype == torch.float32 else maps.float()
             self._hook_top.offer(values, live, first)
         rows = fractions = None
-        if sampled is not None and maps is not None:  # measured in place, for this layer and its followers
-            fractions = list(torch.from_numpy(kernels.active_positions(
-                live.numpy(), sampled.numpy(), np.float32(self.threshold), self._rectify)))
+        if sampled is not None and maps is not None:  # measured now, for this layer and its followers
+            fractions = self._fractions(output, sampled)
         elif sampled is not None:
             rows = output.index_select(0, sampled)  # a copy: later in-place ops cannot reach it
         self._buffer.append((values, first, labels, rows, fractions))
@@ -626,19 +625,22 @@ class LayerAccumulator:
         """This accumulator and its followers, with whether each one's values are ReLU of this layer's."""
         return [(self, False)] + [(follower, True) for follower in self.followers]
 
-    def _fractions(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """The active positions of rows of this layer's output for this layer and each follower (ReLU of the rows).
+    def _fractions(self, output: torch.Tensor, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The active positions of rows `rows` (all when None) of an output of this layer, for this layer and
+        each follower (ReLU of the rows).
 
-        One compiled read of the rows where they are float32 on the CPU
-        (`kernels.active_positions`, in place: rows may be a live output),
-        else one torch pass per member.
+        One compiled read in place where the kernels can read the output
+        (`kernels.active_positions`: no copy of a live output), else a copy
+        of the rows and one torch pass per member.
         """
-        maps = unit_maps(rows)
+        maps = unit_maps(output)
         if maps is not None and compiled_reads(maps):
-            every = np.arange(len(rows))
-            return list(torch.from_numpy(kernels.active_positions(maps.numpy(), every, np.float32(self.threshold),
+            picked = np.arange(len(output)) if rows is None else rows.cpu().numpy()
+            return list(torch.from_numpy(kernels.active_positions(maps.numpy(), picked, np.float32(self.threshold),
                                                                   self._rectify)))
-        return [active_fraction(rows if not rectify else torch.relu(rows), self.threshold)
+        if rows is not None:
+            output = output.index_select(0, rows)  # a copy: later in-place ops cannot reach it
+        return [active_fraction(output if not rectify else torch.relu(output), self.threshold)
                 for _, rectify in self._family()]
 
     def _add_positions(self, fractions: list[torch.Tensor]) -> None:
@@ -1192,9 +1194,9 @@ def keeps_inputs(plan: ForwardPlan, cfg: ScanSection, n_examples: int) -> bool:
 
 
 def second_pass_batch(plan: ForwardPlan, cfg: ScanSection, n_examples: int) -> int:
-    """Examples per batch of the second pass: as many as `scan.buffer_mb` of the probed conv/token outputs
-    allows (at least `scan.batch_size`, at most all `n_examples`): its few examples then run in a few large
-    batches, whose fixed costs (hooks, copies) are paid less often."""
+    """Examples per loading batch of a second pass that reloads its inputs: as many as `scan.buffer_mb` of
+    the probed conv/token outputs allows (at least `scan.batch_size`, at most all `n_examples`), so its few
+    examples load in a few large batches (the forwards still run in `scan.batch_size`)."""
     per_example = 4 * sum(int(np.prod(shape)) for shape in plan.shapes.values() if len(shape) in (2, 3))
     fits = cfg.buffer_mb * 2**20 // max(per_example, 1)
     return max(cfg.batch_size, min(n_examples, fits))
