@@ -152,18 +152,23 @@ def _offer_row(row, relu, exact, ids, keys, kept_ids, positions, f, u):  # pragm
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids, positions):  # pragma: no cover
+def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids, positions, class_sums,
+                 class_missing):  # pragma: no cover
     """Per-unit sums of a chunk for a layer and the ReLUs derived from it, and their top-/bottom-k, in one read.
 
     vt [U, R] float32; labels [R] int64 (outside [0, n_classes): no class).
     Member f sees the values as they are (rectify[f] False) or their ReLU
     (True; NaN stays NaN). Returns, each with a leading member axis [F, ...]:
-    count, total, squares, shift, lo, hi, nonfinite, active [F, U] and
-    class_sums, class_counts [F, U, C]: count, lo and hi over the finite
-    values; total, squares and class sums of (value - shift) in float64,
-    shift being the unit's first finite value (a shift close to the data, so
-    the variance loses nothing to cancellation); active: values above
-    `threshold` (NaN never is, +Inf is). When keys is not empty
+    count, total, squares, shift, lo, hi, nonfinite, active [F, U], and the
+    chunk's rows of each class [C]: count, lo and hi over the finite
+    values; total and squares of (value - shift) in float64, shift being
+    the unit's first finite value (a shift close to the data, so the
+    variance loses nothing to cancellation); active: values above
+    `threshold` (NaN never is, +Inf is). Adds in place, per member, unit and
+    class ([F, U, C] float64, the class means' own accumulators), the sum of
+    the finite values to class_sums and the count of the others to
+    class_missing (a unit's class count is the class's rows less those: all
+    but a few units have none, so no count is kept per unit). When keys is not empty
     ([2F, U, k]: key = sign * value, best first, -inf for an empty slot;
     kept_ids and positions alike, positions -1 for a new entry), state 2f is
     member f's top-k and 2f + 1 its bottom-k, updated in place: a key enters
@@ -172,8 +177,9 @@ def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids,
     NaN and +-Inf never enter; a state whose keys are +inf takes nothing.
 
     A unit's row is read by a few vectorized loops (sums, range, top-k
-    hits) and one gathering loop per class and member for the class sums; a
-    member whose row has NaN or Inf is summed again over its finite values.
+    hits) and one gathering loop per class present in the chunk and member
+    for the class sums; a member whose row has NaN or Inf is summed again
+    over its finite values.
     """
     n_units, n_rows = vt.shape
     n_members = rectify.shape[0]
@@ -186,8 +192,6 @@ def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids,
     hi = np.full((n_members, n_units), -np.inf)
     nonfinite = np.zeros((n_members, n_units), np.int64)
     active = np.zeros((n_members, n_units), np.int64)
-    class_sums = np.zeros((n_members, n_units, n_classes))
-    class_counts = np.zeros((n_members, n_units, n_classes))
     valid = np.empty(n_rows, np.bool_)
     chunk_counts = np.zeros(n_classes)  # of every row with a class: a finite member's counts
     for r in range(n_rows):
@@ -204,6 +208,15 @@ def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids,
         if valid[r]:
             by_class[fill[labels[r]]] = r
             fill[labels[r]] += 1
+    n_present = 0  # the classes the chunk has rows of (a chunk may be shorter than the class list)
+    for c in range(n_classes):
+        n_present += chunk_counts[c] > 0
+    present = np.empty(n_present, np.int64)
+    n_present = 0
+    for c in range(n_classes):
+        if chunk_counts[c] > 0:
+            present[n_present] = c
+            n_present += 1
     zero = np.float32(0.0)
     for u in numba.prange(n_units):
         row = vt[u]
@@ -227,7 +240,6 @@ def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids,
                         low, high = _row_range(row)
                         ranged = True
                     lo[f, u], hi[f, u] = (max(low, zero), max(high, zero)) if relu else (low, high)
-                class_counts[f, u] = chunk_counts
                 continue
             # sums again over the finite values only, shifted by the first of them
             n, t, q, s = 0, 0.0, 0.0, 0.0
@@ -238,12 +250,14 @@ def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids,
             least = np.float32(np.inf)
             most = np.float32(-np.inf)
             sums = class_sums[f, u]
-            counts = class_counts[f, u]
+            missing = class_missing[f, u]
             for r in range(n_rows):
                 x = row[r]
                 if relu and x < 0:
                     x = zero
                 if not np.isfinite(x):
+                    if valid[r]:
+                        missing[labels[r]] += 1.0
                     continue
                 c = np.float64(x) - s
                 t += c
@@ -252,29 +266,30 @@ def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids,
                 least = min(least, x)
                 most = max(most, x)
                 if valid[r]:
-                    sums[labels[r]] += c
-                    counts[labels[r]] += 1.0
+                    sums[labels[r]] += np.float64(x)
             count[f, u], total[f, u], squares[f, u], shift[f, u], lo[f, u], hi[f, u] = n, t, q, s, least, most
         if n_exact:  # the class sums of the finite members: each class's rows in turn, every member at once
-            for c in range(n_classes):
+            for c in present:
                 for f in range(n_members):
                     if exact[f]:
-                        class_sums[f, u, c] = _group_sum(row, by_class, bounds[c], bounds[c + 1], rectify[f]) \
-                            - chunk_counts[c] * shift[f, u]
+                        class_sums[f, u, c] += _group_sum(row, by_class, bounds[c], bounds[c + 1], rectify[f])
         if with_top:
             for f in range(n_members):
                 _offer_row(row, rectify[f], exact[f], ids, keys, kept_ids, positions, f, u)
-    return count, total, squares, shift, lo, hi, nonfinite, active, class_sums, class_counts
+    return count, total, squares, shift, lo, hi, nonfinite, active, chunk_counts
 
 
 @numba.njit(cache=True, nogil=True)
 def _copy_map(source, target, relu):  # pragma: no cover - compiled
-    """target[:] = source, or its ReLU (a map without NaN: that of an entering example)."""
+    """target[:] = source, or its ReLU (a map without NaN: that of an entering example); an explicit loop
+    (a slice assignment costs more than a short map's copy)."""
+    zero = np.float32(0.0)
     if relu:
         for m in range(source.shape[0]):
-            target[m] = max(source[m], np.float32(0.0))
+            target[m] = max(source[m], zero)
     else:
-        target[:] = source
+        for m in range(source.shape[0]):
+            target[m] = source[m]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -282,15 +297,29 @@ def _first_argmax(row):  # pragma: no cover - compiled
     """The first position of a map's largest value (a map without NaN), -1 for an empty map."""
     if row.shape[0] == 0:
         return -1
-    best = _row_range(row)[1]
+    return _first_equal(row, _row_range(row)[1])
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_equal(row, value):  # pragma: no cover - compiled
+    """The first position of `value` in a non-empty map, 0 when it is not there."""
     for m in range(row.shape[0]):
-        if row[m] == best:
+        if row[m] == value:
             return m
     return 0
 
 
 @numba.njit(cache=True, nogil=True)
-def offer_maps(values, maps, first, signs, rectify, keys, ints, state_maps):  # pragma: no cover - compiled
+def _map_position(row, value, is_max):  # pragma: no cover - compiled
+    """The first argmax of an entering map whose value is `value`: when that is the map's max (`is_max`,
+    `scan.reduce = "max"`), the first position equal to it (no pass to find the max), else `_first_argmax`."""
+    if row.shape[0] == 0:
+        return -1
+    return _first_equal(row, value) if is_max else _first_argmax(row)
+
+
+@numba.njit(cache=True, nogil=True)
+def offer_maps(values, maps, first, signs, rectify, is_max, keys, ints, state_maps):  # pragma: no cover - compiled
     """Offer one batch, with its maps, to S top-k states at once, in place: the forward hook's path on the CPU.
 
     values [B, U] float32, maps [B, U, M] float32 (the live layer output,
@@ -303,8 +332,9 @@ def offer_maps(values, maps, first, signs, rectify, keys, ints, state_maps):  # 
     k-th strictly and goes after the keys equal to it (ties to the lower id);
     it takes the evicted entry's slot; once the batch is in, the entries
     from it that stayed get their maps copied to their slots and their
-    positions (the map's first argmax): an entry the same batch evicts
-    again costs no copy. NaN and +-Inf never enter (so an
+    positions (the map's first argmax; is_max: the values are the maps'
+    max, so it is the first position equal to the value): an entry the same
+    batch evicts again costs no copy. NaN and +-Inf never enter (so an
     entering map, whose max or mean its value is, holds no NaN either).
     """
     n_rows, n_units = values.shape
@@ -350,7 +380,7 @@ def offer_maps(values, maps, first, signs, rectify, keys, ints, state_maps):  # 
                 if ints[s, 0, u, j] >= first:
                     copied = state_maps[s, u, ints[s, 2, u, j]]
                     _copy_map(maps[ints[s, 0, u, j] - first, u], copied, relu)
-                    ints[s, 1, u, j] = _first_argmax(copied)
+                    ints[s, 1, u, j] = _map_position(copied, sign * keys[s, u, j], is_max)
 
 
 @numba.njit(cache=True, nogil=True)

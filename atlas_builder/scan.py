@@ -140,7 +140,7 @@ class TopK:
         """[U, k, M] maps in rank order (zeros where there is no entry), or None without maps."""
         if self.maps is None:
             return None
-        ranked = torch.gather(self.maps, 1, self.slots[:, :, None].expand(-1, -1, self.maps.shape[2]))
+        ranked = self.maps[torch.arange(self.n_units)[:, None], self.slots]  # whole maps copied, not gathered
         return ranked.masked_fill_(~(self.keys > -torch.inf)[:, :, None], 0.0)
 
     def _state_entries(self, with_maps: bool = True) -> tuple:
@@ -265,14 +265,24 @@ class TopK:
 
 
 def family_sums(unit_major: np.ndarray, labels: np.ndarray, n_classes: int, threshold: float, ids: torch.Tensor,
-                rectify: np.ndarray, tops: "list[tuple[TopK | None, TopK | None]] | None" = None) -> tuple:
+                rectify: np.ndarray, tops: "list[tuple[TopK | None, TopK | None]] | None" = None,
+                classes: "list[ClassMeans] | None" = None) -> tuple:
     """`kernels.chunk_family` of a unit-major chunk [U, R] (examples ids [R], ascending and above all before).
 
     tops: per member, its (top-k, bottom-k), either None for none, fed the
     chunk in bulk (values only: their maps, if any, come later) and updated
-    here; None: no top-k at all. Returns the kernel's per-member sums.
+    here; None: no top-k at all. classes: per member, the class means the
+    chunk is added to here (one member's in place); None: the chunk's own.
+    Returns the kernel's per-member sums, then per member the chunk's class
+    sums, missing counts [U, C] and class rows [C] (zeros when `classes`
+    took them).
     """
-    n_units = unit_major.shape[0]
+    n_units, n_members = unit_major.shape[0], len(rectify)
+    shape = (n_members, n_units, n_classes)
+    if classes is not None and n_members == 1:  # added in place
+        class_sums, class_missing = classes[0].sums[None], classes[0].missing[None]
+    else:
+        class_sums, class_missing = np.zeros(shape), np.zeros(shape)
     present = [top for pair in tops or [] for top in pair if top is not None]
     k = present[0].k if present else 1
     keys = np.full((2 * len(tops or []), n_units, k), np.inf, np.float32)  # +inf: a state that takes nothing
@@ -284,13 +294,21 @@ def family_sums(unit_major: np.ndarray, labels: np.ndarray, n_classes: int, thre
             if top.maps is not None:
                 raise ValueError("a top-k with maps cannot take a chunk in bulk")
             keys[s], kept[s], positions[s] = top.keys, top.ids, top.positions
-    sums = kernels.chunk_family(unit_major, labels, n_classes, np.float32(threshold), ids.numpy(), rectify,
-                                keys, kept, positions)
+    *sums, class_rows = kernels.chunk_family(unit_major, labels, n_classes, np.float32(threshold), ids.numpy(),
+                                             rectify, keys, kept, positions, class_sums, class_missing)
     for s, top in enumerate(top for pair in tops or [] for top in pair):
         if top is not None:
             top.keys, top.ids, top.positions = (torch.from_numpy(a[s]) for a in (keys, kept, positions))
             top._device_bound = None
-    return sums
+    if classes is not None:
+        for f, means in enumerate(classes):
+            if n_members > 1:
+                means.sums += class_sums[f]
+                means.missing += class_missing[f]
+            means.labelled += class_rows
+        class_sums = class_missing = np.zeros(shape)
+        class_rows = np.zeros_like(class_rows)
+    return (*sums, class_sums, class_missing, np.broadcast_to(class_rows, (n_members, n_classes)))
 
 
 class HookTopK:
@@ -302,8 +320,9 @@ class HookTopK:
     of the joint arrays (a later `fold`, as in a merge, gives them their own).
     """
 
-    def __init__(self, tops: list[tuple[TopK, bool]], width: int):
-        """tops: (TopK, rectify) pairs, rectify for a derived ReLU's; width: positions per map."""
+    def __init__(self, tops: list[tuple[TopK, bool]], width: int, is_max: bool = True):
+        """tops: (TopK, rectify) pairs, rectify for a derived ReLU's; width: positions per map; is_max:
+        the values offered are their maps' max (`scan.reduce = "max"`), which finds the argmax faster."""
         first = tops[0][0]
         n, u, k = len(tops), first.n_units, first.k
         self.tops = [top for top, _ in tops]
@@ -312,6 +331,7 @@ class HookTopK:
         self.maps = np.zeros((n, u, k, width), np.float32)  # slot order
         self.signs = np.array([top.sign for top in self.tops], np.float32)
         self.rectify = np.array([rectify for _, rectify in tops])
+        self.is_max = is_max
         for s, top in enumerate(self.tops):
             top.fold()
             self.keys[s], self.ints[s, 0], self.ints[s, 1], self.ints[s, 2] = top.keys, top.ids, top.positions, top.slots
@@ -322,7 +342,7 @@ class HookTopK:
 
     def offer(self, values: torch.Tensor, maps: torch.Tensor, first: int) -> None:
         """values [B, U] float32, maps [B, U, M] float32 on the CPU, of examples first, first + 1, ... (above all before)."""
-        kernels.offer_maps(values.numpy(), maps.numpy(), first, self.signs, self.rectify, self.keys,
+        kernels.offer_maps(values.numpy(), maps.numpy(), first, self.signs, self.rectify, self.is_max, self.keys,
                            self.ints, self.maps)
         for top in self.tops:
             top._device_bound = None
@@ -385,7 +405,8 @@ class Chunk:
         return self._unit_major
 
     def stats(self) -> tuple:
-        """The chunk's per-unit sums: count, total, squares, shift, lo, hi, nonfinite, active [U], class sums, counts [U, C]."""
+        """The chunk's per-unit sums: count, total, squares, shift, lo, hi, nonfinite, active [U], class sums and
+        missing counts [U, C], rows of each class [C]."""
         if self._stats is None:
             labels = (np.full(self.n, -1, np.int64) if self.labels is None
                       else self.labels.cpu().long().numpy())
@@ -484,30 +505,39 @@ class Activity:
 
 
 class ClassMeans:
-    """Mean finite activation of every unit per class; examples labelled -1 (unknown) are left out."""
+    """Mean finite activation of every unit per class; examples labelled -1 (unknown) are left out.
+
+    Unit-major float64 sums [U, C] of the finite activations; a unit's count
+    for a class is the class's examples less its non-finite activations on
+    them (`missing`, all zero but for units that had some).
+    """
 
     def __init__(self, n_classes: int, n_units: int):
-        self.sums = torch.zeros(n_classes, n_units, dtype=torch.float64)
-        self.counts = torch.zeros(n_classes, n_units, dtype=torch.float64)
+        self.n_classes = n_classes
+        self.sums = np.zeros((n_units, n_classes))
+        self.missing = np.zeros((n_units, n_classes))
+        self.labelled = np.zeros(n_classes)  # examples of each class seen
 
     def update(self, values: "torch.Tensor | Chunk", labels: torch.Tensor) -> None:
         """values: [R, U] (or a Chunk of them); labels: [R], -1 for unknown."""
         chunk = as_chunk(values)
-        n_classes = self.sums.shape[0]
-        if chunk.labels is not labels or chunk.n_classes != n_classes:
-            chunk = chunk.like(labels, n_classes, chunk.threshold)
-        shift = torch.from_numpy(chunk.stats()[3])
-        sums, counts = (torch.from_numpy(a) for a in chunk.stats()[8:])  # [U, C], of the values minus shift
-        self.sums += (sums + counts * shift[:, None]).T
-        self.counts += counts.T
+        if chunk.labels is not labels or chunk.n_classes != self.n_classes:
+            chunk = chunk.like(labels, self.n_classes, chunk.threshold)
+        sums, missing, labelled = chunk.stats()[8:]
+        self.sums += sums
+        self.missing += missing
+        self.labelled += labelled
 
     def merge(self, other: "ClassMeans") -> None:
         self.sums += other.sums
-        self.counts += other.counts
+        self.missing += other.missing
+        self.labelled += other.labelled
 
     def finalize(self) -> np.ndarray:
         """[U, C] class means, NaN for classes with no example."""
-        return torch.where(self.counts > 0, self.sums / self.counts.clamp(min=1), torch.nan).T.numpy()
+        counts = self.labelled - self.missing
+        means = np.full(self.sums.shape, np.nan)
+        return np.divide(self.sums, counts, out=means, where=counts > 0)
 
 
 def sample_ids(n_examples: int, size: int, seed: int) -> np.ndarray:
@@ -518,35 +548,43 @@ def sample_ids(n_examples: int, size: int, seed: int) -> np.ndarray:
 
 
 class SampleRows:
-    """The activations [S, U] (float16) of a fixed, seeded sample of examples."""
+    """The activations [S, U] (float16) of a fixed, seeded sample of examples.
+
+    Kept unit-major ([U, S]: each unit's samples contiguous, as the chunks,
+    the summary's per-unit passes and the store read them); `finalize`
+    gives its [S, U] transpose.
+    """
 
     def __init__(self, ids: np.ndarray, n_units: int):
-        self.ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-        self.matrix = torch.zeros(len(self.ids), n_units, dtype=torch.float16)
-        self.filled = torch.zeros(len(self.ids), dtype=torch.bool)
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.unit_major = torch.zeros(n_units, len(self.ids), dtype=torch.float16)
+        self.filled = np.zeros(len(self.ids), bool)
 
     def update(self, values: "torch.Tensor | Chunk", ids: torch.Tensor) -> None:
         """values: [R, U] (or a Chunk of them) of examples ids [R]."""
         if not len(self.ids):
             return
         chunk = as_chunk(values)
+        ids = ids.cpu().numpy()
         if len(ids) and int(ids[-1]) - int(ids[0]) == len(ids) - 1:  # consecutive ids (the scan's chunks)
-            lo, hi = torch.searchsorted(self.ids, torch.stack([ids[0], ids[-1] + 1]).cpu()).tolist()
-            slot = torch.arange(lo, hi)
-            self.matrix[slot] = chunk.rows(self.ids[lo:hi] - ids[0]).to(torch.float16).cpu()
-            self.filled[slot] = True
-            return
-        slot = torch.searchsorted(self.ids, ids).clamp(max=len(self.ids) - 1)
-        hit = self.ids[slot] == ids
-        self.matrix[slot[hit]] = chunk.rows(hit.nonzero().view(-1)).to(torch.float16)
-        self.filled[slot[hit]] = True
+            lo, hi = np.searchsorted(self.ids, [ids[0], ids[-1] + 1])
+            slots, rows = slice(lo, hi), self.ids[lo:hi] - ids[0]
+            if hi - lo == len(ids):  # every row sampled: a slice, not a gather
+                rows = slice(0, len(ids))
+        else:
+            slot = np.searchsorted(self.ids, ids).clip(max=len(self.ids) - 1)
+            hit = self.ids[slot] == ids
+            slots, rows = slot[hit], np.flatnonzero(hit)
+        picked = torch.from_numpy(chunk.unit_major()[:, rows])
+        self.unit_major[:, slots] = (picked.relu() if chunk.rectify else picked).half()  # torch's conversion: vectorized
+        self.filled[slots] = True
 
     def merge(self, other: "SampleRows") -> None:
-        self.matrix[other.filled] = other.matrix[other.filled]
+        self.unit_major[:, other.filled] = other.unit_major[:, other.filled]
         self.filled |= other.filled
 
     def finalize(self) -> np.ndarray:
-        return self.matrix.numpy()
+        return self.unit_major.numpy().T
 
 
 class LayerAccumulator:
@@ -586,6 +624,25 @@ class LayerAccumulator:
         self.sample = SampleRows(sample, n_units)
         self._hook_top: HookTopK | None = None
         self._buffer: list[tuple] = []  # (values, first id, labels, sampled rows or None, their fractions or None)
+        # the buffered values' storage [rows, U] float32, reused from chunk to chunk (`_reserve`)
+        self._rows: torch.Tensor | None = None
+        self._filled = 0
+
+    def _reserve(self, n: int, n_units: int, device: torch.device) -> torch.Tensor:
+        """The next n rows [n, U] of the values' storage, which grows (doubling) until it holds a whole chunk.
+
+        One storage, reused from chunk to chunk, rather than a new tensor per
+        batch kept until the flush: those small long-lived tensors scattered
+        the heap between the model's large temporaries, which then took fresh
+        memory and page faults (on resnet18 at 128 px, faults tripled the
+        system time of a forward).
+        """
+        if self._rows is None or self._filled + n > len(self._rows) or self._rows.device != device:
+            rows = max(n, 2 * len(self._rows) if self._rows is not None else n)
+            self._rows = torch.empty(rows, n_units, device=device)  # the old one lives on in the views buffered
+            self._filled = 0
+        self._filled += n
+        return self._rows[self._filled - n:self._filled]
 
     def observe(self, output: torch.Tensor, first: int, labels: torch.Tensor, sampled: torch.Tensor | None) -> int:
         """output: the live layer output [B, ...] of examples first, first + 1, ... (above every example before);
@@ -596,12 +653,15 @@ class LayerAccumulator:
         output is done.
         """
         maps = unit_maps(output)
+        values = self._reserve(len(output), output.shape[-1] if maps is None else maps.shape[1], output.device)
         if maps is None:
-            values = output.clone()  # buffered: an in-place op later in the forward must not reach it
+            values.copy_(output)  # buffered: an in-place op later in the forward must not reach it
+        elif maps.dtype != torch.float32:
+            values.copy_(maps.amax(2) if self.reduce == "max" else maps.mean(2))
+        elif self.reduce == "max":
+            torch.amax(maps, 2, out=values)
         else:
-            values = maps.amax(2) if self.reduce == "max" else maps.mean(2)
-        if values.dtype != torch.float32:
-            values = values.float()
+            torch.mean(maps, 2, out=values)
         self.flat = maps is None
         if self.deferred:
             self._buffer.append((values, first, labels, None, None))
@@ -609,7 +669,8 @@ class LayerAccumulator:
         if maps is not None:
             if self._hook_top is None:
                 self._hook_top = HookTopK([(top, rectify) for acc, rectify in self._family()
-                                           for top in (acc.top, acc.bottom)], maps.shape[2])
+                                           for top in (acc.top, acc.bottom)], maps.shape[2],
+                                          self.reduce == "max")
             live = maps if maps.dtype == torch.float32 else maps.float()
             self._hook_top.offer(values, live, first)
         rows = fractions = None
@@ -663,23 +724,23 @@ class LayerAccumulator:
         rows = [b[3] for b in self._buffer if b[3] is not None]
         measured = [b[4] for b in self._buffer if b[4] is not None]
         self._buffer = []
+        self._filled = 0  # the storage is free again
         if rows:
             measured.append(self._fractions(torch.cat(rows)))  # flat rows: the torch path
         family = self._family()
-        n_classes = self.classes.sums.shape[0]
+        n_classes = self.classes.n_classes
         stats = family_sums(np.ascontiguousarray(values.T.numpy()), labels.numpy(), n_classes, self.threshold, ids,
                             self._rectify, [(acc.top, acc.bottom) for acc, _ in family]
-                            if self.deferred or self.flat else None)
+                            if self.deferred or self.flat else None, [acc.classes for acc, _ in family])
         for f, (acc, rectify) in enumerate(family):
             chunk = Chunk(values, labels, n_classes, self.threshold, rectify, tuple(a[f] for a in stats))
-            acc.absorb(chunk, ids, labels, torch.cat([m[f] for m in measured]).cpu() if measured else None)
+            acc.absorb(chunk, ids, torch.cat([m[f] for m in measured]).cpu() if measured else None)
 
-    def absorb(self, chunk: Chunk, ids: torch.Tensor, labels: torch.Tensor,
-               fraction: torch.Tensor | None = None) -> None:
-        """One chunk (ids ascending, its sums computed) into the moments, activity, class means and sample."""
+    def absorb(self, chunk: Chunk, ids: torch.Tensor, fraction: torch.Tensor | None = None) -> None:
+        """One chunk (ids ascending, its sums computed, its class sums added by them) into the moments,
+        activity and sample."""
         self.moments.update(chunk)
         self.activity.update(chunk, fraction)
-        self.classes.update(chunk, labels)
         self.sample.update(chunk, ids)
         if self.deferred and self.flat and self.activity_ids is not None:  # a flat unit's one position: its value
             rows = torch.isin(ids, self.activity_ids).nonzero().view(-1)
@@ -765,6 +826,7 @@ class LayerAccumulator:
         """Flush, and drop device copies, so the state can be pickled and sent to another process."""
         self.flush()
         self.top._device_bound = self.bottom._device_bound = None
+        self._rows = None
 
     def merge(self, other: "LayerAccumulator") -> None:
         self.flush()

@@ -142,6 +142,18 @@ def feed_topk(acc: TopK, values, positions, maps, ids, batch: int, with_maps: bo
     return acc
 
 
+def test_scan_model_mean_reduce_keeps_each_maps_first_argmax(maps_mode):
+    """With scan.reduce = "mean" a value is not its map's max; the kept position is still the map's first argmax."""
+    data = fixtures_models.tiny_dataset()
+    result, model = run_scan(data, reduce="mean")
+    outputs, _ = brute_outputs(model, data.images)
+    for layer in result.layers[:2]:  # conv and relu: maps
+        maps = outputs[layer.info.name].flatten(2)
+        values, positions = maps.mean(2).numpy(), maps.argmax(2).numpy()
+        for top, largest in ((layer.top, True), (layer.bottom, False)):
+            check_topk(top, values, positions, maps.numpy(), 4, largest, rtol=1e-6)
+
+
 def topk_pass(values, positions, maps, k, largest, batch, ids=None, with_maps=True) -> TopK:
     ids = np.arange(len(values)) if ids is None else ids
     return feed_topk(TopK(values.shape[1], k, largest), values[ids], positions[ids], maps[ids], ids, batch,
