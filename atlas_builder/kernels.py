@@ -1,6 +1,6 @@
 """Compiled loops behind the scan's accumulators, over plain numpy arrays.
 
-Owns five numba kernels:
+Owns six numba kernels:
 
 - `chunk_family`: in one read of a unit-major chunk ([U, R]: each unit's R
   values contiguous, as the scan buffers them), every per-unit sum the
@@ -14,7 +14,8 @@ Owns five numba kernels:
 - `active_positions`: the fraction of each unit's active positions on the
   batch's activity rows, read in place in the hook;
 - `fill_maps`: the second pass's copies of the maps its entries need;
-- `histogram_rows`: every unit's histogram of its sampled activations.
+- `histogram_rows`: every unit's histogram of its sampled activations;
+- `selectivity_rows`: every unit's class-selectivity index and top class.
 
 It does not own what the numbers mean (which values count, how chunks
 merge, ties): the accumulators in `scan.py` do, and test these kernels
@@ -469,3 +470,36 @@ def active_positions(maps, rows, threshold, rectify):  # pragma: no cover - comp
                     above += x > threshold
                 out[f, i, u] = np.float32(above) / np.float32(width)
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def selectivity_rows(means):  # pragma: no cover - compiled
+    """Class-selectivity index and top class of each row of class means [U, C] float64 (NaN: a class without
+    examples), in one read: the means are clipped at 0; mu_max is the largest (the first, on ties: its class
+    is the top class, -1 for none), mu_rest the mean of the others; index (mu_max - mu_rest) / (mu_max +
+    mu_rest), 0 when both are 0, NaN with fewer than 2 classes present."""
+    n_units, n_classes = means.shape
+    index = np.empty(n_units)
+    top = np.empty(n_units, np.int64)
+    for u in range(n_units):
+        n = 0
+        best = -np.inf
+        arg = -1
+        total = 0.0
+        for c in range(n_classes):
+            x = means[u, c]
+            if x != x:
+                continue
+            x = max(x, 0.0)
+            n += 1
+            total += x
+            if x > best:
+                best = x
+                arg = c
+        top[u] = arg
+        if n < 2:
+            index[u] = np.nan
+            continue
+        rest = (total - best) / (n - 1)
+        index[u] = (best - rest) / (best + rest) if best + rest > 0 else 0.0
+    return index, top

@@ -646,6 +646,61 @@ def test_redundancy_finds_planted_duplicate_and_skips_constant_units():
         assert corr[u] == pytest.approx(full[i].max(), abs=1e-9)
 
 
+def brute_partners(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every unit's most correlated other unit by np.corrcoef in float64 (-1 and NaN for constant units)."""
+    x = sample.astype(np.float64)
+    live = x.std(0) > 0
+    full = np.full((x.shape[1],) * 2, -np.inf)
+    full[np.ix_(live, live)] = np.corrcoef(x[:, live], rowvar=False)
+    np.fill_diagonal(full, -np.inf)
+    partner = np.where(live, full.argmax(1), -1)
+    return partner, np.where(live, full.max(1), np.nan)
+
+
+def test_redundancy_near_ties_decided_in_float64():
+    """Partners whose correlations differ by less than float32 resolves are told apart exactly."""
+    rng = np.random.default_rng(62)
+    base = rng.normal(size=500)
+    columns = [base]
+    for scale in (1.0e-4, 1.00001e-4, 0.99999e-4, 1.00002e-4):  # all near 1 - 5e-9, a few 1e-13 apart
+        columns.append(base + scale * rng.normal(size=500))
+    columns += [rng.normal(size=500) for _ in range(6)] + [np.full(500, 3.0)]
+    sample = np.column_stack(columns)
+    partner, corr = redundancy(sample)
+    brute_partner, brute_corr = brute_partners(sample)
+    np.testing.assert_array_equal(partner, brute_partner)
+    np.testing.assert_allclose(corr, brute_corr, rtol=0, atol=1e-12, equal_nan=True)
+
+
+def test_redundancy_of_many_copies_of_one_unit():
+    """A layer of copies (ties everywhere: every pair is checked exactly) names the lowest other copy."""
+    rng = np.random.default_rng(63)
+    base = rng.normal(size=200)
+    sample = np.column_stack([base] * 12 + [rng.normal(size=200) for _ in range(2)]).astype(np.float16)
+    partner, corr = redundancy(sample)
+    assert partner[:12].tolist() == [1] + [0] * 11
+    np.testing.assert_allclose(corr[:12], 1.0, rtol=1e-12)
+    np.testing.assert_array_equal(partner[12:], brute_partners(sample)[0][12:])
+
+
+def test_class_selectivity_matches_the_formula_on_random_means():
+    rng = np.random.default_rng(64)
+    means = rng.normal(size=(300, 12)) + rng.normal(size=(300, 1))
+    means[rng.random(means.shape) < 0.2] = np.nan
+    means[:5] = np.nan  # no class
+    means[5:10, 1:] = np.nan  # one class
+    index, top = class_selectivity(means)
+    clipped = np.clip(means, 0, None)
+    present = ~np.isnan(clipped)
+    n = present.sum(1)
+    mu_max = np.nanmax(np.where(present, clipped, -np.inf), 1)
+    mu_rest = (np.nansum(clipped, 1) - mu_max) / np.maximum(n - 1, 1)
+    with np.errstate(invalid="ignore"):
+        brute = np.where(mu_max + mu_rest > 0, (mu_max - mu_rest) / (mu_max + mu_rest), 0.0)
+    np.testing.assert_allclose(index, np.where(n >= 2, brute, np.nan), rtol=1e-12, equal_nan=True)
+    np.testing.assert_array_equal(top, np.where(n > 0, np.where(present, clipped, -np.inf).argmax(1), -1))
+
+
 def test_redundancy_degenerate_inputs():
     partner, corr = redundancy(np.ones((10, 1), dtype=np.float16))
     assert partner.tolist() == [-1] and np.isnan(corr).all()
