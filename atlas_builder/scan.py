@@ -309,8 +309,8 @@ def family_sums(unit_major: np.ndarray, labels: np.ndarray, n_classes: int, thre
                 means.sums += class_sums[f]
                 means.missing += class_missing[f]
             means.labelled += class_rows
-        class_sums = class_missing = np.zeros(shape)
-        class_rows = np.zeros_like(class_rows)
+        class_sums = class_missing = np.broadcast_to(0.0, shape)  # taken: zeros, read-only, no memory
+        class_rows = np.broadcast_to(0.0, class_rows.shape)
     return (*sums, class_sums, class_missing, np.broadcast_to(class_rows, (n_members, n_classes)))
 
 
