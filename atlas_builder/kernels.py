@@ -5,7 +5,7 @@ Owns six numba kernels:
 - `chunk_family`: in one read of a unit-major chunk ([U, R]: each unit's R
   values contiguous, as the scan buffers them), every per-unit sum the
   streaming accumulators need (count, centred sum and sum of squares, min,
-  max, non-finite count, active count, per-class sums and counts), for a
+  max, non-finite count, active count, per-class sums and non-finite counts), for a
   layer and the ReLUs derived from it, and their top-/bottom-k; units run
   in parallel (numba `prange`: each unit's sums and states are its own, so
   the result does not depend on the number of threads);
@@ -209,15 +209,7 @@ def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids,
         if valid[r]:
             by_class[fill[labels[r]]] = r
             fill[labels[r]] += 1
-    n_present = 0  # the classes the chunk has rows of (a chunk may be shorter than the class list)
-    for c in range(n_classes):
-        n_present += chunk_counts[c] > 0
-    present = np.empty(n_present, np.int64)
-    n_present = 0
-    for c in range(n_classes):
-        if chunk_counts[c] > 0:
-            present[n_present] = c
-            n_present += 1
+    present = np.flatnonzero(chunk_counts)  # the classes the chunk has rows of (it may be shorter than the list)
     zero = np.float32(0.0)
     for u in numba.prange(n_units):
         row = vt[u]
@@ -314,9 +306,7 @@ def _first_equal(row, value):  # pragma: no cover - compiled
 def _map_position(row, value, is_max):  # pragma: no cover - compiled
     """The first argmax of an entering map whose value is `value`: when that is the map's max (`is_max`,
     `scan.reduce = "max"`), the first position equal to it (no pass to find the max), else `_first_argmax`."""
-    if row.shape[0] == 0:
-        return -1
-    return _first_equal(row, value) if is_max else _first_argmax(row)
+    return _first_equal(row, value) if is_max and row.shape[0] else _first_argmax(row)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -48,6 +48,7 @@ Runs under `torch.inference_mode()`. Writes nothing: the caller hands the
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 import re
 import time
@@ -1054,9 +1055,7 @@ def worker_errors():
         raise AtlasError(re.sub(r"^[\w.]*(Error|Exception): ", "", last)) from None
 
 
-_ALLOCATOR_SET: list[bool] = []  # keep_freed_memory's result, once per process
-
-
+@functools.cache  # once per process
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed memory for reuse, for the rest of the process; False where it cannot.
 
@@ -1073,16 +1072,13 @@ def keep_freed_memory() -> bool:
     without faults. The cost: the process keeps its peak heap until it
     exits (a build is one process that ends). Other C libraries: nothing.
     """
-    if not _ALLOCATOR_SET:
-        done = False
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-            try:
-                mallopt = ctypes.CDLL(None).mallopt
-                done = bool(mallopt(-4, 0)) and bool(mallopt(-1, 2**30))  # M_MMAP_MAX, M_TRIM_THRESHOLD
-            except (OSError, AttributeError):
-                done = False
-        _ALLOCATOR_SET.append(done)
-    return _ALLOCATOR_SET[0]
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(-4, 0)) and bool(mallopt(-1, 2**30))  # M_MMAP_MAX, M_TRIM_THRESHOLD
 
 
 def shard_range(n_examples: int, rank: int, world: int) -> tuple[int, int]:
