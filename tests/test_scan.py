@@ -1206,16 +1206,20 @@ def test_deferred_maps_chosen_by_shapes_and_second_pass_stops_after_the_last_map
     results = []
     for defer in (10**12, 0):
         monkeypatch.setattr(scan_mod, "DEFER_MAPS", defer)
-        fc_calls, passes = [], []
+        fc_calls, conv_calls, passes = [], [], []
         monkeypatch.setattr(scan_mod, "maps_pass", lambda *a, **k: (passes.append(1), original(*a, **k)))
-        handle = loaded.module.fc.register_forward_hook(lambda m, i, o: fc_calls.append(len(o)))
+        handles = [loaded.module.fc.register_forward_hook(lambda m, i, o: fc_calls.append(len(o))),
+                   loaded.module.conv.register_forward_hook(lambda m, i, o: conv_calls.append(len(o)))]
         try:
             results.append(scan_model(loaded, dataset, LAYERS, ScanSection(top_k=4, batch_size=7), CPU,
                                       progress=False))
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         assert passes == ([] if defer else [1])
         assert sum(fc_calls) == 1 + 40  # the plan's one example, then the scan's 40; a second pass stops earlier
+        # the second pass (here every example: each is an activity row) in one batch, as its buffer allows
+        assert conv_calls == [1] + [7] * 5 + [5] + ([] if defer else [40])
     scans_equal(*results)
 
 
