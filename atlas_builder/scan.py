@@ -397,9 +397,9 @@ class Chunk:
         """The same values with other labels or threshold (their sums computed afresh)."""
         return Chunk(self.values, labels, n_classes, threshold, self.rectify)
 
-    def rows(self, index: torch.Tensor) -> torch.Tensor:
+    def rows(self, index: "np.ndarray | slice") -> torch.Tensor:
         """The chunk's rows `index` [n, U] (a copy; gathered along each unit's contiguous row)."""
-        picked = torch.from_numpy(self.unit_major()[:, index.cpu().numpy()]).T
+        picked = torch.from_numpy(np.array(self.unit_major()[:, index])).T
         return picked.relu_() if self.rectify else picked
 
     def unit_major(self) -> np.ndarray:
@@ -546,9 +546,28 @@ class ClassMeans:
 
 def sample_ids(n_examples: int, size: int, seed: int) -> np.ndarray:
     """The seeded sample of example ids (ascending) kept by `SampleRows`: all of them if n <= size."""
+    return _drawn_sample(n_examples, size, seed).copy()
+
+
+@functools.lru_cache(maxsize=16)  # a scan and its summary draw the same sample: drawn once
+def _drawn_sample(n_examples: int, size: int, seed: int) -> np.ndarray:
     if size >= n_examples:
         return np.arange(n_examples)
     return np.sort(np.random.default_rng(seed).choice(n_examples, size=size, replace=False))
+
+
+def common_rows(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple:
+    """(slots, rows): where the ids that `ids` [R] (ascending) shares with `sorted_ids` lie in each, as slices
+    when `ids` are consecutive (the scan's chunks), else as index arrays."""
+    if len(ids) and int(ids[-1]) - int(ids[0]) == len(ids) - 1:
+        lo, hi = np.searchsorted(sorted_ids, [ids[0], ids[-1] + 1])
+        rows = sorted_ids[lo:hi] - ids[0]
+        return slice(lo, hi), (slice(0, len(ids)) if hi - lo == len(ids) else rows)
+    if not len(sorted_ids):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    slot = np.searchsorted(sorted_ids, ids).clip(max=len(sorted_ids) - 1)
+    hit = sorted_ids[slot] == ids
+    return slot[hit], np.flatnonzero(hit)
 
 
 class SampleRows:
@@ -569,16 +588,7 @@ class SampleRows:
         if not len(self.ids):
             return
         chunk = as_chunk(values)
-        ids = ids.cpu().numpy()
-        if len(ids) and int(ids[-1]) - int(ids[0]) == len(ids) - 1:  # consecutive ids (the scan's chunks)
-            lo, hi = np.searchsorted(self.ids, [ids[0], ids[-1] + 1])
-            slots, rows = slice(lo, hi), self.ids[lo:hi] - ids[0]
-            if hi - lo == len(ids):  # every row sampled: a slice, not a gather
-                rows = slice(0, len(ids))
-        else:
-            slot = np.searchsorted(self.ids, ids).clip(max=len(self.ids) - 1)
-            hit = self.ids[slot] == ids
-            slots, rows = slot[hit], np.flatnonzero(hit)
+        slots, rows = common_rows(self.ids, ids.cpu().numpy())
         picked = torch.from_numpy(chunk.unit_major()[:, rows])
         self.unit_major[:, slots] = (picked.relu() if chunk.rectify else picked).half()  # torch's conversion: vectorized
         self.filled[slots] = True
@@ -616,7 +626,7 @@ class LayerAccumulator:
         self.reduce, self.threshold = cfg.reduce, cfg.active_threshold
         self.deferred = deferred  # top-/bottom-k in bulk at flush, maps from a second pass (`fill`)
         # the examples whose position activity counts (flat layers: from the values at flush); deferred only
-        self.activity_ids = None if activity_ids is None else torch.as_tensor(np.asarray(activity_ids, np.int64))
+        self.activity_ids = None if activity_ids is None else np.asarray(activity_ids, np.int64)
         self.flat = flat  # whether the output has no positions (None: known at the first observe)
         self.followers = followers or []  # derived ReLUs: fed ReLU of this layer's values, rows and maps
         self._rectify = np.array([False] + [True] * len(self.followers))  # per member of `_family()`
@@ -629,8 +639,9 @@ class LayerAccumulator:
         self._hook_top: HookTopK | None = None
         self._buffer: list[tuple] = []  # (values, first id, labels, sampled rows or None, their fractions or None)
         # the buffered values' storage [rows, U] float32, reused from chunk to chunk (`_reserve`)
-        self._rows: torch.Tensor | None = None
-        self._filled = 0
+        self._rows = torch.empty(0)
+        self._capacity = 0  # its rows
+        self._filled = 0  # rows of it the chunk holds
 
     def _reserve(self, n: int, n_units: int, device: torch.device) -> torch.Tensor:
         """The next n rows [n, U] of the values' storage, which grows (doubling) until it holds a whole chunk.
@@ -641,12 +652,13 @@ class LayerAccumulator:
         memory and page faults (on resnet18 at 128 px, faults tripled the
         system time of a forward).
         """
-        if self._rows is None or self._filled + n > len(self._rows) or self._rows.device != device:
-            rows = max(n, 2 * len(self._rows) if self._rows is not None else n)
-            self._rows = torch.empty(rows, n_units, device=device)  # the old one lives on in the views buffered
-            self._filled = 0
-        self._filled += n
-        return self._rows[self._filled - n:self._filled]
+        start = self._filled
+        if start + n > self._capacity or self._rows.device != device:  # an int kept, not len(): every batch, every layer
+            self._capacity = max(n, 2 * self._capacity)
+            self._rows = torch.empty(self._capacity, n_units, device=device)  # the old one lives on in the views
+            start = 0
+        self._filled = start + n
+        return self._rows[start:start + n]
 
     def observe(self, output: torch.Tensor, first: int, labels: torch.Tensor, sampled: torch.Tensor | None) -> int:
         """output: the live layer output [B, ...] of examples first, first + 1, ... (above every example before);
@@ -657,7 +669,7 @@ class LayerAccumulator:
         output is done.
         """
         maps = unit_maps(output)
-        values = self._reserve(len(output), output.shape[-1] if maps is None else maps.shape[1], output.device)
+        values = self._reserve(output.shape[0], output.shape[-1] if maps is None else maps.shape[1], output.device)
         if maps is None:
             values.copy_(output)  # buffered: an in-place op later in the forward must not reach it
         elif maps.dtype != torch.float32:
@@ -747,7 +759,7 @@ class LayerAccumulator:
         self.activity.update(chunk, fraction)
         self.sample.update(chunk, ids)
         if self.deferred and self.flat and self.activity_ids is not None:  # a flat unit's one position: its value
-            rows = torch.isin(ids, self.activity_ids).nonzero().view(-1)
+            rows = common_rows(self.activity_ids, ids.cpu().numpy())[1]
             self.activity.add_positions(active_fraction(chunk.rows(rows), self.threshold))
 
     def needed(self) -> torch.Tensor:
@@ -830,7 +842,7 @@ class LayerAccumulator:
         """Flush, and drop device copies, so the state can be pickled and sent to another process."""
         self.flush()
         self.top._device_bound = self.bottom._device_bound = None
-        self._rows = None
+        self._rows, self._capacity = torch.empty(0), 0
 
     def merge(self, other: "LayerAccumulator") -> None:
         self.flush()
@@ -993,17 +1005,18 @@ def summarize(info: LayerInfo, acc: LayerAccumulator, cfg: ScanSection, class_na
     stats.update(selectivity=selectivity, top_class=top_class, dead=dead, saturated=saturated,
                  redundant=redundant, redundant_with=np.where(redundant, partner, -1),
                  redundant_corr=np.where(redundant, corr, np.nan), best_partner=partner, best_corr=corr)
+    selective = np.nan_to_num(selectivity, nan=-np.inf) >= cfg.class_selective
     labels = []
-    for u in range(len(dead)):
-        if stats["count"][u] == 0:
+    for none, is_dead, is_saturated, is_selective, top in zip(  # Python values: numpy scalars cost more per unit
+            (stats["count"] == 0).tolist(), dead.tolist(), saturated.tolist(), selective.tolist(), top_class.tolist()):
+        if none:
             labels.append("non-finite")
-        elif dead[u]:
+        elif is_dead:
             labels.append("dead")
-        elif saturated[u]:
+        elif is_saturated:
             labels.append("saturated")
-        elif not np.isnan(selectivity[u]) and selectivity[u] >= cfg.class_selective:
-            name = class_names[top_class[u]] if 0 <= top_class[u] < len(class_names) else str(top_class[u])
-            labels.append(f"class-selective: {name}")
+        elif is_selective:
+            labels.append(f"class-selective: {class_names[top] if 0 <= top < len(class_names) else top}")
         else:
             labels.append("feature-selective (broad)")
     counts, lo, hi = histogram(sample, cfg.histogram_bins)
@@ -1116,6 +1129,7 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
     kept: list[torch.Tensor] | None = [] if deferred and keeps_inputs(plan, cfg, stop - start) else None
     hooked = [name for name in layers if name not in derived]
     followers = {name: [relu for relu, source in derived.items() if source == name] for name in hooked}
+    expected_calls = {name: calls for name, calls in plan.calls.items() if name not in derived} if plan else {}
 
     def new_accumulator(shape: tuple[int, ...], followers=None) -> LayerAccumulator:
         return LayerAccumulator(unit_count(shape), cfg, n_classes, sample, deferred,
@@ -1166,7 +1180,8 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
                 kept.append(x)
             with autocast:
                 out = net(x.to(device, non_blocking=True))
-            plan.check_calls(batch["calls"], model.name, derived)
+            if batch["calls"] != expected_calls:  # one dict comparison per batch; the message from the plan
+                plan.check_calls(batch["calls"], model.name, derived)
             seen += n
             label_batches.append(labels)
             if isinstance(out, torch.Tensor) and out.dim() == 2:
