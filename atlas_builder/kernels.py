@@ -14,7 +14,7 @@ Owns six numba kernels:
 - `active_positions`: the fraction of each unit's active positions on the
   batch's activity rows, read in place in the hook;
 - `fill_maps`: the second pass's copies of the maps its entries need;
-- `histogram_rows`: every unit's histogram of its sampled activations;
+- `histogram_rows`: every unit's histogram of its sampled activations (units in parallel);
 - `selectivity_rows`: every unit's class-selectivity index and top class.
 
 It does not own what the numbers mean (which values count, how chunks
@@ -398,7 +398,7 @@ def fill_maps(maps, first, rows, units, slots, ranks, bottom, relu, top_maps, bo
             top_positions[u, ranks[e]] = _first_argmax(target)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def histogram_rows(vt, bins):  # pragma: no cover - compiled
     """Per unit row of vt [U, S] float32: `bins` equal bins between its finite min and max.
 
@@ -411,7 +411,7 @@ def histogram_rows(vt, bins):  # pragma: no cover - compiled
     counts = np.zeros((n_units, bins), np.int64)
     lo = np.zeros(n_units, np.float32)
     hi = np.zeros(n_units, np.float32)
-    for u in range(n_units):
+    for u in numba.prange(n_units):  # each unit's row and counts its own: the same result on any number of threads
         row = vt[u]
         low = np.float32(np.inf)
         high = np.float32(-np.inf)

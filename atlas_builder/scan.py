@@ -145,7 +145,8 @@ class TopK:
         if self.maps is None:
             return None
         ranked = self.maps[torch.arange(self.n_units)[:, None], self.slots]  # whole maps copied, not gathered
-        return ranked.masked_fill_(~(self.keys > -torch.inf)[:, :, None], 0.0)
+        empty = ~(self.keys > -torch.inf)
+        return ranked.masked_fill_(empty[:, :, None], 0.0) if empty.any() else ranked  # usually every slot is filled
 
     def _state_entries(self, with_maps: bool = True) -> tuple:
         """The kept entries as candidates: units, ids, values, positions, maps (None without)."""
@@ -539,9 +540,9 @@ class ClassMeans:
 
     def finalize(self) -> np.ndarray:
         """[U, C] class means, NaN for classes with no example."""
-        counts = self.labelled - self.missing
+        counts = self.labelled - self.missing if self.missing.any() else self.labelled  # [U, C], or [C] for all
         means = np.full(self.sums.shape, np.nan)
-        return np.divide(self.sums, counts, out=means, where=counts > 0)
+        return np.divide(self.sums, counts, out=means, where=np.broadcast_to(counts > 0, means.shape))
 
 
 def sample_ids(n_examples: int, size: int, seed: int) -> np.ndarray:
