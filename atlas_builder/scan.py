@@ -654,7 +654,7 @@ class LayerAccumulator:
         system time of a forward).
         """
         start = self._filled
-        if start + n > self._capacity or self._rows.device != device:  # an int kept, not len(): every batch, every layer
+        if start + n > self._capacity or self._rows.device != device:  # an int, not len(): paid every batch and layer
             self._capacity = max(n, 2 * self._capacity)
             self._rows = torch.empty(self._capacity, n_units, device=device)  # the old one lives on in the views
             start = 0
