@@ -22,7 +22,7 @@ merge, ties): the accumulators in `scan.py` do, and test these kernels
 through them against brute force. The torch ops they replace cost, on a
 small model, as much as its forward: about ten passes over each chunk, and
 several small ops per layer per batch.
-Compiled on first use and cached on disk (numba `cache=True`): about 17 s
+Compiled on first use and cached on disk (numba `cache=True`): about 18 s
 for all of them once after an install (the parallel `chunk_family` about
 half of it), then about 0.3 s per process to load.
 """
