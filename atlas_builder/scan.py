@@ -542,7 +542,7 @@ class ClassMeans:
         """[U, C] class means, NaN for classes with no example."""
         counts = self.labelled - self.missing if self.missing.any() else self.labelled  # [U, C], or [C] for all
         means = np.full(self.sums.shape, np.nan)
-        return np.divide(self.sums, counts, out=means, where=np.broadcast_to(counts > 0, means.shape))
+        return np.divide(self.sums, counts, out=means, where=counts > 0)
 
 
 def sample_ids(n_examples: int, size: int, seed: int) -> np.ndarray:
@@ -933,8 +933,7 @@ def unit_major(sample: np.ndarray, dtype: torch.dtype) -> np.ndarray:
 
 def histogram(sample: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per unit: `bins` equal bins between the min and max of its finite sampled activations (lo = hi = 0 if none)."""
-    counts, lo, hi = kernels.histogram_rows(unit_major(sample, torch.float32), bins)
-    return counts, lo, hi
+    return kernels.histogram_rows(unit_major(sample, torch.float32), bins)
 
 
 def class_selectivity(class_means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -966,7 +965,7 @@ def redundancy(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     norm = torch.linalg.vector_norm(z, dim=1)
     ok = norm > 1e-9 * scale
     z *= torch.where(ok, 1.0 / torch.where(ok, norm, 1.0), 0.0)[:, None]
-    corr = z @ z.T  # torch's float64 GEMM: about twice numpy's here
+    corr = z @ z.T  # torch's GEMM: numpy's (OpenBLAS, its threads beside torch's) doubled resnet18's summary
     corr.fill_diagonal_(-torch.inf)
     corr[:, ~ok] = -torch.inf
     best, partner = corr.max(1)  # the first of equal maxima
@@ -1130,7 +1129,7 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
     kept: list[torch.Tensor] | None = [] if deferred and keeps_inputs(plan, cfg, stop - start) else None
     hooked = [name for name in layers if name not in derived]
     followers = {name: [relu for relu, source in derived.items() if source == name] for name in hooked}
-    expected_calls = {name: calls for name, calls in plan.calls.items() if name not in derived} if plan else {}
+    expected_calls = plan.hooked_calls(derived) if plan else {}
 
     def new_accumulator(shape: tuple[int, ...], followers=None) -> LayerAccumulator:
         return LayerAccumulator(unit_count(shape), cfg, n_classes, sample, deferred,
@@ -1181,8 +1180,7 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
                 kept.append(x)
             with autocast:
                 out = net(x.to(device, non_blocking=True))
-            if batch["calls"] != expected_calls:  # one dict comparison per batch; the message from the plan
-                plan.check_calls(batch["calls"], model.name, derived)
+            plan.check_calls(batch["calls"], model.name, expected_calls)
             seen += n
             label_batches.append(labels)
             if isinstance(out, torch.Tensor) and out.dim() == 2:
@@ -1211,13 +1209,18 @@ class ForwardPlan:
     calls: dict[str, int]  # hook calls per forward: more than one for a module the forward uses several times
     input_bytes: int = 0  # of one example's input tensor
 
-    def check_calls(self, calls: dict[str, int], model: str, skipped=()) -> None:
-        """Fail when a forward's hook calls differ from the plan's (`skipped`: layers not hooked in this pass)."""
-        if len(calls) + len(skipped) != len(self.calls) or any(calls.get(n, 0) != c for n, c in self.calls.items()
-                                                                if n not in skipped):
-            name = next(n for n in self.calls if n not in skipped and calls.get(n, 0) != self.calls[n])
-            raise AtlasError(f"layer {name!r} of model {model!r} ran {calls.get(name, 0)} times in one forward pass "
-                             f"but {self.calls[name]} times in another; probe layers that every forward uses alike")
+    def hooked_calls(self, skipped=()) -> dict[str, int]:
+        """The hook calls per forward of the layers hooked in a pass (`skipped`: those that are not)."""
+        return {name: calls for name, calls in self.calls.items() if name not in skipped}
+
+    def check_calls(self, calls: dict[str, int], model: str, expected: dict[str, int]) -> None:
+        """Fail when a forward's hook calls differ from `expected` (`hooked_calls`): one dict comparison, paid
+        on every batch."""
+        if calls == expected:
+            return
+        name = next(n for n in {**expected, **calls} if calls.get(n, 0) != expected.get(n, 0))
+        raise AtlasError(f"layer {name!r} of model {model!r} ran {calls.get(name, 0)} times in one forward pass "
+                         f"but {expected.get(name, 0)} times in another; probe layers that every forward uses alike")
 
 
 class _StopForward(Exception):

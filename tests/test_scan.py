@@ -23,6 +23,7 @@ from torch.utils.data import TensorDataset
 import fixtures_models
 from atlas_builder import scan as scan_mod
 from atlas_builder.config import ModelSection, ScanSection
+from atlas_builder.errors import AtlasError
 from atlas_builder.probe import LayerInfo, active_fraction, reduce_output
 from atlas_builder.scan import (Activity, ClassMeans, LayerAccumulator, Moments, SampleRows, TopK, class_selectivity,
                                 histogram, redundancy, sample_ids, scan_model, summarize)
@@ -1186,6 +1187,29 @@ def test_scan_model_module_called_twice_counts_its_last_call_once(maps_mode):
     check_topk(act.top, v, p, maps, 4, True, rtol=1e-6)
     check_moments({k: act.stats[k] for k in MOMENT_RTOL} | {"count": act.stats["count"],
                                                            "nonfinite": act.stats["nonfinite"]}, v)
+
+
+class SometimesTwice(nn.Module):
+    """Calls its ReLU a second time on every other forward: a layer whose hook calls differ between batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act, self.forwards = nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), 0
+
+    def forward(self, x):
+        self.forwards += 1
+        out = self.act(self.conv(x))
+        return self.act(out) if self.forwards % 2 else out
+
+
+def test_scan_model_fails_when_a_layers_calls_per_forward_change():
+    """The plan's forward calls the ReLU twice; a batch that calls it once fails with the layer named, not a
+    wrong count."""
+    dataset = AtlasDataset(fixtures_models.tiny_dataset(), CLASSES, (), (), "test", "fp")
+    loaded = LoadedModel(ModelSection("varying", "x:y"), SometimesTwice().eval(), "fp", {"parameters": 0})
+    with pytest.raises(AtlasError, match=r"layer 'act' of model 'varying' ran 1 times in one forward pass but 2 "
+                                         r"times in another"):
+        scan_model(loaded, dataset, ["conv", "act"], ScanSection(top_k=4, batch_size=7), CPU, progress=False)
 
 
 def test_deferred_maps_chosen_by_shapes_and_second_pass_stops_after_the_last_map_layer(monkeypatch):
