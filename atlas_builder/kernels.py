@@ -10,9 +10,11 @@ Owns six numba kernels:
   in parallel (numba `prange`: each unit's sums and states are its own, so
   the result does not depend on the number of threads);
 - `offer_maps`: the top-/bottom-k from one batch in the forward hook,
-  copying each entering example's spatial map and its argmax;
+  copying each entering example's spatial map and its argmax (states and
+  units in parallel);
 - `active_positions`: the fraction of each unit's active positions on the
-  batch's activity rows, read in place in the hook;
+  batch's activity rows, read in place in the hook (rows and units in
+  parallel);
 - `fill_maps`: the second pass's copies of the maps its entries need;
 - `histogram_rows`: every unit's histogram of its sampled activations (units in parallel);
 - `selectivity_rows`: every unit's class-selectivity index and top class.
@@ -22,7 +24,7 @@ merge, ties): the accumulators in `scan.py` do, and test these kernels
 through them against brute force. The torch ops they replace cost, on a
 small model, as much as its forward: about ten passes over each chunk, and
 several small ops per layer per batch.
-Compiled on first use and cached on disk (numba `cache=True`): about 18 s
+Compiled on first use and cached on disk (numba `cache=True`): about 22 s
 for all of them once after an install (the parallel `chunk_family` about
 half of it), then about 0.3 s per process to load.
 """
@@ -111,15 +113,15 @@ def _row_hits(row, start, stop, relu, top, bottom):  # pragma: no cover - compil
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
-def _group_sum(row, rows, start, stop, relu):  # pragma: no cover - compiled
-    """Sum (float64) of row[rows[start:stop]], or of its ReLU."""
+def _group_sums(row, rows, start, stop):  # pragma: no cover - compiled
+    """Sums (float64) of row[rows[start:stop]] and of its ReLU, from one gather."""
     total = 0.0
+    rectified = 0.0
     for j in range(start, stop):
         x = row[rows[j]]
-        if relu:
-            x = max(x, np.float32(0.0))
         total += np.float64(x)
-    return total
+        rectified += np.float64(max(x, np.float32(0.0)))
+    return total, rectified
 
 
 OFFER_BLOCK = 64  # rows tested at once (vectorized) before any is inserted: most blocks have none to insert
@@ -262,10 +264,11 @@ def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids,
                     sums[labels[r]] += np.float64(x)
             count[f, u], total[f, u], squares[f, u], shift[f, u], lo[f, u], hi[f, u] = n, t, q, s, least, most
         if n_exact:  # the class sums of the finite members: each class's rows in turn, every member at once
-            for c in present:
+            for c in present:  # (the members are the row or its ReLU: one gather gives both sums)
+                plain, rectified = _group_sums(row, by_class, bounds[c], bounds[c + 1])
                 for f in range(n_members):
                     if exact[f]:
-                        class_sums[f, u, c] += _group_sum(row, by_class, bounds[c], bounds[c + 1], rectify[f])
+                        class_sums[f, u, c] += rectified if rectify[f] else plain
         if with_top:
             for f in range(n_members):
                 _offer_row(row, rectify[f], exact[f], ids, keys, kept_ids, positions, f, u)
@@ -309,7 +312,7 @@ def _map_position(row, value, is_max):  # pragma: no cover - compiled
     return _first_equal(row, value) if is_max and row.shape[0] else _first_argmax(row)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def offer_maps(values, maps, first, signs, rectify, is_max, keys, ints, state_maps):  # pragma: no cover - compiled
     """Offer one batch, with its maps, to S top-k states at once, in place: the forward hook's path on the CPU.
 
@@ -335,43 +338,43 @@ def offer_maps(values, maps, first, signs, rectify, is_max, keys, ints, state_ma
     for b in range(n_rows):
         for u in range(n_units):
             unit_major[u, b] = values[b, u]
-    for s in range(n_states):
+    for su in numba.prange(n_states * n_units):  # each (state, unit) writes only its own keys, ints and maps
+        s, u = su // n_units, su % n_units
         sign = signs[s]
         relu = rectify[s]
-        for u in range(n_units):
-            worst = keys[s, u, k - 1]
-            row = unit_major[u]
-            hits = 0  # usually none: a branch-free count first, the insertion loop only where needed
-            for b in range(n_rows):
-                x = row[b]
-                if relu:
-                    x = x if x > 0 or x != x else np.float32(0.0)
-                hits += (sign * x > worst) & (sign * x < np.float32(np.inf))
-            if hits == 0:
+        worst = keys[s, u, k - 1]
+        row = unit_major[u]
+        hits = 0  # usually none: a branch-free count first, the insertion loop only where needed
+        for b in range(n_rows):
+            x = row[b]
+            if relu:
+                x = x if x > 0 or x != x else np.float32(0.0)
+            hits += (sign * x > worst) & (sign * x < np.float32(np.inf))
+        if hits == 0:
+            continue
+        for b in range(n_rows):
+            v = row[b]
+            if relu and v < 0:
+                v = np.float32(0.0)
+            key = sign * v
+            if not (key > worst and key < np.inf):
                 continue
-            for b in range(n_rows):
-                v = row[b]
-                if relu and v < 0:
-                    v = np.float32(0.0)
-                key = sign * v
-                if not (key > worst and key < np.inf):
-                    continue
-                slot = ints[s, 2, u, k - 1]
-                j = k - 1
-                while j > 0 and keys[s, u, j - 1] < key:
-                    keys[s, u, j] = keys[s, u, j - 1]
-                    for i in range(3):
-                        ints[s, i, u, j] = ints[s, i, u, j - 1]
-                    j -= 1
-                keys[s, u, j] = key
-                ints[s, 0, u, j] = first + b
-                ints[s, 2, u, j] = slot
-                worst = keys[s, u, k - 1]
-            for j in range(k):  # the maps of the entries that are still in after the whole batch, only
-                if ints[s, 0, u, j] >= first:
-                    copied = state_maps[s, u, ints[s, 2, u, j]]
-                    _copy_map(maps[ints[s, 0, u, j] - first, u], copied, relu)
-                    ints[s, 1, u, j] = _map_position(copied, sign * keys[s, u, j], is_max)
+            slot = ints[s, 2, u, k - 1]
+            j = k - 1
+            while j > 0 and keys[s, u, j - 1] < key:
+                keys[s, u, j] = keys[s, u, j - 1]
+                for i in range(3):
+                    ints[s, i, u, j] = ints[s, i, u, j - 1]
+                j -= 1
+            keys[s, u, j] = key
+            ints[s, 0, u, j] = first + b
+            ints[s, 2, u, j] = slot
+            worst = keys[s, u, k - 1]
+        for j in range(k):  # the maps of the entries that are still in after the whole batch, only
+            if ints[s, 0, u, j] >= first:
+                copied = state_maps[s, u, ints[s, 2, u, j]]
+                _copy_map(maps[ints[s, 0, u, j] - first, u], copied, relu)
+                ints[s, 1, u, j] = _map_position(copied, sign * keys[s, u, j], is_max)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -434,7 +437,7 @@ def histogram_rows(vt, bins):  # pragma: no cover - compiled
     return counts, lo, hi
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def active_positions(maps, rows, threshold, rectify):  # pragma: no cover - compiled
     """Fraction of each unit's positions above `threshold` on some rows of a live output, read in place.
 
@@ -447,18 +450,18 @@ def active_positions(maps, rows, threshold, rectify):  # pragma: no cover - comp
     n_units, width = maps.shape[1], maps.shape[2]
     out = np.zeros((n_members, rows.shape[0], n_units), np.float32)
     zero = np.float32(0.0)
-    for i in range(rows.shape[0]):
+    for iu in numba.prange(rows.shape[0] * n_units):  # each (row, unit) writes only its own counts
+        i, u = iu // n_units, iu % n_units
         b = rows[i]
-        for u in range(n_units):
-            for f in range(n_members):
-                relu = rectify[f]
-                above = 0
-                for m in range(width):
-                    x = maps[b, u, m]
-                    if relu and x < 0:
-                        x = zero
-                    above += x > threshold
-                out[f, i, u] = np.float32(above) / np.float32(width)
+        for f in range(n_members):
+            relu = rectify[f]
+            above = 0
+            for m in range(width):
+                x = maps[b, u, m]
+                if relu and x < 0:
+                    x = zero
+                above += x > threshold
+            out[f, i, u] = np.float32(above) / np.float32(width)
     return out
 
 
