@@ -113,14 +113,15 @@ def _row_hits(row, start, stop, relu, top, bottom):  # pragma: no cover - compil
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
-def _group_sums(row, rows, start, stop):  # pragma: no cover - compiled
-    """Sums (float64) of row[rows[start:stop]] and of its ReLU, from one gather."""
+def _group_sums(row, rows, start, stop, relu):  # pragma: no cover - compiled
+    """Sums (float64) of row[rows[start:stop]] and, when `relu`, of its ReLU (else 0.0), from one gather."""
     total = 0.0
     rectified = 0.0
     for j in range(start, stop):
         x = row[rows[j]]
         total += np.float64(x)
-        rectified += np.float64(max(x, np.float32(0.0)))
+        if relu:
+            rectified += np.float64(max(x, np.float32(0.0)))
     return total, rectified
 
 
@@ -213,6 +214,7 @@ def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids,
             fill[labels[r]] += 1
     present = np.flatnonzero(chunk_counts)  # the classes the chunk has rows of (it may be shorter than the list)
     zero = np.float32(0.0)
+    any_relu = rectify.any()  # a flat layer alone needs no ReLU sums
     for u in numba.prange(n_units):
         row = vt[u]
         exact = np.empty(n_members, np.bool_)
@@ -265,7 +267,7 @@ def chunk_family(vt, labels, n_classes, threshold, ids, rectify, keys, kept_ids,
             count[f, u], total[f, u], squares[f, u], shift[f, u], lo[f, u], hi[f, u] = n, t, q, s, least, most
         if n_exact:  # the class sums of the finite members: each class's rows in turn, every member at once
             for c in present:  # (the members are the row or its ReLU: one gather gives both sums)
-                plain, rectified = _group_sums(row, by_class, bounds[c], bounds[c + 1])
+                plain, rectified = _group_sums(row, by_class, bounds[c], bounds[c + 1], any_relu)
                 for f in range(n_members):
                     if exact[f]:
                         class_sums[f, u, c] += rectified if rectify[f] else plain
