@@ -25,8 +25,8 @@ through them against brute force. The torch ops they replace cost, on a
 small model, as much as its forward: about ten passes over each chunk, and
 several small ops per layer per batch.
 Compiled on first use and cached on disk (numba `cache=True`): about 22 s
-for all of them once after an install (the parallel `chunk_family` about
-half of it), then about 0.3 s per process to load.
+for all of them once after an install (mostly the four parallel kernels),
+then about 0.3 s per process to load.
 """
 
 from __future__ import annotations
