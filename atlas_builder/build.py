@@ -1,11 +1,12 @@
 """Build: run the stages in order for one config and report what it took.
 
-config -> sources (model, dataset) -> scan, feature vis, embed (per model) -> media -> website.
-Each compute stage records a fingerprint of its inputs in the store (config
-section, model weights, dataset, layers) and is skipped when it has not
-changed, so a re-run of `make site` only re-renders. The website reads the
-store alone. This module owns the order and the timings; it computes nothing
-itself.
+config -> sources (model, dataset) -> scan, feature vis, embed (per model) -> site.
+Each is a `Stage` with one protocol: the fingerprint of its inputs (config
+section, model weights, dataset, layers), `run`, and `write` (what it puts in
+the store, with the fingerprint, in one transaction); `run_stage` skips a
+stage whose stored fingerprint is unchanged, so a re-run of `make site` only
+re-renders. The website reads the store alone. This module owns the order,
+the hand-offs between ranks and the timings; it computes nothing itself.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from . import distributed, media, visualize
 from .config import AtlasConfig
 from .distributed import Cluster
 from .errors import AtlasError
-from .probe import Probe, check_called, resolve_layers
+from .hooks import Capture, list_layers, resolve_layers
 from .scan import finish_scan, scan_part, shard_range
 from .sources import load_dataset, load_model
 from .store import ModelRecord, Store
 from .website import build_site
 
 SCAN_VERSION = 3  # bump when scan's output changes meaning (invalidates stored scans)
-FEATUREVIS_VERSION = 2  # likewise for the feature-vis stage
+FEATUREVIS_VERSION = 3  # likewise for the feature-vis stage
 EMBED_VERSION = 2  # and the embed stage
 
 
@@ -100,71 +101,226 @@ def build(cfg: AtlasConfig, progress: bool = True) -> BuildReport:
         cluster.close()
 
 
-def _build(cfg: AtlasConfig, cluster: Cluster, device: torch.device, progress: bool) -> BuildReport:
-    report = BuildReport(writer=cluster.writer)
-    torch.manual_seed(cfg.atlas.seed)
-    dataset = load_dataset(cfg)
-    with (Store(cfg.store_dir) if cluster.writer else nullcontext()) as store:
-        labels_written = cluster.broadcast(store.stage_fingerprint("dataset") == dataset.fingerprint
-                                           if cluster.writer else None)
-        start = time.perf_counter()
-        loaded = load_and_check_models(cfg, dataset, cluster)  # before anything is written: bad input stops here
-        report.add_time("train/load", time.perf_counter() - start)
-        for position, (section, model, layers) in enumerate(loaded):
-            fp = fingerprint(SCAN_VERSION, model.fingerprint, dataset.fingerprint, layers, cfg.scan.__dict__,
-                             cfg.atlas.seed, cfg.site.input_pages)
-            stage = f"scan:{section.name}"
-            skip = cluster.broadcast(labels_written and store.stage_fingerprint(stage) == fp
-                                     if cluster.writer else None)
-            accuracy = None
-            if skip:
-                report.skipped.append(stage)
-                if cluster.writer:
-                    accuracy = next((m.accuracy for m in store.models() if m.model == section.name), None)
-            else:
-                start = time.perf_counter()
-                first, last = shard_range(len(dataset), cluster.rank, cluster.world)
-                part = scan_part(model, dataset, layers, cfg.scan, device, cfg.atlas.seed, first, last, progress,
-                                 workers=cfg.scan.workers)
-                parts = cluster.gather(part)
-                if cluster.writer:
-                    merged = parts[0]
-                    for other in parts[1:]:
-                        merged = merged.merge(other)
-                    result = finish_scan(model, dataset, layers, cfg.scan, merged, device, cfg.atlas.seed,
-                                         cfg.site.input_pages)
-                    model.module.to("cpu")
-                    if not labels_written:  # a new dataset: its example images replace the old ones
-                        media.clear(store.media_dir / "examples")
-                        store.write_dataset(dataset.class_names, result.labels, dataset.fingerprint)
-                    store.write_scan(result, fp)
-                    accuracy = result.accuracy
-                labels_written = True
-                report.add_time("scan", time.perf_counter() - start)
-            if cluster.writer:
-                store.write_model(ModelRecord(section.name, position, section.display_title, section.source,
-                                              model.fingerprint, model.info["parameters"], accuracy, model.info))
-            run_featurevis(cfg, store, model, layers, dataset, device, report, progress, cluster)
-            if cluster.writer:
-                run_embed(cfg, store, section.name, report)
-            report.accuracy[section.name] = accuracy
-        if not cluster.writer:
-            cluster.barrier()  # wait for the writer's site, so every rank ends together
-            return report
+# --- stages -------------------------------------------------------------------------------
+
+class Stage:
+    """One step of a build, with one protocol: the fingerprint of its inputs, `run`, and what it writes.
+
+    `run(store)` computes (on every rank when `every_rank`, else on the
+    writer alone; `store` is None on the other ranks) and returns what the
+    writer's `write(store, result, fingerprint)` puts in the store, in one
+    transaction with the fingerprint. A stage whose stored fingerprint equals
+    its current one is skipped (a fingerprint of None: always run).
+    """
+    name = ""  # as recorded in the store's stages table, e.g. "scan:resnet18"
+    kind = ""  # the report's timing line it adds to
+    every_rank = False
+
+    def fingerprint(self, store: Store) -> str | None:
+        raise NotImplementedError
+
+    def run(self, store: Store | None):
+        raise NotImplementedError
+
+    def write(self, store: Store, result, fingerprint: str | None) -> None:
+        raise NotImplementedError
+
+
+def run_stage(stage: Stage, store: Store | None, cluster: Cluster, report: BuildReport):
+    """Run one stage unless its fingerprint is unchanged; returns its result (None when skipped)."""
+    if not stage.every_rank and not cluster.writer:
+        return None
+    shared = cluster.broadcast if stage.every_rank else (lambda value: value)
+    fp = shared(stage.fingerprint(store) if cluster.writer else None)
+    if shared(fp is not None and store.stage_fingerprint(stage.name) == fp if cluster.writer else None):
+        report.skipped.append(stage.name)
+        return None
+    start = time.perf_counter()
+    result = stage.run(store if cluster.writer else None)
+    if cluster.writer:
+        stage.write(store, result, fp)
+    report.add_time(stage.kind, time.perf_counter() - start)
+    return result
+
+
+@dataclass
+class ScanStage(Stage):
+    """The scan of one model: each rank scans its shard, the writer merges and summarizes."""
+    cfg: AtlasConfig
+    model: object  # sources.LoadedModel
+    layers: list[str]
+    dataset: object  # sources.AtlasDataset
+    device: torch.device
+    cluster: Cluster
+    progress: bool
+    kind = "scan"
+    every_rank = True
+
+    @property
+    def name(self) -> str:
+        return f"scan:{self.model.name}"
+
+    def fingerprint(self, store) -> str:
+        return fingerprint(SCAN_VERSION, self.model.fingerprint, self.dataset.fingerprint, self.layers,
+                           self.cfg.scan.__dict__, self.cfg.atlas.seed, self.cfg.site.input_pages)
+
+    def run(self, store):
+        first, last = shard_range(len(self.dataset), self.cluster.rank, self.cluster.world)
+        part = scan_part(self.model, self.dataset, self.layers, self.cfg.scan, self.device, self.cfg.atlas.seed,
+                         first, last, self.progress, workers=self.cfg.scan.workers)
+        parts = self.cluster.gather(part.to("cpu") if self.cluster.distributed else part)
+        if not self.cluster.writer:
+            return None
+        merged = parts[0]
+        for other in parts[1:]:
+            merged = merged.merge(other)
+        try:
+            return finish_scan(self.model, self.dataset, self.layers, self.cfg.scan, merged, self.device,
+                               self.cfg.atlas.seed, self.cfg.site.input_pages)
+        finally:
+            self.model.module.to("cpu")
+
+    def write(self, store, result, fp) -> None:
+        if store.stage_fingerprint("dataset") != self.dataset.fingerprint:  # its example images replace the old
+            media.clear(store.media_dir / "examples")
+            store.write_dataset(self.dataset.class_names, result.labels, self.dataset.fingerprint)
+        store.write_scan(result, fp)
+
+
+@dataclass
+class FeatureVisStage(Stage):
+    """The feature visualizations of one model; the ranks split its batches of units."""
+    cfg: AtlasConfig
+    model: object
+    layers: list[str]
+    dataset: object
+    device: torch.device
+    cluster: Cluster
+    progress: bool
+    kind = "featurevis"
+    every_rank = True
+
+    @property
+    def name(self) -> str:
+        return f"featurevis:{self.model.name}"
+
+    def fingerprint(self, store) -> str:
+        return fingerprint(FEATUREVIS_VERSION, self.model.fingerprint, self.layers, self.cfg.featurevis.__dict__,
+                           self.cfg.atlas.seed, visualize.input_shape(self.dataset, self.cfg.featurevis),
+                           self.dataset.mean, self.dataset.std)
+
+    def run(self, store):
+        plan = media_dir = None
+        if self.cluster.writer:
+            n_units = {l.layer: l.n_units for l in store.layers(self.model.name)}
+            plan, media_dir = {name: n_units[name] for name in self.layers}, store.media_dir
+            store.clear_featurevis(self.model.name)  # the store forgets the old images before they are deleted
+            visualize.clear(store.media_dir, self.model.name)  # before any rank writes the new images
+        plan, media_dir = self.cluster.broadcast((plan, media_dir))
+        rows, weights, seconds = visualize.run(self.model, plan, self.dataset, self.cfg.featurevis,
+                                               self.cfg.atlas.seed, self.device, media_dir, self.progress,
+                                               part=(self.cluster.rank, self.cluster.world))
+        gathered = self.cluster.gather((rows, weights, seconds))
+        if not self.cluster.writer:
+            return None
+        order = {name: i for i, name in enumerate(plan)}
+        rows = sorted((r for g in gathered for r in g[0]), key=lambda r: (order[r[0]], r[1], r[2]))
+        weights = sorted((w for g in gathered for w in g[1]), key=lambda w: (order[w[0]], w[1]))
+        return rows, weights, max(g[2] for g in gathered)
+
+    def write(self, store, result, fp) -> None:
+        store.write_featurevis(self.model.name, *result[:2], fp, result[2])
+
+
+@dataclass
+class EmbedStage(Stage):
+    """Maps and nearest units of one model, from the stored sample matrices (the writer alone)."""
+    cfg: AtlasConfig
+    model_name: str
+    kind = "embed"
+
+    @property
+    def name(self) -> str:
+        return f"embed:{self.model_name}"
+
+    def fingerprint(self, store) -> str:
+        return fingerprint(EMBED_VERSION, store.stage_fingerprint(f"scan:{self.model_name}"), self.cfg.embed.__dict__,
+                           self.cfg.atlas.seed)
+
+    def run(self, store):
+        from . import embed
+
+        samples, sample_ids = {}, np.zeros(0, dtype=np.int64)
+        for layer in store.layers(self.model_name):
+            samples[layer.layer], sample_ids = store.sample(self.model_name, layer.layer)
+        return embed.embed_model(samples, self.cfg.atlas.seed, self.cfg.embed.n_neighbors, self.cfg.embed.neighbours), \
+            sample_ids
+
+    def write(self, store, result, fp) -> None:
+        store.write_embedding(self.model_name, result[0], result[1], fp)
+
+
+@dataclass
+class SiteStage(Stage):
+    """The website from the store alone: the build's metadata, the example images, then every page.
+
+    Always run (its fingerprint is None): the pages themselves are compared
+    with the previous site's, and unchanged ones are linked, not rendered."""
+    cfg: AtlasConfig
+    dataset: object
+    progress: bool
+    name = "site"
+    kind = "site"
+
+    def fingerprint(self, store) -> None:
+        return None
+
+    def run(self, store):
+        cfg = self.cfg
         store.keep_models([m.name for m in cfg.models])
         store.write_meta({"title": cfg.site.title, "dataset": cfg.dataset.source, "seed": str(cfg.atlas.seed),
                           "versions": json.dumps(versions(), sort_keys=True),
                           "config_name": cfg.path.name if cfg.path else "",
                           "config_toml": cfg.path.read_text(encoding="utf-8") if cfg.path else ""})
+        media.write_example_images(self.dataset, store.referenced_examples(), store.media_dir / "examples")
+        return build_site(store, cfg.atlas.site_dir, cfg.site, self.progress)
+
+    def write(self, store, result, fp) -> None:
+        pass  # the site is its output
+
+
+def _build(cfg: AtlasConfig, cluster: Cluster, device: torch.device, progress: bool) -> BuildReport:
+    report = BuildReport(writer=cluster.writer)
+    torch.manual_seed(cfg.atlas.seed)
+    dataset = load_dataset(cfg)
+    with (Store(cfg.store_dir) if cluster.writer else nullcontext()) as store:
         start = time.perf_counter()
-        media.write_example_images(dataset, store.referenced_examples(), store.media_dir / "examples")
-        report.add_time("media", time.perf_counter() - start)
-        start = time.perf_counter()
+        loaded = load_and_check_models(cfg, dataset, cluster)  # before anything is written: bad input stops here
+        report.add_time("train/load", time.perf_counter() - start)
+        for position, (section, model, layers) in enumerate(loaded):
+            stage = ScanStage(cfg, model, layers, dataset, device, cluster, progress)
+            result = run_stage(stage, store, cluster, report)
+            accuracy = None
+            if cluster.writer:
+                accuracy = result.accuracy if result is not None else \
+                    next((m.accuracy for m in store.models() if m.model == section.name), None)
+                store.write_model(ModelRecord(section.name, position, section.display_title, section.source,
+                                              model.fingerprint, model.info["parameters"], accuracy, model.info))
+            if cfg.featurevis.enabled:
+                run_stage(FeatureVisStage(cfg, model, layers, dataset, device, cluster, progress), store, cluster,
+                          report)
+            elif cluster.writer:
+                store.clear_featurevis(model.name)
+            if cfg.embed.enabled:
+                run_stage(EmbedStage(cfg, section.name), store, cluster, report)
+            report.accuracy[section.name] = accuracy
+        if not cluster.writer:
+            cluster.barrier()  # wait for the writer's site, so every rank ends together
+            return report
         try:
-            site = build_site(store, cfg.atlas.site_dir, cfg.site, progress)
+            site = run_stage(SiteStage(cfg, dataset, progress), store, cluster, report)
         finally:
             cluster.barrier()
-        report.add_time("render", time.perf_counter() - start)
         report.models = len(cfg.models)
         for m in store.models():
             layers = store.layers(m.model)
@@ -190,79 +346,27 @@ def load_and_check_models(cfg: AtlasConfig, dataset, cluster: Cluster) -> list[t
         model = load_model(section, cfg)
         if cluster.writer:
             cluster.barrier()
-        layers = resolve_layers(model.module, section.layers, section.name)
         if len(dataset):
             x = torch.stack([torch.as_tensor(dataset.data[i][0]) for i in range(min(2, len(dataset)))])
-            with Probe(model.module, layers, cfg.scan.reduce, model_name=section.name) as probe, \
-                    torch.inference_mode():
-                model.module(x)
-            check_called(layers, probe.shapes, section.name)
+            if section.layers:  # the requested layers: each must give a tensor, once per forward
+                layers = resolve_layers(model.module, section.layers, section.name)
+                with Capture(model.module, layers, sink=lambda name, out: None, model_name=section.name) as capture, \
+                        torch.inference_mode():
+                    capture(x)
+            else:  # by default, those of one forward's modules that do
+                layers = resolve_layers(model.module, (), section.name, list_layers(model.module, x, section.name))
+        else:
+            layers = resolve_layers(model.module, section.layers, section.name)
         loaded.append((section, model, layers))
     return loaded
 
 
-def run_featurevis(cfg: AtlasConfig, store: Store | None, model, layers: list[str], dataset, device: torch.device,
-                   report: BuildReport, progress: bool, cluster: Cluster = Cluster()) -> None:
-    """The feature-vis stage of one model, skipped when its inputs have not changed; ranks split the batches."""
-    stage = f"featurevis:{model.name}"
-    if not cfg.featurevis.enabled:
-        if cluster.writer:
-            store.clear_featurevis(model.name)
-        return
-    shape = visualize.input_shape(dataset, cfg.featurevis)
-    fp = fingerprint(FEATUREVIS_VERSION, model.fingerprint, layers, cfg.featurevis.__dict__, cfg.atlas.seed, shape,
-                     dataset.mean, dataset.std)
-    plan = None
-    if cluster.writer and store.stage_fingerprint(stage) != fp:
-        n_units = {l.layer: l.n_units for l in store.layers(model.name)}
-        plan = {name: n_units[name] for name in layers}
-        store.clear_featurevis(model.name)  # the store forgets the old images before they are deleted
-        visualize.clear(store.media_dir, model.name)  # before any rank writes the new images
-    plan = cluster.broadcast(plan)
-    if plan is None:
-        report.skipped.append(stage)
-        return
-    media_dir = cluster.broadcast(store.media_dir if cluster.writer else None)
-    rows, weights, seconds = visualize.run(model, plan, dataset, cfg.featurevis, cfg.atlas.seed, device, media_dir,
-                                           progress, part=(cluster.rank, cluster.world))
-    gathered = cluster.gather((rows, weights, seconds))
-    if cluster.writer:
-        order = {name: i for i, name in enumerate(plan)}
-        rows = sorted((r for g in gathered for r in g[0]), key=lambda r: (order[r[0]], r[1], r[2]))
-        weights = sorted((w for g in gathered for w in g[1]), key=lambda w: (order[w[0]], w[1]))
-        seconds = max(g[2] for g in gathered)
-        store.write_featurevis(model.name, rows, weights, fp, seconds)
-    report.add_time("featurevis", seconds)
-
-
-def run_embed(cfg: AtlasConfig, store: Store, model: str, report: BuildReport) -> None:
-    """The embed stage of one model: maps and nearest units from the stored sample matrices."""
-    from . import embed
-
-    stage = f"embed:{model}"
-    if not cfg.embed.enabled:
-        return
-    fp = fingerprint(EMBED_VERSION, store.stage_fingerprint(f"scan:{model}"), cfg.embed.__dict__, cfg.atlas.seed)
-    if store.stage_fingerprint(stage) == fp:
-        report.skipped.append(stage)
-        return
-    samples = {}
-    sample_ids = np.zeros(0, dtype=np.int64)
-    for layer in store.layers(model):
-        samples[layer.layer], sample_ids = store.sample(model, layer.layer)
-    emb = embed.embed_model(samples, cfg.atlas.seed, cfg.embed.n_neighbors, cfg.embed.neighbours)
-    store.write_embedding(model, emb, sample_ids, fp)
-    report.add_time("embed", emb.seconds)
-
-
 def layer_table(cfg: AtlasConfig) -> list[tuple[str, list]]:
     """For `atlas layers`: each model's modules with output shapes on one dataset example."""
-    from .probe import list_layers
-
     dataset = load_dataset(cfg)
     x, _ = dataset.data[0]
     out = []
     for section in cfg.models:
         model = load_model(section, cfg)
-        out.append((section.name, list_layers(model.module, x[None])))
+        out.append((section.name, list_layers(model.module, x[None], section.name)))
     return out

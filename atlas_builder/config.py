@@ -131,7 +131,7 @@ class ModelSection:
     title: str = ""  # human name; "" = the name
     weights: str = ""  # torchvision weights enum name (e.g. DEFAULT); "" = random init
     checkpoint: Path | None = None  # state_dict file loaded with weights_only=True
-    layers: tuple[str, ...] = ()  # module paths to probe; () = every conv/linear/activation
+    layers: tuple[str, ...] = ()  # module paths to probe; () = every conv/linear/activation run once per forward
     unsafe_pickle: bool = False  # load the checkpoint with weights_only=False: runs code in the file; trusted files only
 
     @property

@@ -16,7 +16,7 @@ Preprocessing (resize, centre crop, normalize) comes from the config and is
 applied with torchvision transforms; its inverse turns inputs back into
 images for the site.
 
-This module does not run models over data (probe/scan do) nor write files.
+This module does not run models over data (hooks/scan do) nor write files.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import atomic, featurevis as fv, media, urls
 from .config import FeatureVisSection
-from .probe import LINEAR_TYPES
+from .hooks import LINEAR_TYPES
 from .sources import AtlasDataset, LoadedModel
 
 
@@ -100,10 +100,10 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
         for layer, units in mine:
             for kind, sign in kinds:
                 seeds = [derived_seed(seed, model.name, layer, u, kind) for u in units]
-                result = fv.render(net, layer, objective(units) * sign, seeds, c, h, w, steps=cfg.steps,
-                                   lr=cfg.lr, transforms=transforms, normalize=normalize,
-                                   seed=derived_seed(seed, model.name, layer), n_frames=cfg.frames,
-                                   device=device)
+                param = fv.FourierImage(len(units), c, h, w, seeds).to(device)
+                result = fv.render(net, layer, objective(units) * sign, param, steps=cfg.steps, lr=cfg.lr,
+                                   transforms=transforms, normalize=normalize,
+                                   seed=derived_seed(seed, model.name, layer), n_frames=cfg.frames)
                 for i, unit in enumerate(units):
                     image = urls.featurevis_media(model.name, layer, unit, kind)
                     atomic.write_bytes(media_dir / image, media.encode_webp(media.tensor_image(result.images[i])))

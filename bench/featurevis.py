@@ -72,6 +72,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from atlas_builder import featurevis as fv  # noqa: E402
 from atlas_builder.demo_models import load_builtin  # noqa: E402
+from atlas_builder.hooks import Capture  # noqa: E402
 
 try:
     import _lucent  # noqa: E402
@@ -96,8 +97,9 @@ def time_ours(model, layer, units, steps, size, channels, device) -> dict:
     """One batched render over all the units, wall time around the call."""
     sync(device)
     start = time.perf_counter()
-    res = fv.render(model, layer, fv.channel(units), list(units), channels, size, size, steps=steps,
-                    transforms=fv.standard_transforms(size, size), normalize=None, seed=0, device=device)
+    param = fv.FourierImage(len(units), channels, size, size, list(units)).to(device)
+    res = fv.render(model, layer, fv.channel(units), param, steps=steps,
+                    transforms=fv.standard_transforms(size, size), normalize=None, seed=0)
     sync(device)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "units_per_s": len(units) / seconds, "images": res.images,
@@ -113,14 +115,14 @@ def time_floor(model, layer, batch, steps, size, channels, device, warmup: bool 
         p.requires_grad_(False)
     model.eval()
     try:
-        with fv.TruncatedModel(model, layer, x.detach()) as truncated:
+        with Capture(model, [layer], stop=True, grad=True) as truncated:
             def loop(n):
                 sync(device)
                 start = time.perf_counter()
                 for _ in range(n):
                     x.grad = None
-                    acts = truncated(x)
-                    acts.mean().backward()
+                    truncated(x)
+                    truncated.outputs[layer].mean().backward()
                 sync(device)
                 return time.perf_counter() - start
 

@@ -71,7 +71,7 @@ sys.path.insert(0, str(REPO))
 from atlas_builder import atomic, charts, media, urls, website  # noqa: E402
 from atlas_builder.embed import Map2D, ModelEmbedding  # noqa: E402
 from atlas_builder.ids import UnitId  # noqa: E402
-from atlas_builder.probe import LayerInfo  # noqa: E402
+from atlas_builder.hooks import LayerInfo  # noqa: E402
 from atlas_builder import scan as scan_module  # noqa: E402
 from atlas_builder.scan import LayerScan, ModelScan, TopKResult, class_selectivity, histogram  # noqa: E402
 from atlas_builder.sources import AtlasDataset  # noqa: E402

@@ -6,28 +6,32 @@ Measured side by side in one run, same model, same DataLoader, same batches:
   buffering, and the final summary: histograms, selectivity, redundancy).
 ratio = examples/s of the scan / examples/s of the bare pass (1.0 = free).
 
-Cases:
-The process's first scan, which loads the compiled (numba) kernels once (or
-compiles them, after an install), runs on 256 examples before the timed
-runs and is printed apart: it is a one-time cost, not throughput.
-
-1. the demo CNN (trained by the build) over a stream of 20,000 8x8 digits
-   (the 1,797 scikit-learn digits tiled, with seeded noise of std 0.02 so
-   that every example is distinct, as in a real dataset) in batches of 128 — the throughput
-   figure; the 540-example demo scan itself is printed too (there the fixed
-   cost of the final summary weighs more);
-2. torchvision resnet18 (weights=None) over 2,000 synthetic 128-px images,
-   batches of 64, every conv/linear/ReLU module probed (3 runs);
+Cases (each bare/scan pair interleaved, medians; a warm-up pass of each first):
+1. torchvision resnet18 (weights=None) over 2,000 synthetic 128-px images,
+   batches of 64, the default layers (every conv/linear/activation module that
+   runs once per forward: 21 convs, the stem ReLU and fc; 3 runs);
+2. torchvision resnet50 (weights=None) over 500 synthetic 224-px images,
+   batches of 50, the stem (`relu`) and every bottleneck output (2 runs);
 3. peak RSS (VmHWM) of a scan of N and 4N examples, each in a fresh process,
    over a dataset that makes its examples on the fly (so only the scan can
-   grow), with how far it rose above the process's RSS before the scan.
+   grow), with how far it rose above the process's RSS before the scan;
+4. for information only: the demo CNN (trained by the build) over a stream of
+   20,000 8x8 digits (the scikit-learn digits tiled, with seeded noise) and the
+   540-example demo itself, where fixed per-batch costs weigh more;
+5. with CUDA: resnet50 over 5,000 synthetic 224-px images, batch 128, under
+   bfloat16 autocast, both passes fed by the same DataLoader (4 workers,
+   pinned memory): FIGURE scan_vs_forward_resnet50_cuda.
 
-Run: .venv/bin/python bench/scan.py [--quick]   (make bench runs it)
+Both passes run under the allocator settings the `atlas` command gives itself
+(GLIBC_TUNABLES, see atlas_builder/cli.py; ATLAS_MALLOC=default for glibc's own).
+
+Run: .venv/bin/python bench/scan.py [--quick] [--only resnet18|resnet50|rss|demo|cuda]   (make bench runs it)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -45,9 +49,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from atlas_builder import demo_models  # noqa: E402
+from atlas_builder.cli import with_malloc_tunables  # noqa: E402
 from atlas_builder.config import ModelSection, ScanSection  # noqa: E402
-from atlas_builder.probe import resolve_layers  # noqa: E402
-from atlas_builder.scan import scan_model  # noqa: E402
+from atlas_builder.hooks import list_layers, resolve_layers  # noqa: E402
+from atlas_builder.hooks import unit_count  # noqa: E402
+from atlas_builder.scan import finish_scan, scan_part  # noqa: E402
 from atlas_builder.sources import AtlasDataset, LoadedModel  # noqa: E402
 
 
@@ -76,9 +82,6 @@ class OnTheFly(Dataset):
         return torch.rand(1, 8, 8, generator=g), i % 10
 
 
-FIRST_SCAN: float | None = None  # seconds of the process's first scan (kernel loading), printed once
-
-
 def wrap(data: Dataset, n_classes: int) -> AtlasDataset:
     return AtlasDataset(data, tuple(str(i) for i in range(n_classes)), (), (), "bench", "bench")
 
@@ -88,36 +91,61 @@ def demo_cnn(data_dir: Path) -> LoadedModel:
     return LoadedModel(ModelSection("digits-cnn", "builtin:digits-cnn"), module, "bench", record)
 
 
-def bare_pass(model: LoadedModel, dataset: AtlasDataset, batch: int) -> float:
+def default_layers(model: LoadedModel, dataset: AtlasDataset) -> list[str]:
+    """What a build probes when the config lists no layers."""
+    return resolve_layers(model.module, (), model.name, list_layers(model.module, dataset.data[0][0][None]))
+
+
+def loader(dataset: AtlasDataset, batch: int, device: torch.device, workers: int = 0) -> DataLoader:
+    return DataLoader(dataset.data, batch_size=batch, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_pass(model: LoadedModel, dataset: AtlasDataset, cfg: ScanSection, device: torch.device) -> float:
+    net = model.module.to(device)
+    autocast = torch.autocast(device.type, dtype=getattr(torch, cfg.precision)) if cfg.precision != "float32" \
+        else contextlib.nullcontext()
+    sync(device)
     start = time.perf_counter()
-    with torch.inference_mode():
-        for x, _ in DataLoader(dataset.data, batch_size=batch, shuffle=False):
-            model.module(x)
+    with torch.inference_mode(), autocast:
+        for x, _ in loader(dataset, cfg.batch_size, device, cfg.workers):
+            net(x.to(device, non_blocking=True))
+    sync(device)
     return time.perf_counter() - start
 
 
-def scan_pass(model: LoadedModel, dataset: AtlasDataset, cfg: ScanSection) -> float:
-    layers = resolve_layers(model.module, (), model.name)
+def scan_pass(model: LoadedModel, dataset: AtlasDataset, cfg: ScanSection, layers: list[str],
+              device: torch.device) -> float:
+    sync(device)
     start = time.perf_counter()
-    scan_model(model, dataset, layers, cfg, torch.device("cpu"), seed=0, progress=False)
+    part = scan_part(model, dataset, layers, cfg, device, seed=0, progress=False, workers=cfg.workers)
+    finish_scan(model, dataset, layers, cfg, part, device)
+    sync(device)
     return time.perf_counter() - start
 
 
-def side_by_side(name: str, model: LoadedModel, dataset: AtlasDataset, cfg: ScanSection, repeats: int) -> float:
-    bare_pass(model, dataset, cfg.batch_size)  # warm-up (allocator, kernels)
-    global FIRST_SCAN
-    if FIRST_SCAN is None:  # the first scan of a process also loads (or, after an install, compiles) the numba kernels
-        FIRST_SCAN = scan_pass(model, wrap(Subset(dataset.data, range(min(len(dataset), 256))), 10), cfg)
-        print(f"first scan in this process (256 examples; loads the compiled kernels once): {FIRST_SCAN:.2f} s "
-              "(not in the figures)", flush=True)
+def side_by_side(name: str, model: LoadedModel, dataset: AtlasDataset, cfg: ScanSection, repeats: int,
+                 layers: list[str] | None = None, device: torch.device = torch.device("cpu")) -> float:
+    layers = layers or default_layers(model, dataset)
+    bare_pass(model, dataset, cfg, device)  # warm-up (allocator, kernels, workers)
+    scan_pass(model, dataset, cfg, layers, device)
     bare, scan = [], []
     for _ in range(repeats):  # interleaved, so drift hits both alike
-        bare.append(bare_pass(model, dataset, cfg.batch_size))
-        scan.append(scan_pass(model, dataset, cfg))
+        bare.append(bare_pass(model, dataset, cfg, device))
+        scan.append(scan_pass(model, dataset, cfg, layers, device))
     b, s = statistics.median(bare), statistics.median(scan)
     n = len(dataset)
-    print(f"{name}: {n} examples, batch {cfg.batch_size}, {repeats} runs (median): bare forward {b:.3f} s "
-          f"({n / b:,.0f} ex/s), scan {s:.3f} s ({n / s:,.0f} ex/s), ratio {b / s:.3f}", flush=True)
+    units = sum(unit_count(info.shape) for info in list_layers(model.module.cpu(), dataset.data[0][0][None])
+                if info.name in layers)
+    print(f"{name}: {n} examples, batch {cfg.batch_size}, {len(layers)} layers ({units:,} units), {repeats} runs "
+          f"(median): bare forward {b:.3f} s ({n / b:,.1f} ex/s), scan {s:.3f} s ({n / s:,.1f} ex/s), "
+          f"ratio {b / s:.3f}; all runs: bare {', '.join(f'{t:.2f}' for t in bare)}, "
+          f"scan {', '.join(f'{t:.2f}' for t in scan)}", flush=True)
     return b / s
 
 
@@ -135,8 +163,9 @@ def memory_kb() -> dict[str, int]:
 def rss_child(n: int, data_dir: str) -> None:
     torch.set_num_threads(1)
     model = demo_cnn(Path(data_dir))
-    before = memory_kb()["VmRSS"]  # the libraries and the model (the compiled kernels load in the scan)
-    scan_pass(model, wrap(OnTheFly(n), 10), ScanSection(batch_size=128))
+    before = memory_kb()["VmRSS"]  # the libraries and the model
+    data = wrap(OnTheFly(n), 10)
+    scan_pass(model, data, ScanSection(batch_size=128), default_layers(model, data), torch.device("cpu"))
     print(json.dumps({"n": n, "peak_kb": memory_kb()["VmHWM"], "before_kb": before}))
 
 
@@ -147,55 +176,81 @@ def peak_rss(n: int, data_dir: Path) -> dict[str, int]:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def synthetic(n: int, size: int, seed: int = 0) -> AtlasDataset:
+    imgs = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return wrap(Tensors(imgs, torch.arange(n) % 1000), 1000)
+
+
+def resnet(name: str) -> LoadedModel:
+    import torchvision
+
+    torch.manual_seed(0)
+    return LoadedModel(ModelSection(name, f"torchvision:{name}"), getattr(torchvision.models, name)(weights=None).eval(),
+                       "bench", {})
+
+
+RESNET50_LAYERS = ["relu"] + [f"layer{i}.{j}" for i, blocks in enumerate((3, 4, 6, 3), 1) for j in range(blocks)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="smaller inputs, one run each")
+    parser.add_argument("--only", choices=["resnet18", "resnet50", "rss", "demo", "cuda"])
     parser.add_argument("--rss-child", type=int)
     parser.add_argument("--data-dir")
     args = parser.parse_args()
     if args.rss_child:
         rss_child(args.rss_child, args.data_dir)
         return
+    with_malloc_tunables([__file__, *sys.argv[1:]])  # the allocator settings `atlas` runs with (see cli.py)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+    print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (as the atlas command sets them)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu"
+          + (f"; CUDA: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""), flush=True)
+    figures = {}
+    run = lambda case: args.only in (None, case)  # noqa: E731
+    quick = args.quick
+    if run("resnet18"):
+        figures["scan_vs_forward_resnet18"] = side_by_side(
+            "resnet18 (weights=None), 128 px synthetic", resnet("resnet18"), synthetic(256 if quick else 2_000, 128),
+            ScanSection(batch_size=64), 1 if quick else 3)
+    if run("resnet50"):
+        figures["scan_vs_forward_resnet50"] = side_by_side(
+            "resnet50 (weights=None), 224 px synthetic, stem + 16 bottleneck outputs", resnet("resnet50"),
+            synthetic(100 if quick else 500, 224), ScanSection(batch_size=50), 1 if quick else 2, RESNET50_LAYERS)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
-        model = demo_cnn(data_dir)
-        cfg = ScanSection(batch_size=128)
-        images, labels = demo_models.digits_split("train")
-        test_images, test_labels = demo_models.digits_split("test")
-        all_images = torch.from_numpy(np.concatenate([images, test_images]))
-        all_labels = torch.from_numpy(np.concatenate([labels, test_labels]))
-        n_stream = 4_000 if args.quick else 20_000
-        reps = -(-n_stream // len(all_images))
-        tiled = all_images.repeat(reps, 1, 1, 1)[:n_stream]
-        noise = torch.randn(tiled.shape, generator=torch.Generator().manual_seed(1)) * 0.02
-        stream = wrap(Tensors((tiled + noise).clamp(0, 1), all_labels.repeat(reps)[:n_stream]), 10)
-        repeats = 1 if args.quick else 11  # this machine's speed swings by 10-20 % from one run to the next
-        ratio_cnn = side_by_side("demo CNN, digit stream", model, stream, cfg, repeats)
-        demo = wrap(Tensors(torch.from_numpy(test_images), torch.from_numpy(test_labels)), 10)
-        side_by_side("demo CNN, the 540-example demo (fixed costs included)", model, demo, cfg, 5)
-
-        import torchvision
-
-        resnet = LoadedModel(ModelSection("resnet18", "torchvision:resnet18"),
-                             torchvision.models.resnet18(weights=None).eval(), "bench", {})
-        n_img = 256 if args.quick else 2_000
-        g = torch.Generator().manual_seed(0)
-        imgs = torch.rand(n_img, 3, 128, 128, generator=g)
-        synthetic = wrap(Tensors(imgs, torch.arange(n_img) % 1000), 1000)
-        ratio_resnet = side_by_side("resnet18 (weights=None), 128 px synthetic", resnet, synthetic,
-                                    ScanSection(batch_size=64), 1 if args.quick else 3)
-
-        n = 5_000 if args.quick else 20_000
-        rss_n, rss_4n = peak_rss(n, data_dir), peak_rss(4 * n, data_dir)
-        for count, rss in ((n, rss_n), (4 * n, rss_4n)):
-            print(f"peak RSS of a demo-CNN scan of {count} examples (own process): {rss['peak_kb'] / 1024:.1f} MiB, "
-                  f"{(rss['peak_kb'] - rss['before_kb']) / 1024:.1f} MiB above its RSS before the scan "
-                  f"({rss['before_kb'] / 1024:.1f} MiB: libraries and model; the compiled kernels load in the scan)")
-    print(f"FIGURE scan_vs_forward {ratio_cnn:.3f}")
-    print(f"FIGURE scan_vs_forward_resnet18 {ratio_resnet:.3f}")
-    print(f"FIGURE scan_rss_4n_over_n {rss_4n['peak_kb'] / rss_n['peak_kb']:.3f}")
+        if run("rss"):
+            n = 5_000 if quick else 20_000
+            rss_n, rss_4n = peak_rss(n, data_dir), peak_rss(4 * n, data_dir)
+            for count, rss in ((n, rss_n), (4 * n, rss_4n)):
+                print(f"peak RSS of a demo-CNN scan of {count} examples (own process): {rss['peak_kb'] / 1024:.1f} "
+                      f"MiB, {(rss['peak_kb'] - rss['before_kb']) / 1024:.1f} MiB above its RSS before the scan "
+                      f"({rss['before_kb'] / 1024:.1f} MiB: libraries and model)", flush=True)
+            figures["scan_rss_4n_over_n"] = rss_4n["peak_kb"] / rss_n["peak_kb"]
+        if run("demo"):
+            model = demo_cnn(data_dir)
+            images, labels = demo_models.digits_split("train")
+            test_images, test_labels = demo_models.digits_split("test")
+            all_images = torch.from_numpy(np.concatenate([images, test_images]))
+            all_labels = torch.from_numpy(np.concatenate([labels, test_labels]))
+            n_stream = 4_000 if quick else 20_000
+            reps = -(-n_stream // len(all_images))
+            tiled = all_images.repeat(reps, 1, 1, 1)[:n_stream]
+            noise = torch.randn(tiled.shape, generator=torch.Generator().manual_seed(1)) * 0.02
+            stream = wrap(Tensors((tiled + noise).clamp(0, 1), all_labels.repeat(reps)[:n_stream]), 10)
+            cfg = ScanSection(batch_size=128)
+            side_by_side("demo CNN, digit stream (information only)", model, stream, cfg, 1 if quick else 7)
+            demo = wrap(Tensors(torch.from_numpy(test_images), torch.from_numpy(test_labels)), 10)
+            side_by_side("demo CNN, the 540-example demo (information only)", model, demo, cfg, 1 if quick else 5)
+    if run("cuda") and torch.cuda.is_available():
+        cuda = torch.device("cuda")
+        figures["scan_vs_forward_resnet50_cuda"] = side_by_side(
+            "resnet50 (weights=None), 224 px synthetic, CUDA, bfloat16 autocast", resnet("resnet50"),
+            synthetic(1_000 if quick else 5_000, 224), ScanSection(batch_size=128, precision="bfloat16", workers=4),
+            1 if quick else 3, RESNET50_LAYERS, cuda)
+    for name, value in figures.items():
+        print(f"FIGURE {name} {value:.3f}")
 
 
 if __name__ == "__main__":

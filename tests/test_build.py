@@ -74,6 +74,20 @@ def test_cli_layers_lists_shapes(capsys):
     assert "digits-cnn:" in out and "digits-mlp:" in out
     line = next(l for l in out.splitlines() if l.split()[:1] == ["conv2"])
     assert "Conv2d" in line and "32×8×8" in line and "yes" in line
+    assert line.split()[-2] == "1"  # runs once per forward
+
+
+def test_cli_layers_marks_a_module_the_forward_reuses(tmp_path, capsys):
+    """torchvision's resnet18 (weights=None) calls each block's ReLU twice: shown, and no default layer."""
+    path = tmp_path / "a.toml"
+    path.write_text('[dataset]\nsource = "fixtures_models:rgb_dataset"\n'
+                    '[[models]]\nname = "r"\nsource = "torchvision:resnet18"\n')
+    assert cli.main(["layers", str(path)]) == 0
+    out = capsys.readouterr().out
+    relu = next(l for l in out.splitlines() if l.split()[:1] == ["layer1.0.relu"])
+    assert relu.split()[-1] == "2" and "yes" not in relu  # runs twice, not probed by default
+    conv = next(l for l in out.splitlines() if l.split()[:1] == ["layer1.0.conv1"])
+    assert conv.split()[-2:] == ["1", "yes"]
 
 
 def test_cli_unknown_layer_lists_valid_ones(tmp_path, capsys):
@@ -86,3 +100,69 @@ def test_cli_unknown_layer_lists_valid_ones(tmp_path, capsys):
     assert err.startswith("atlas: error:") and "'fc9'" in err and "fc1, relu1, fc2" in err
     assert "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "site").exists()
+
+
+def test_demo_store_holds_the_brute_force_statistics(demo):
+    """Every layer of the demo models run over the whole demo dataset with all outputs in memory (hooks of the
+    test's own, the scan's batch size): the stored top-/bottom-k ids are those of the brute force, their
+    values, positions and maps, the moments, activity, class means, selectivity and histograms within 1e-5."""
+    import numpy as np
+    import torch
+
+    from atlas_builder.accumulators import POSITION_SAMPLE, sample_ids, unit_values
+    from atlas_builder.scan import class_selectivity, histogram
+    from atlas_builder.sources import load_dataset, load_model
+    from test_accumulators import brute_class_means, brute_moments, brute_topk
+
+    cfg, _ = demo
+    dataset = load_dataset(cfg)
+    x = torch.stack([torch.as_tensor(dataset.data[i][0]) for i in range(len(dataset))])
+    labels = np.array([int(dataset.data[i][1]) for i in range(len(dataset))])
+    sample = sample_ids(len(dataset), cfg.scan.sample_size, cfg.atlas.seed)
+    activity = sample[:: max(1, -(-len(sample) // POSITION_SAMPLE))]
+    close = dict(rtol=1e-5, atol=1e-5, equal_nan=True)
+    with Store(cfg.store_dir, read_only=True) as store:
+        for section in cfg.models:
+            model = load_model(section, cfg).module.eval()
+            layers = [layer.layer for layer in store.layers(section.name)]
+            modules = dict(model.named_modules())
+            outputs = {name: [] for name in layers}
+            handles = [modules[name].register_forward_hook(lambda m, i, o, n=name: outputs[n].append(o.clone()))
+                       for name in layers]
+            try:
+                with torch.inference_mode():
+                    for chunk in x.split(cfg.scan.batch_size):
+                        model(chunk)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for name in layers:
+                out = torch.cat(outputs[name])
+                v = unit_values(out).numpy()
+                maps = out.flatten(2).numpy() if out.dim() == 4 else None
+                units = store.units(section.name, name)
+                moments = brute_moments(v)
+                means = brute_class_means(v, labels, len(dataset.class_names))
+                selectivity = class_selectivity(means)[0]
+                counts = histogram(v[sample].astype(np.float16), cfg.scan.histogram_bins)[0]
+                for kind, largest in (("top", True), ("bottom", False)):
+                    values, ids, _ = brute_topk(v, cfg.scan.top_k, largest)
+                    for u, unit in enumerate(units):
+                        got = getattr(unit, kind)
+                        assert [t.example for t in got] == ids[u].tolist(), (section.name, name, u, kind)
+                        np.testing.assert_allclose([t.value for t in got], values[u], **close)
+                        if maps is not None:
+                            assert [t.position for t in got] == maps[ids[u], u].argmax(1).tolist()
+                        if maps is not None and kind == "top":  # stored as float16
+                            np.testing.assert_allclose(np.stack([t.map.reshape(-1) for t in got]), maps[ids[u], u],
+                                                       rtol=1e-3, atol=1e-3)
+                position = (out[activity] > 0).flatten(2).float().mean(2) if maps is not None else \
+                    torch.from_numpy(v[activity] > 0).float()
+                for u, unit in enumerate(units):
+                    for key in ("count", "mean", "std", "min", "max"):
+                        np.testing.assert_allclose(getattr(unit, key), moments[key][u], **close)
+                    np.testing.assert_allclose(unit.frac_active, (v[:, u] > 0).mean(), **close)
+                    np.testing.assert_allclose(unit.position_activity, position[:, u].double().mean(), **close)
+                    np.testing.assert_allclose(np.array(unit.class_means, dtype=float), means[u], **close)
+                    np.testing.assert_allclose(unit.selectivity, selectivity[u], **close)
+                    assert list(unit.hist) == counts[u].tolist()

@@ -37,6 +37,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def image(seeds, channels: int, height: int, width: int) -> fv.FourierImage:
+    """The parametrization render optimizes: one Fourier image per seed."""
+    return fv.FourierImage(len(seeds), channels, height, width, list(seeds))
+
+
 def conv_acts(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model.conv(images)
@@ -73,14 +78,14 @@ def row_variance(x: torch.Tensor) -> float:
 def test_gradient_ascent_raises_every_unit_and_the_negative_objective_lowers_it():
     model = fixtures_models.tiny_cnn()
     start = fv.channel(UNITS)(conv_acts(model, fv.FourierImage(4, 1, 16, 16, SEEDS)()))
-    one = fv.render(model, "conv", fv.channel(UNITS), SEEDS, 1, 16, 16, steps=1, seed=5, n_frames=4)
-    many = fv.render(model, "conv", fv.channel(UNITS), SEEDS, 1, 16, 16, steps=48, seed=5, n_frames=4)
+    one = fv.render(model, "conv", fv.channel(UNITS), image(SEEDS, 1, 16, 16), steps=1, seed=5, n_frames=4)
+    many = fv.render(model, "conv", fv.channel(UNITS), image(SEEDS, 1, 16, 16), steps=48, seed=5, n_frames=4)
     # `activation` is the objective on the returned images, without transforms
     torch.testing.assert_close(many.activation, fv.channel(UNITS)(conv_acts(model, many.images)))
     assert (many.activation > one.activation).all(), (one.activation, many.activation)
     assert (many.activation > start).all(), (start, many.activation)
 
-    negative = fv.render(model, "conv", -fv.channel(UNITS), SEEDS, 1, 16, 16, steps=48, seed=5, n_frames=4)
+    negative = fv.render(model, "conv", -fv.channel(UNITS), image(SEEDS, 1, 16, 16), steps=48, seed=5, n_frames=4)
     lowered = fv.channel(UNITS)(conv_acts(model, negative.images))
     torch.testing.assert_close(negative.activation, -lowered)
     assert (lowered < start).all(), (start, lowered)
@@ -91,7 +96,7 @@ def test_render_leaves_the_model_as_it_was():
     model = fixtures_models.tiny_cnn()
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = fv.render(model, "relu", fv.channel([0, 1]), [1, 2], 1, 8, 8, steps=4, n_frames=4)
+    result = fv.render(model, "relu", fv.channel([0, 1]), image([1, 2], 1, 8, 8), steps=4, n_frames=4)
     assert model.training
     assert all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -105,109 +110,13 @@ def test_render_leaves_the_model_as_it_was():
 
 def test_a_batch_of_units_equals_each_unit_alone():
     model = fixtures_models.tiny_cnn()
-    together = fv.render(model, "conv", fv.channel(UNITS), SEEDS, 1, 16, 16, steps=32, seed=5, n_frames=4)
+    together = fv.render(model, "conv", fv.channel(UNITS), image(SEEDS, 1, 16, 16), steps=32, seed=5, n_frames=4)
     for i, (unit, image_seed) in enumerate(zip(UNITS, SEEDS)):
-        alone = fv.render(model, "conv", fv.channel([unit]), [image_seed], 1, 16, 16, steps=32, seed=5, n_frames=4)
+        alone = fv.render(model, "conv", fv.channel([unit]), image([image_seed], 1, 16, 16), steps=32, seed=5, n_frames=4)
         torch.testing.assert_close(together.images[i], alone.images[0], atol=1e-4, rtol=0)
         torch.testing.assert_close(together.activation[i], alone.activation[0], atol=1e-4, rtol=0)
     # and the units really got different images (the comparison above is not vacuous)
     assert (together.images[0] - together.images[1]).abs().max() > 0.05
-
-
-# --- 3. truncated forward ------------------------------------------------------------------
-
-def test_truncated_forward_equals_the_full_models_activation():
-    model = fixtures_models.tiny_cnn().eval()
-    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    captured = []
-    handle = model.relu.register_forward_hook(lambda m, i, o: captured.append(o.detach().clone()))
-    with torch.no_grad():
-        model(x)
-    handle.remove()
-    with fv.TruncatedModel(model, "relu", x[:1]) as truncated:
-        assert truncated.cut is True
-        out = truncated(x)
-    assert out.shape == (3, 4, 8, 8)
-    torch.testing.assert_close(out, captured[0], rtol=0, atol=0)
-    assert not model.relu._forward_hooks
-
-
-class Counter(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return x
-
-
-def test_truncation_stops_the_forward_at_the_layer():
-    model = nn.Sequential(OrderedDict([("conv", nn.Conv2d(1, 2, 3)), ("relu", nn.ReLU()), ("after", Counter())]))
-    x = torch.rand(2, 1, 6, 6)
-    with fv.TruncatedModel(model, "relu", x) as truncated:
-        probing_calls = model.after.calls  # the probe run in __enter__ runs the whole model once
-        assert probing_calls == 1
-        for _ in range(3):
-            out = truncated(x)
-        assert model.after.calls == probing_calls  # nothing after the target ran
-    torch.testing.assert_close(out, torch.relu(model.conv(x)))
-    model(x)  # without truncation the module runs again
-    assert model.after.calls == probing_calls + 1
-
-
-class SharedReLU(nn.Module):
-    """Calls the same ReLU twice per forward; `after` counts the calls past the second use."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(4, 4)
-        self.relu = nn.ReLU()
-        self.fc2 = nn.Linear(4, 4)
-        self.after = Counter()
-
-    def forward(self, x):
-        return self.after(self.relu(self.fc2(self.relu(self.fc1(x)))))
-
-
-def test_a_module_called_twice_is_not_cut_and_returns_the_last_call():
-    torch.manual_seed(0)
-    model = SharedReLU()
-    x = torch.randn(5, 4)
-    calls = []
-    handle = model.relu.register_forward_hook(lambda m, i, o: calls.append(o.detach().clone()))
-    with torch.no_grad():
-        model(x)
-    handle.remove()
-    assert len(calls) == 2 and not torch.allclose(calls[0], calls[1])
-    with fv.TruncatedModel(model, "relu", x[:1]) as truncated:
-        assert truncated.cut is False
-        before = model.after.calls
-        out = truncated(x)
-        assert model.after.calls == before + 1  # the whole model ran
-    torch.testing.assert_close(out, calls[1], rtol=0, atol=0)
-    assert not model.relu._forward_hooks
-
-
-def test_hooks_are_removed_even_when_the_forward_raises():
-    model = nn.Sequential(OrderedDict([("fc", nn.Linear(4, 3)), ("relu", nn.ReLU())]))
-    with pytest.raises(RuntimeError):
-        with fv.TruncatedModel(model, "relu", torch.randn(1, 4)) as truncated:
-            assert len(model.relu._forward_hooks) == 1
-            truncated(torch.randn(2, 7))  # wrong width: the forward fails before the layer
-    assert not model.relu._forward_hooks and not model.fc._forward_hooks
-    # a failing probe run in __enter__ leaves no hook either
-    with pytest.raises(RuntimeError):
-        with fv.TruncatedModel(model, "relu", torch.randn(1, 9)):
-            pass
-    assert not model.relu._forward_hooks
-    # and the model still works as usual
-    assert model(torch.randn(2, 4)).shape == (2, 3)
-
-
-def test_truncated_model_rejects_an_unknown_layer():
-    with pytest.raises(AtlasError, match="nope"):
-        fv.TruncatedModel(fixtures_models.tiny_cnn(), "nope", torch.zeros(1, 1, 8, 8))
 
 
 # --- 4. planted units ----------------------------------------------------------------------
@@ -218,7 +127,7 @@ def test_planted_edge_detectors_get_edges_along_their_axis():
     horizontal-edge unit, its transpose, gets horizontal ones."""
     model = edge_model(units=2)
     units = [0] * 4 + [1] * 4  # four images of the vertical-edge unit, four of the horizontal one
-    result = fv.render(model, "relu", fv.channel(units), list(range(8)), 1, 16, 16, steps=48,
+    result = fv.render(model, "relu", fv.channel(units), image(list(range(8)), 1, 16, 16), steps=48,
                        transforms=fv.no_transforms(16, 16), seed=1)
     assert (result.activation > 0.5).all(), result.activation  # from ~0 on the grey start
     vertical, horizontal = result.images[:4], result.images[4:]
@@ -238,7 +147,7 @@ def test_planted_linear_edge_unit_gets_a_left_to_right_ramp():
     (it telescopes to right columns minus left columns), so the image gets dark on the side the
     filter weighs negatively and bright on the other, and stays level along the other axis."""
     model = edge_model(units=2)
-    result = fv.render(model, "conv", fv.channel([0] * 4 + [1] * 4), list(range(8)), 1, 16, 16, steps=48,
+    result = fv.render(model, "conv", fv.channel([0] * 4 + [1] * 4), image(list(range(8)), 1, 16, 16), steps=48,
                        transforms=fv.no_transforms(16, 16), seed=1)
     x = result.images
     left_to_right = x[..., :, -4:].mean((1, 2, 3)) - x[..., :, :4].mean((1, 2, 3))
@@ -253,7 +162,7 @@ def test_render_is_deterministic_and_seeded():
     model = fixtures_models.tiny_cnn()
 
     def go(seed=3, image_seeds=(1, 2)):
-        return fv.render(model, "conv", fv.channel([0, 1]), list(image_seeds), 1, 12, 12, steps=16, seed=seed,
+        return fv.render(model, "conv", fv.channel([0, 1]), image(list(image_seeds), 1, 12, 12), steps=16, seed=seed,
                          n_frames=4)
 
     a, b = go(), go()
@@ -461,7 +370,7 @@ def test_frame_schedule_with_one_frame_is_the_last_step():
 
 def test_render_an_mlp_layer_on_images():
     model = fixtures_models.tiny_mlp()
-    result = fv.render(model, "fc1", fv.channel([0, 1, 4]), [1, 2, 3], 1, 8, 8, steps=16, n_frames=4)
+    result = fv.render(model, "fc1", fv.channel([0, 1, 4]), image([1, 2, 3], 1, 8, 8), steps=16, n_frames=4)
     assert result.images.shape == (3, 1, 8, 8)
     assert result.images.min() >= 0 and result.images.max() <= 1
     with torch.no_grad():
@@ -544,7 +453,7 @@ def test_tensor_image():
 
 def test_encode_animation_ends_on_the_final_image():
     model = fixtures_models.tiny_cnn()
-    result = fv.render(model, "conv", fv.channel([2]), [9], 1, 16, 16, steps=24, n_frames=6)
+    result = fv.render(model, "conv", fv.channel([2]), image([9], 1, 16, 16), steps=24, n_frames=6)
     assert torch.equal(result.frames[-1], result.images)  # the last frame is the final image
     frames = [media.tensor_image(f[0]) for f in result.frames]
     data = media.encode_animation(frames)
@@ -567,79 +476,28 @@ def test_a_relu_unit_that_is_off_on_the_grey_start_still_gets_going():
     with torch.no_grad():
         fc.bias.copy_(-0.5 * fc.weight.sum(1) - 0.2)  # -0.2 on a grey image: off near the grey start
     model = nn.Sequential(nn.Flatten(), fc, nn.ReLU())
-    start = fv.render(model, "2", fv.channel([0, 1]), [0, 1], 1, 8, 8, steps=1, transforms=fv.no_transforms(8, 8))
+    start = fv.render(model, "2", fv.channel([0, 1]), image([0, 1], 1, 8, 8), steps=1, transforms=fv.no_transforms(8, 8))
     assert (start.activation == 0).all()
-    result = fv.render(model, "2", fv.channel([0, 1]), [0, 1], 1, 8, 8, steps=64, transforms=fv.no_transforms(8, 8))
+    result = fv.render(model, "2", fv.channel([0, 1]), image([0, 1], 1, 8, 8), steps=64, transforms=fv.no_transforms(8, 8))
     assert (result.activation > 0).all(), result.activation
 
 
-# --- the fast paths equal the plain ones -----------------------------------------------------
+# --- the optimizer -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_adam_matches_torch_optim_adam(monkeypatch, fused):
-    """Our Adam (torch's fused kernel, or the five-op fallback) gives torch.optim.Adam's numbers."""
-    if not fused:
-        monkeypatch.setattr(fv, "FUSED_ADAM", None)
-    elif fv.FUSED_ADAM is None:
-        pytest.skip("this torch has no fused Adam kernel")
-    ours = torch.randn(4, 1, 8, 5, 2, generator=gen(1)).requires_grad_(True)
-    theirs = ours.detach().clone().requires_grad_(True)
-    opt, ref = fv.Adam(ours, 0.05), torch.optim.Adam([theirs], lr=0.05)
-    for step in range(40):
-        g = torch.randn(ours.shape, generator=gen(100 + step))
-        ours.grad, theirs.grad = g.clone(), g.clone()
-        opt.step()
-        ref.step()
-    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-5, atol=1e-6)
-    assert not torch.equal(ours.detach(), torch.randn(4, 1, 8, 5, 2, generator=gen(1)))  # it moved
+def test_render_takes_its_parametrization_and_optimizer_and_uses_torch_adam():
+    """render optimizes the parameters of the parametrization it is given, with torch.optim.Adam (fused on
+    the CPU) unless told otherwise; any optimizer factory works."""
+    made = []
 
+    def sgd(params):
+        made.append(torch.optim.SGD(params, lr=0.5))
+        return made[-1]
 
-@pytest.mark.parametrize("channels,height,width", [(1, 8, 8), (3, 6, 10), (1, 7, 9)])
-def test_fourier_basis_equals_the_fft(monkeypatch, channels, height, width):
-    """Small images use one matrix for scale, inverse FFT and colour: the same images and gradients."""
-    fast = fv.FourierImage(3, channels, height, width, [1, 2, 3])
-    monkeypatch.setattr(fv, "BASIS_MAX_ENTRIES", 0)
-    slow = fv.FourierImage(3, channels, height, width, [1, 2, 3])
-    assert fast.basis is not None and slow.basis is None
-    weights = torch.randn(3, channels, height, width, generator=gen(2))
-    (fast() * weights).sum().backward()
-    (slow() * weights).sum().backward()
-    torch.testing.assert_close(fast(), slow(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fast.spectrum.grad, slow.spectrum.grad, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("height,width", [(8, 8), (12, 10)])
-def test_warp_matrices_equal_grid_sample(monkeypatch, height, width):
-    """RandomAffine's per-step matrices warp exactly as its grid_sample does, step after step."""
-    x = torch.rand(2, 3, height, width, generator=gen(5))
-    fast = fv.standard_transforms(height, width)
-    g_fast = gen(9)
-    matrix_outputs = [fast(x, g_fast) for _ in range(fv.POOL_STEPS + 3)]  # past one pool refill
-    matrix, offset, transposed = fast.linear(gen(9), height, width, x.dtype, x.device)  # a new generator: step 0
-    torch.testing.assert_close(transposed, matrix.T)
-    torch.testing.assert_close(x.reshape(-1, height * width) @ matrix + offset,
-                               matrix_outputs[0].reshape(-1, height * width), rtol=1e-6, atol=1e-6)
-    monkeypatch.setattr(fv, "WARP_MATRIX_PIXELS", 0)
-    slow = fv.standard_transforms(height, width)
-    g_slow = gen(9)
-    for out in matrix_outputs:
-        torch.testing.assert_close(out, slow(x, g_slow), rtol=1e-5, atol=1e-5)
-    assert slow.linear(gen(9), height, width, x.dtype, x.device) is None
-
-
-def test_fused_steps_equal_autograd_through_the_image_and_warp():
-    """render's fused steps (FusedSteps: gradient of warp, sigmoid and basis written out) give the images
-    that autograd through FourierImage and the transform gives."""
-    model = fixtures_models.tiny_cnn().eval()
-    standard = fv.standard_transforms(8, 8)
-
-    def plain(x, g):  # the same transform, without `linear`: render takes the autograd path
-        return standard(x, g)
-
-    kwargs = dict(steps=24, seed=3, n_frames=4)
-    fused = fv.render(model, "conv", fv.channel(UNITS[:2]), SEEDS[:2], 1, 8, 8,
-                      transforms=fv.standard_transforms(8, 8), **kwargs)
-    slow = fv.render(model, "conv", fv.channel(UNITS[:2]), SEEDS[:2], 1, 8, 8, transforms=plain, **kwargs)
-    torch.testing.assert_close(fused.images, slow.images, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(fused.activation, slow.activation, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(fused.images, torch.full_like(fused.images, 0.5), atol=1e-3)  # it optimized
+    model = fixtures_models.tiny_cnn()
+    param = image(SEEDS[:2], 1, 8, 8)
+    before = param.spectrum.detach().clone()
+    fv.render(model, "conv", fv.channel(UNITS[:2]), param, steps=3, n_frames=2, optimizer=sgd)
+    assert len(made) == 1 and made[0].param_groups[0]["params"][0] is param.spectrum
+    assert not torch.equal(before, param.spectrum.detach())  # the given module's own parameters moved
+    adam = fv.adam(0.05)([torch.zeros(3, requires_grad=True)])
+    assert type(adam) is torch.optim.Adam and adam.defaults["fused"] and adam.defaults["lr"] == 0.05

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from atlas_builder.probe import LayerInfo
+from atlas_builder.hooks import LayerInfo
 from atlas_builder.scan import LayerScan, ModelScan, TopKResult
 from atlas_builder.store import ModelRecord, Store
 

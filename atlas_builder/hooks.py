@@ -1,0 +1,228 @@
+"""Hooks: the one module that registers forward hooks on a model.
+
+Owns `Capture`, the context manager through which every stage looks inside
+a model (the scan, `atlas layers`, feature visualization's truncated
+forward, the input pages), and what one look at a forward tells about its
+modules: output shapes and how often each runs (`list_layers`), and which
+of them to probe (`resolve_layers`). Layer names are module paths from
+`named_modules()`; an unknown name fails with the list of valid ones.
+
+While a Capture is open, each call of a hooked layer hands its live output
+(or, `take="input"`, its input) to a sink, before any later in-place op of
+the model can change it, or keeps it in `outputs`. `stop=True` ends the
+forward once every hooked layer has reported; `grad=True` keeps the graph
+(feature visualization). A probed layer must run exactly once per forward:
+a module the forward calls several times (torchvision ResNet's shared
+`relu`) has no one output, and the error names it and what to probe
+instead. An exception of the model's own forward (a shape mismatch with the
+dataset) becomes a ForwardError naming the model and the input shape;
+exceptions of our sinks pass through unchanged. Hooks are removed in
+`finally`. This module loops over no dataset and reduces nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import AtlasError, ForwardError
+
+LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LazyLinear)
+ACTIVATION_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+                    nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    name: str  # module path
+    module_type: str  # class name, e.g. Conv2d
+    shape: tuple[int, ...] | None  # output shape of one example (no batch dim); None if not a tensor
+    default: bool  # probed when the config lists no layers
+    calls: int = 1  # times one forward runs it (0: never; more: a reused module, which cannot be probed)
+
+    @property
+    def probeable(self) -> bool:
+        return self.shape is not None and 1 <= len(self.shape) <= 3 and self.calls == 1
+
+    @property
+    def n_units(self) -> int:
+        return unit_count(self.shape)
+
+    @property
+    def spatial(self) -> tuple[int, int] | None:
+        """(H, W) of a conv output, (1, T) of a token output, None for a flat output."""
+        if self.shape is None or len(self.shape) == 1:
+            return None
+        return (self.shape[1], self.shape[2]) if len(self.shape) == 3 else (1, self.shape[0])
+
+
+def unit_count(shape: tuple[int, ...] | None) -> int:
+    if not shape:
+        return 0
+    return shape[0] if len(shape) == 3 else shape[-1]  # C of C x H x W; F, or D of T x D
+
+
+class StopForward(Exception):
+    """Raised by a Capture's hook to end a forward once every hooked layer has reported."""
+
+
+class Capture:
+    """Context manager: while open, `capture(x)` runs the model and each hooked layer reports its tensor.
+
+    sink(layer, tensor): called with the live tensor on each call; without
+    it, `outputs[layer]` keeps a detached copy (the tensor itself with
+    grad=True). `shapes[layer]` is its shape for one example (first call).
+    strict (default): every layer must give a tensor and run exactly once
+    per forward; otherwise `calls` just counts (for `atlas layers`).
+    """
+
+    def __init__(self, model: nn.Module, layers, *, sink=None, stop: bool = False, grad: bool = False,
+                 take: str = "output", strict: bool = True, model_name: str | None = None):
+        self.model, self.layers, self.sink = model, list(dict.fromkeys(layers)), sink
+        self.stop, self.grad, self.take, self.strict = stop, grad, take, strict
+        self.what = f"model {model_name!r}" if model_name else f"the model ({type(model).__name__})"
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.shapes: dict[str, tuple[int, ...] | None] = {}
+        self.calls: dict[str, int] = {}
+        self._handles: list = []
+        self._error: BaseException | None = None  # raised by our own hook or sink: passed through as it is
+
+    def __enter__(self) -> "Capture":
+        modules = dict(self.model.named_modules())
+        modules.pop("", None)
+        try:
+            for name in self.layers:
+                if name not in modules:
+                    raise unknown_layer(name, modules)
+                module = modules[name]
+                if self.take == "input":
+                    self._handles.append(module.register_forward_pre_hook(self._hook(name, pre=True)))
+                else:
+                    self._handles.append(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __call__(self, *args):
+        """Run one forward; returns the model's output (None when stopped early)."""
+        self.calls = dict.fromkeys(self.layers, 0)
+        self._pending, self._error = len(self.layers), None
+        try:
+            out = self.model(*args)
+        except StopForward:
+            out = None
+        except Exception as exc:
+            if isinstance(exc, AtlasError) or exc is self._error:
+                raise
+            raise forward_error(self.what, exc, args) from exc
+        if self.strict and out is not None:
+            missing = next((name for name, n in self.calls.items() if n == 0), None)
+            if missing is not None:
+                raise AtlasError(f"layer {missing!r} of {self.what} is never called in the model's forward pass; "
+                                 f"probe layers that the forward uses (`atlas layers CONFIG`)")
+        return out
+
+    def _hook(self, name: str, pre: bool = False):
+        def hook(module, args, output=None):
+            try:
+                tensor = args[0] if pre and args else output
+                self.calls[name] += 1
+                if not isinstance(tensor, torch.Tensor):
+                    if self.strict:
+                        raise not_a_tensor(name, module, tensor, self.what)
+                    self.shapes.setdefault(name, None)
+                    return
+                if self.strict and self.calls[name] > 1:
+                    raise reused_layer(name, self.what)
+                self.shapes.setdefault(name, tuple(tensor.shape[1:]))
+                if self.sink is not None:
+                    self.sink(name, tensor)
+                else:
+                    self.outputs[name] = tensor if self.grad else tensor.detach().clone()
+            except BaseException as exc:
+                self._error = exc
+                raise
+            if self.stop:
+                self._pending -= 1
+                if self._pending == 0:
+                    raise StopForward
+        return hook
+
+
+def not_a_tensor(name: str, module: nn.Module, value, what: str) -> AtlasError:
+    return AtlasError(f"layer {name!r} ({type(module).__name__}) of {what} returns {type(value).__name__}, not a "
+                      f"tensor, so it has no units to probe; remove it from layers = [...], or probe one of its "
+                      f"submodules (`atlas layers CONFIG` shows each module's output)")
+
+
+def reused_layer(name: str, what: str) -> AtlasError:
+    parent = name.rpartition(".")[0]
+    instead = f"the block that calls it ({parent!r}) or the layers it follows" if parent else "the layers it follows"
+    return AtlasError(f"layer {name!r} of {what} runs more than once in one forward pass (one module the forward "
+                      f"reuses, like the ReLU of a torchvision ResNet block), so it has no one output to probe; "
+                      f"probe {instead} instead (`atlas layers CONFIG` shows how often each module runs)")
+
+
+def is_default_layer(module: nn.Module) -> bool:
+    return isinstance(module, LINEAR_TYPES + ACTIVATION_TYPES)
+
+
+def list_layers(model: nn.Module, example: torch.Tensor, model_name: str | None = None) -> list[LayerInfo]:
+    """Every named module with its output shape on `example` (a batch) and how often one forward runs it."""
+    modules = [(name, m) for name, m in model.named_modules() if name]
+    with Capture(model, [name for name, _ in modules], sink=lambda name, out: None, strict=False,
+                 model_name=model_name) as capture, torch.inference_mode():
+        capture(example)
+    infos = []
+    for name, m in modules:
+        shape, calls = capture.shapes.get(name), capture.calls[name]
+        infos.append(LayerInfo(name, type(m).__name__, shape, is_default_layer(m) and calls == 1 and bool(shape),
+                               calls))
+    return infos
+
+
+def resolve_layers(model: nn.Module, requested, model_name: str = "model",
+                   infos: list[LayerInfo] | None = None) -> list[str]:
+    """The layers to probe: those requested (checked), or by default every conv/linear/activation module that
+    runs once per forward (`infos` from `list_layers`; without them, every such module)."""
+    modules = dict(model.named_modules())
+    modules.pop("", None)
+    if not requested:
+        layers = ([info.name for info in infos if info.default] if infos is not None
+                  else [name for name, m in modules.items() if is_default_layer(m)])
+        if not layers:
+            raise AtlasError(f"model {model_name!r} has no conv, linear or activation modules to probe by default; "
+                             f"list layers = [...] in its [[models]] section (see `atlas layers CONFIG`)")
+        return layers
+    unknown = [name for name in requested if name not in modules]
+    if unknown:
+        raise unknown_layer(unknown[0], modules, model_name)
+    return list(dict.fromkeys(requested))
+
+
+def unknown_layer(name: str, modules: dict, model_name: str = "model") -> AtlasError:
+    return AtlasError(f"model {model_name!r} has no layer {name!r}; valid layer names are: "
+                      f"{', '.join(modules)} (run `atlas layers CONFIG` to see their shapes)")
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def forward_error(what: str, exc: Exception, args: tuple) -> ForwardError:
+    """The error for a model whose own forward raised `exc` on inputs `args`."""
+    shapes = ", ".join("x".join(map(str, a.shape)) for a in args if isinstance(a, torch.Tensor)) or "?"
+    return ForwardError(f"{what} raised {type(exc).__name__} in its forward pass on a batch of inputs of shape "
+                        f"{shapes}: {_first_line(exc)}; check that the model fits the dataset's inputs "
+                        f"(dataset.source, resize, crop) and that it runs on its own")
