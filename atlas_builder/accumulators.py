@@ -108,6 +108,17 @@ def take_maps(maps: torch.Tensor, rows: torch.Tensor, units: torch.Tensor) -> to
     return maps[rows, units]
 
 
+class Accumulator:
+    """update / merge / finalize, and `to`: the state's tensors moved to a device (to the host before a shard is
+    sent to another process; a merge needs both on one device)."""
+
+    def to(self, device):
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
+
 @dataclass
 class TopKResult:
     values: np.ndarray  # [U, k] float32, best first (largest for top-k, smallest for bottom-k); NaN where invalid
@@ -117,7 +128,7 @@ class TopKResult:
     valid: np.ndarray  # [U, k] False where fewer than k finite values existed
 
 
-class TopK:
+class TopK(Accumulator):
     """Streaming top-k (largest=False: bottom-k) of every unit, with each entry's map when given maps.
 
     Entries live in slots: one keeps its slot, and its map stays where it is,
@@ -130,13 +141,21 @@ class TopK:
     """
 
     def __init__(self, n_units: int, k: int, largest: bool = True, device: torch.device | str = "cpu",
-                 positions: int = 0, dtype: torch.dtype = torch.float32):
-        """positions: M of the maps it will be given (0: allocated at the first maps), of `dtype`."""
-        self.k, self.largest = k, largest
+                 positions: int = 0, dtype: torch.dtype = torch.float32, keep_maps: bool = True):
+        """positions: M of the maps it will be given (0: allocated at the first maps), of `dtype`; keep_maps
+        False: of each entry's map only its position (its first maximum) is kept."""
+        self.k, self.largest, self.keep_maps = k, largest, keep_maps
         self.keys = torch.full((n_units, k + 1), EMPTY, dtype=torch.int64, device=device)  # slot order, + spare
         self.maps: torch.Tensor | None = None  # [U, k + 1, M] in slot order
+        self.places: torch.Tensor | None = None  # [U, k + 1] their positions, when the maps are not kept
         if positions:
-            self.maps = torch.zeros(n_units, k + 1, positions, dtype=dtype, device=device)
+            self._allocate(n_units, positions, dtype, device)
+
+    def _allocate(self, n_units: int, positions: int, dtype: torch.dtype, device) -> None:
+        if self.keep_maps:
+            self.maps = torch.zeros(n_units, self.k + 1, positions, dtype=dtype, device=device)
+        else:
+            self.places = torch.full((n_units, self.k + 1), -1, dtype=torch.int64, device=device)
 
     def update(self, values: torch.Tensor, ids: torch.Tensor, maps: torch.Tensor | None = None,
                keys: torch.Tensor | None = None) -> None:
@@ -146,12 +165,12 @@ class TopK:
         self._enter(keys, None if maps is None else lambda units, rows: take_maps(maps, rows, units))
 
     def merge(self, other: "TopK") -> None:
-        maps = None if other.maps is None else other.maps.to(self.keys.device)
-        self._enter(other.keys[:, :self.k].to(self.keys.device),
-                    None if maps is None else lambda units, rows: maps[units, rows])
+        kept = other.maps if other.maps is not None else other.places
+        self._enter(other.keys[:, :self.k], None if kept is None else lambda units, rows: kept[units, rows])
 
     def _enter(self, keys: torch.Tensor, source) -> None:
-        """Candidate keys [U, n] into the slots; source(units, rows) -> the maps [N, M] of candidates rows."""
+        """Candidate keys [U, n] into the slots; source(units, rows) -> the maps [N, M] (or positions [N]) of
+        candidates rows."""
         n_units, k = len(keys), self.k
         pick = torch.cat([self.keys[:, :k], keys], 1).topk(k, 1, sorted=False)[1]  # [U, k]
         entering = pick >= k
@@ -171,14 +190,12 @@ class TopK:
         self.keys[units, slots] = keys[units, rows]
         if source is not None:
             new = source(units, rows)
-            if self.maps is None:
-                self.maps = torch.zeros(n_units, k + 1, new.shape[1], dtype=new.dtype, device=new.device)
-            self.maps[units, slots] = new
-
-    def to(self, device) -> "TopK":
-        self.keys = self.keys.to(device)
-        self.maps = None if self.maps is None else self.maps.to(device)
-        return self
+            if self.maps is None and self.places is None:
+                self._allocate(n_units, new.shape[-1], new.dtype, new.device)
+            if self.keep_maps:
+                self.maps[units, slots] = new
+            else:
+                self.places[units, slots] = new.argmax(1) if new.dim() == 2 else new
 
     def finalize(self) -> TopKResult:
         keys, order = self.keys[:, :self.k].sort(1, descending=True)
@@ -192,13 +209,15 @@ class TopK:
             maps = self.maps.gather(1, order[..., None].expand(-1, -1, self.maps.shape[2])).float()
             maps = torch.where(valid[..., None], maps, 0.0)
             positions = torch.where(valid, maps.argmax(2), -1)
+        elif self.places is not None:
+            positions = torch.where(valid, self.places.gather(1, order), -1)
         return TopKResult(values.cpu().numpy(), ids.cpu().numpy(), positions.cpu().numpy(),
                           None if maps is None else maps.cpu().numpy(), valid.cpu().numpy())
 
 
 # --- the other statistics -------------------------------------------------------------
 
-class Moments:
+class Moments(Accumulator):
     """Streaming count, mean, std, min, max of the finite values, and the count of the others (float64)."""
 
     def __init__(self, n_units: int, device: torch.device | str = "cpu"):
@@ -220,8 +239,7 @@ class Moments:
         self._combine(n, mean, m2, lo, hi, len(v) - n)
 
     def merge(self, other: "Moments") -> None:
-        self._combine(*(t.to(self.count.device) for t in (other.count, other.mean, other.m2, other.min, other.max,
-                                                          other.nonfinite)))
+        self._combine(other.count, other.mean, other.m2, other.min, other.max, other.nonfinite)
 
     def _combine(self, n, mean, m2, lo, hi, nonfinite) -> None:
         total = self.count + n
@@ -232,11 +250,6 @@ class Moments:
         self.count, self.nonfinite = total, self.nonfinite + nonfinite
         self.min, self.max = torch.minimum(self.min, lo), torch.maximum(self.max, hi)
 
-    def to(self, device) -> "Moments":
-        for name in ("count", "mean", "m2", "nonfinite", "min", "max"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
-
     def finalize(self) -> dict[str, np.ndarray]:
         none = self.count == 0
         out = {"count": self.count.long(), "nonfinite": self.nonfinite.long(), "mean": self.mean,
@@ -245,7 +258,7 @@ class Moments:
                 for k, v in out.items()}
 
 
-class Activity:
+class Activity(Accumulator):
     """Fraction of examples on which each unit is active, and mean fraction of its active positions.
 
     The position fraction may come from some of the examples only (the scan
@@ -271,19 +284,15 @@ class Activity:
     def merge(self, other: "Activity") -> None:
         self.n += other.n
         self.position_n += other.position_n
-        self.examples_active += other.examples_active.to(self.examples_active.device)
-        self.position_sum += other.position_sum.to(self.position_sum.device)
-
-    def to(self, device) -> "Activity":
-        self.examples_active, self.position_sum = self.examples_active.to(device), self.position_sum.to(device)
-        return self
+        self.examples_active += other.examples_active
+        self.position_sum += other.position_sum
 
     def finalize(self) -> dict[str, np.ndarray]:
         return {"frac_active": (self.examples_active / max(self.n, 1)).cpu().numpy(),
                 "position_activity": (self.position_sum / max(self.position_n, 1)).cpu().numpy()}
 
 
-class ClassMeans:
+class ClassMeans(Accumulator):
     """Mean finite value of every unit per class; examples labelled -1 (or past the classes) are left out."""
 
     def __init__(self, n_classes: int, n_units: int, device: torch.device | str = "cpu"):
@@ -301,12 +310,8 @@ class ClassMeans:
         self.counts.index_add_(0, rows, finite.double())
 
     def merge(self, other: "ClassMeans") -> None:
-        self.sums += other.sums.to(self.sums.device)
-        self.counts += other.counts.to(self.counts.device)
-
-    def to(self, device) -> "ClassMeans":
-        self.sums, self.counts = self.sums.to(device), self.counts.to(device)
-        return self
+        self.sums += other.sums
+        self.counts += other.counts
 
     def finalize(self) -> np.ndarray:
         """[U, C] class means, NaN for classes with no finite value."""
@@ -321,7 +326,7 @@ def sample_ids(n_examples: int, size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_examples, size=size, replace=False))
 
 
-class SampleRows:
+class SampleRows(Accumulator):
     """The values [S, U] (float16) of a fixed, seeded sample of examples (`sample_ids`)."""
 
     def __init__(self, ids: np.ndarray, n_units: int, device: torch.device | str = "cpu"):
@@ -340,13 +345,8 @@ class SampleRows:
             self.filled[slots] = True
 
     def merge(self, other: "SampleRows") -> None:
-        filled = other.filled.to(self.matrix.device)
-        self.matrix[filled] = other.matrix.to(self.matrix.device)[filled]
-        self.filled |= filled
-
-    def to(self, device) -> "SampleRows":
-        self.matrix, self.filled = self.matrix.to(device), self.filled.to(device)
-        return self
+        self.matrix[other.filled] = other.matrix[other.filled]
+        self.filled |= other.filled
 
     def finalize(self) -> np.ndarray:
         return self.matrix.cpu().numpy()
@@ -354,7 +354,7 @@ class SampleRows:
 
 # --- one layer -------------------------------------------------------------------------
 
-class LayerAccumulator:
+class LayerAccumulator(Accumulator):
     """Every accumulator of one layer, fed its live output batch by batch (`update`, in the forward hook).
 
     Per batch, what needs the whole output: the reduction to one value per
@@ -374,7 +374,7 @@ class LayerAccumulator:
         # temporaries, such long-lived blocks keep the allocator from reusing their memory, and every batch
         # then pays fresh pages (on resnet50, about 2.5M more page faults per 200 images)
         self.top = TopK(n_units, top_k, True, device, positions, dtype)
-        self.bottom = TopK(n_units, top_k, False, device, positions, dtype)
+        self.bottom = TopK(n_units, top_k, False, device, positions, dtype, keep_maps=False)  # pages draw no maps
         self.moments = Moments(n_units, device)
         self.activity = Activity(n_units, threshold, device)
         self.classes = ClassMeans(n_classes, n_units, device)

@@ -99,7 +99,7 @@ class ScanSection:
     saturated_fraction: float = 0.99  # active on at least this fraction of positions of all inputs: saturated
     redundant_correlation: float = 0.95  # correlation with another unit of the layer from which it is redundant
     class_selective: float = 0.6  # selectivity index from which a unit is labelled class-selective
-    buffer_mb: int = 64  # activations buffered between accumulator updates (memory stays flat)
+    buffer_mb: int = 64  # memory for activations buffered between accumulator updates, with their update's
     workers: int = 0  # DataLoader worker processes (e.g. 4 with a GPU); 0 = load in the main process
     precision: str = "float32"  # forward pass precision: float32 | bfloat16 | float16 (autocast; see README)
 

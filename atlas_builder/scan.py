@@ -66,8 +66,9 @@ def histogram(sample, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if none); the bin of x is floor((x - lo) / width * bins) in float32, clipped to the last bin."""
     x = torch.as_tensor(sample).float().T
     finite = torch.isfinite(x)
-    lo = torch.where(finite, x, torch.inf).amin(1) if x.shape[1] else torch.zeros(len(x))
-    hi = torch.where(finite, x, -torch.inf).amax(1) if x.shape[1] else torch.zeros(len(x))
+    empty = torch.zeros(len(x), device=x.device)
+    lo = torch.where(finite, x, torch.inf).amin(1) if x.shape[1] else empty
+    hi = torch.where(finite, x, -torch.inf).amax(1) if x.shape[1] else empty
     none = ~torch.isfinite(lo)
     lo, hi = lo.masked_fill(none, 0.0), hi.masked_fill(none, 0.0)
     width = (hi - lo).clamp(min=1e-12)
@@ -257,6 +258,9 @@ class ScanPart:
         return self
 
 
+CHUNK_COST = 8  # a chunk's update takes about 8 times its float32 values in float64 temporaries
+
+
 @contextmanager
 def worker_errors():
     """An AtlasError raised in a DataLoader worker comes back wrapped in its traceback: keep its one line."""
@@ -325,7 +329,7 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
                 top, pred = logits.max(1)
                 predicted.append(pred)
                 confidence.append(torch.exp(logits - top[:, None]).sum(1).reciprocal_())
-            if batch["bytes"] >= cfg.buffer_mb * 2**20:  # chunks of bounded memory
+            if batch["bytes"] * CHUNK_COST >= cfg.buffer_mb * 2**20:  # chunks of bounded memory
                 for acc in accs.values():
                     acc.flush()
                 batch["bytes"] = 0

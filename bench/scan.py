@@ -11,7 +11,7 @@ Cases (each bare/scan pair interleaved, medians; a warm-up pass of each first):
    batches of 64, the default layers (every conv/linear/activation module that
    runs once per forward: 21 convs, the stem ReLU and fc; 3 runs);
 2. torchvision resnet50 (weights=None) over 500 synthetic 224-px images,
-   batches of 50, the stem (`relu`) and every bottleneck output (2 runs);
+   batches of 50, the stem (`relu`) and every bottleneck output (3 runs);
 3. peak RSS (VmHWM) of a scan of N and 4N examples, each in a fresh process,
    over a dataset that makes its examples on the fly (so only the scan can
    grow), with how far it rose above the process's RSS before the scan;
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -89,6 +89,16 @@ def wrap(data: Dataset, n_classes: int) -> AtlasDataset:
 def demo_cnn(data_dir: Path) -> LoadedModel:
     module, record = demo_models.load_builtin("digits-cnn", data_dir, seed=0)
     return LoadedModel(ModelSection("digits-cnn", "builtin:digits-cnn"), module, "bench", record)
+
+
+def digit_stream(n: int) -> AtlasDataset:
+    """n digits: scikit-learn's 1,797 tiled, with seeded noise of std 0.02 so that every example is distinct."""
+    images, labels = (np.concatenate(parts) for parts in zip(demo_models.digits_split("train"),
+                                                             demo_models.digits_split("test")))
+    reps = -(-n // len(images))
+    tiled = torch.from_numpy(images).repeat(reps, 1, 1, 1)[:n]
+    noise = torch.randn(tiled.shape, generator=torch.Generator().manual_seed(1)) * 0.02
+    return wrap(Tensors((tiled + noise).clamp(0, 1), torch.from_numpy(labels).repeat(reps)[:n]), 10)
 
 
 def default_layers(model: LoadedModel, dataset: AtlasDataset) -> list[str]:
@@ -217,7 +227,7 @@ def main() -> None:
     if run("resnet50"):
         figures["scan_vs_forward_resnet50"] = side_by_side(
             "resnet50 (weights=None), 224 px synthetic, stem + 16 bottleneck outputs", resnet("resnet50"),
-            synthetic(100 if quick else 500, 224), ScanSection(batch_size=50), 1 if quick else 2, RESNET50_LAYERS)
+            synthetic(100 if quick else 500, 224), ScanSection(batch_size=50), 1 if quick else 3, RESNET50_LAYERS)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
         if run("rss"):
@@ -230,17 +240,10 @@ def main() -> None:
             figures["scan_rss_4n_over_n"] = rss_4n["peak_kb"] / rss_n["peak_kb"]
         if run("demo"):
             model = demo_cnn(data_dir)
-            images, labels = demo_models.digits_split("train")
-            test_images, test_labels = demo_models.digits_split("test")
-            all_images = torch.from_numpy(np.concatenate([images, test_images]))
-            all_labels = torch.from_numpy(np.concatenate([labels, test_labels]))
-            n_stream = 4_000 if quick else 20_000
-            reps = -(-n_stream // len(all_images))
-            tiled = all_images.repeat(reps, 1, 1, 1)[:n_stream]
-            noise = torch.randn(tiled.shape, generator=torch.Generator().manual_seed(1)) * 0.02
-            stream = wrap(Tensors((tiled + noise).clamp(0, 1), all_labels.repeat(reps)[:n_stream]), 10)
             cfg = ScanSection(batch_size=128)
-            side_by_side("demo CNN, digit stream (information only)", model, stream, cfg, 1 if quick else 7)
+            side_by_side("demo CNN, digit stream (information only)", model, digit_stream(4_000 if quick else 20_000),
+                         cfg, 1 if quick else 7)
+            test_images, test_labels = demo_models.digits_split("test")
             demo = wrap(Tensors(torch.from_numpy(test_images), torch.from_numpy(test_labels)), 10)
             side_by_side("demo CNN, the 540-example demo (information only)", model, demo, cfg, 1 if quick else 5)
     if run("cuda") and torch.cuda.is_available():

@@ -28,32 +28,23 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from atlas_builder import demo_models, distributed  # noqa: E402
+from atlas_builder import distributed  # noqa: E402
+from atlas_builder.cli import with_malloc_tunables  # noqa: E402
 from atlas_builder.config import ModelSection, ScanSection  # noqa: E402
-from atlas_builder.probe import resolve_layers  # noqa: E402
 from atlas_builder.scan import finish_scan, scan_part, shard_range  # noqa: E402
 from atlas_builder.sources import LoadedModel  # noqa: E402
-from scan import Tensors, demo_cnn, wrap  # noqa: E402
+from scan import Tensors, default_layers, demo_cnn, digit_stream, wrap  # noqa: E402
 
 
 def stream(case: str, quick: bool):
     if case == "cnn":
-        images, labels = demo_models.digits_split("train")
-        test_images, test_labels = demo_models.digits_split("test")
-        all_images = torch.from_numpy(np.concatenate([images, test_images]))
-        all_labels = torch.from_numpy(np.concatenate([labels, test_labels]))
-        n = 4_000 if quick else 20_000
-        reps = -(-n // len(all_images))
-        tiled = all_images.repeat(reps, 1, 1, 1)[:n]
-        noise = torch.randn(tiled.shape, generator=torch.Generator().manual_seed(1)) * 0.02
-        return wrap(Tensors((tiled + noise).clamp(0, 1), all_labels.repeat(reps)[:n]), 10), ScanSection(batch_size=128)
+        return digit_stream(4_000 if quick else 20_000), ScanSection(batch_size=128)
     n = 128 if quick else 512
     imgs = torch.rand(n, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     return wrap(Tensors(imgs, torch.arange(n) % 1000), 1000), ScanSection(batch_size=64)
@@ -70,7 +61,7 @@ def child(case: str, quick: bool, data_dir: str) -> None:
             model = LoadedModel(ModelSection("resnet18", "torchvision:resnet18"),
                                 torchvision.models.resnet18(weights=None).eval(), "bench", {})
         dataset, cfg = stream(case, quick)
-        layers = resolve_layers(model.module, (), model.name)
+        layers = default_layers(model, dataset)
         cluster.barrier()
         start = time.perf_counter()
         first, last = shard_range(len(dataset), cluster.rank, cluster.world)
@@ -107,6 +98,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.quick, args.data_dir)
         return
+    with_malloc_tunables([__file__, *sys.argv[1:]])  # as the atlas command runs (its children inherit them)
     print(f"torch {torch.__version__}, {os.cpu_count()} cores, gloo on the CPU")
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:

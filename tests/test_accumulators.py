@@ -78,9 +78,9 @@ def brute_class_means(values: np.ndarray, labels: np.ndarray, n_classes: int) ->
     return out
 
 
-def check_topk(result, values, maps, k, largest, rtol=0.0):
+def check_topk(result, values, maps, k, largest, rtol=0.0, kept_maps=True):
     """A TopKResult against the brute force over all values [N, U] and maps [N, U, M] (None: no maps, positions
-    -1); a kept position is its map's first maximum."""
+    -1); a kept position is its map's first maximum; kept_maps False: the maps themselves are not kept."""
     bv, bi, bvalid = brute_topk(values, k, largest)
     np.testing.assert_array_equal(result.valid, bvalid)
     np.testing.assert_array_equal(result.ids, bi)
@@ -90,9 +90,13 @@ def check_topk(result, values, maps, k, largest, rtol=0.0):
         assert result.maps is None and (result.positions == -1).all()
         return
     expected = maps[bi[bvalid], units[bvalid]].astype(np.float32)
-    same(result.maps[bvalid], expected, rtol, "maps")
     np.testing.assert_array_equal(result.positions[bvalid], expected.argmax(1))
-    assert (result.positions[~bvalid] == -1).all() and (result.maps[~bvalid] == 0).all()
+    assert (result.positions[~bvalid] == -1).all()
+    if not kept_maps:
+        assert result.maps is None
+        return
+    same(result.maps[bvalid], expected, rtol, "maps")
+    assert (result.maps[~bvalid] == 0).all()
 
 
 def same(x, y, rtol: float = 0.0, name: str = ""):
@@ -233,6 +237,28 @@ def test_topk_merge_of_two_shards_in_either_order_equals_one_pass(largest, split
         top = topk_pass(values, maps, k, largest, 5, device, ids=first)
         top.merge(topk_pass(values, maps, k, largest, 3, device, ids=second))
         assert_results_equal(top.finalize(), whole)
+
+
+@pytest.mark.parametrize("split", ["contiguous", "interleaved"])
+def test_topk_keeping_positions_only_merges_like_one_pass(split, device, writes):
+    """keep_maps=False (the bottom-k's): each entry keeps its map's first maximum, not the map."""
+    values, maps = random_activations(n=70, seed=15)
+    ids = np.arange(70)
+    a_ids, b_ids = (ids[:31], ids[31:]) if split == "contiguous" else (ids[::2], ids[1::2])
+
+    def run(part, batch):
+        top = TopK(6, 5, False, device, keep_maps=False)
+        for i in range(0, len(part), batch):
+            rows = part[i:i + batch]
+            top.update(torch.from_numpy(values[rows]).to(device), torch.from_numpy(rows).to(device),
+                       torch.from_numpy(maps[rows]).to(device))
+        return top
+
+    whole = run(ids, 9).finalize()
+    check_topk(whole, values, maps, 5, False, kept_maps=False)
+    merged = run(a_ids, 4)
+    merged.merge(run(b_ids, 6))
+    assert_results_equal(merged.finalize(), whole)
 
 
 def test_topk_merge_with_an_empty_shard(device):
@@ -527,7 +553,7 @@ def test_layer_accumulator_matches_brute_force(batch, flush_every, reduce, devic
     maps = out.flatten(2).numpy()
     v = unit_values(out, reduce).numpy()
     check_topk(layer.top.finalize(), v, maps, 4, True, rtol=1e-6 if reduce == "mean" else 0.0)
-    check_topk(layer.bottom.finalize(), v, maps, 4, False, rtol=1e-6 if reduce == "mean" else 0.0)
+    check_topk(layer.bottom.finalize(), v, maps, 4, False, rtol=1e-6 if reduce == "mean" else 0.0, kept_maps=False)
     if reduce == "max":
         np.testing.assert_array_equal(layer.top.finalize().ids[1], [3, 20, 21, 44])
     check_moments(layer.moments.finalize(), v)
