@@ -9,9 +9,10 @@ accumulator (any order), `finalize` returns host arrays, the one move to the
 host. Memory does not grow with the dataset.
 
 - `TopK`: the k highest (or lowest) values of every unit with example id
-  and, for conv/token layers, the unit's whole map on that example; ties go
-  to the lower example id (each entry is one int64 key that orders by value,
-  then id), so results depend on neither batch size nor shard order;
+  and, for conv/token layers, the unit's whole map on that example (the
+  bottom-k: only where its map peaks); ties go to the lower example id (each
+  entry is one int64 key that orders by value, then id), so results depend
+  on neither batch size nor shard order;
 - `Moments`: count, mean, std (Chan's parallel update, float64), min, max and
   the number of NaN/Inf values, which every statistic leaves out;
 - `Activity`: the fraction of examples on which a unit is active and, on a

@@ -166,3 +166,40 @@ def test_demo_store_holds_the_brute_force_statistics(demo):
                     np.testing.assert_allclose(np.array(unit.class_means, dtype=float), means[u], **close)
                     np.testing.assert_allclose(unit.selectivity, selectivity[u], **close)
                     assert list(unit.hist) == counts[u].tolist()
+
+
+def test_run_stage_skips_an_unchanged_fingerprint_and_writes_a_new_one(tmp_path):
+    """The stage protocol: run and write when the stored fingerprint differs, skip when it is the same; a
+    fingerprint of None always runs."""
+    from atlas_builder.build import BuildReport, Stage, run_stage
+    from atlas_builder.distributed import Cluster
+
+    class Counting(Stage):
+        name, kind = "count:m", "count"
+
+        def __init__(self, fp):
+            self.fp, self.runs, self.writes = fp, 0, []
+
+        def fingerprint(self, store):
+            return self.fp
+
+        def run(self, store):
+            self.runs += 1
+            return f"result {self.runs}"
+
+        def write(self, store, result, fingerprint):
+            self.writes.append(result)
+            store._mark_stage(self.name, fingerprint, 0.0) if fingerprint else None
+
+    with Store(tmp_path / "store") as store:
+        first, report = Counting("a"), BuildReport()
+        assert run_stage(first, store, Cluster(), report) == "result 1" and first.writes == ["result 1"]
+        again = Counting("a")
+        assert run_stage(again, store, Cluster(), report) is None and again.runs == 0
+        assert report.skipped == ["count:m"] and "count" in report.seconds
+        changed = Counting("b")
+        assert run_stage(changed, store, Cluster(), report) == "result 1" and store.stage_fingerprint("count:m") == "b"
+        always = Counting(None)
+        run_stage(always, store, Cluster(), report)
+        run_stage(always, store, Cluster(), report)
+        assert always.runs == 2
