@@ -144,8 +144,8 @@ def run_stage(stage: Stage, store: Store | None, cluster: Cluster, report: Build
 
 
 @dataclass
-class ScanStage(Stage):
-    """The scan of one model: each rank scans its shard, the writer merges and summarizes."""
+class ModelStage(Stage):
+    """A stage of one model that every rank of a sharded build runs its part of."""
     cfg: AtlasConfig
     model: object  # sources.LoadedModel
     layers: list[str]
@@ -153,12 +153,16 @@ class ScanStage(Stage):
     device: torch.device
     cluster: Cluster
     progress: bool
-    kind = "scan"
     every_rank = True
 
     @property
     def name(self) -> str:
-        return f"scan:{self.model.name}"
+        return f"{self.kind}:{self.model.name}"
+
+
+class ScanStage(ModelStage):
+    """The scan of one model: each rank scans its shard, the writer merges and summarizes."""
+    kind = "scan"
 
     def fingerprint(self, store) -> str:
         return fingerprint(SCAN_VERSION, self.model.fingerprint, self.dataset.fingerprint, self.layers,
@@ -187,22 +191,9 @@ class ScanStage(Stage):
         store.write_scan(result, fp)
 
 
-@dataclass
-class FeatureVisStage(Stage):
+class FeatureVisStage(ModelStage):
     """The feature visualizations of one model; the ranks split its batches of units."""
-    cfg: AtlasConfig
-    model: object
-    layers: list[str]
-    dataset: object
-    device: torch.device
-    cluster: Cluster
-    progress: bool
     kind = "featurevis"
-    every_rank = True
-
-    @property
-    def name(self) -> str:
-        return f"featurevis:{self.model.name}"
 
     def fingerprint(self, store) -> str:
         return fingerprint(FEATUREVIS_VERSION, self.model.fingerprint, self.layers, self.cfg.featurevis.__dict__,
