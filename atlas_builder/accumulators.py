@@ -158,11 +158,12 @@ class TopK(Accumulator):
         else:
             self.places = torch.full((n_units, self.k + 1), -1, dtype=torch.int64, device=device)
 
-    def update(self, values: torch.Tensor, ids: torch.Tensor, maps: torch.Tensor | None = None,
-               keys: torch.Tensor | None = None) -> None:
-        """values [B, U]; ids [B] (on the same device); maps [B, U, M] (any strides) or None; keys: their
-        `order_keys` when the caller has them."""
-        keys = order_keys(values, ids, self.largest) if keys is None else keys
+    def update(self, values: torch.Tensor, ids: torch.Tensor, maps: torch.Tensor | None = None) -> None:
+        """values [B, U]; ids [B] (on the same device); maps [B, U, M] (any strides) or None."""
+        self.enter(order_keys(values, ids, self.largest), maps)
+
+    def enter(self, keys: torch.Tensor, maps: torch.Tensor | None = None) -> None:
+        """A batch by its `order_keys` [U, B] (of this order), with its maps [B, U, M] or None."""
         self._enter(keys, None if maps is None else lambda units, rows: take_maps(maps, rows, units))
 
     def merge(self, other: "TopK") -> None:
@@ -389,8 +390,8 @@ class LayerAccumulator(Accumulator):
         maps = unit_maps(output)
         values = unit_values(output, self.reduce)
         top, bottom = key_pair(values, torch.arange(first, first + len(values), device=values.device))
-        self.top.update(values, None, maps, top)
-        self.bottom.update(values, None, maps, bottom)
+        self.top.enter(top, maps)
+        self.bottom.enter(bottom, maps)
         lo, hi = np.searchsorted(self.activity_ids, [first, first + len(values)])
         if hi > lo:  # row by row: no copy of the rows (they are few: POSITION_SAMPLE in the whole scan)
             self.activity.add_positions(torch.cat([active_fraction(output[r:r + 1], self.threshold)

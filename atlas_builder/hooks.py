@@ -87,6 +87,7 @@ class Capture:
         self.shapes: dict[str, tuple[int, ...] | None] = {}
         self.calls: dict[str, int] = {}
         self._handles: list = []
+        self._pending = len(self.layers)  # layers still to report in this forward (with stop)
         self._error: BaseException | None = None  # raised by our own hook or sink: passed through as it is
 
     def __enter__(self) -> "Capture":
