@@ -122,6 +122,11 @@ class Problems:
         self.found.append(f"uncaught error on {err.page.url if err.page else '?'}: {err.error}")
 
     def request_failed(self, request):
+        # net::ERR_ABORTED is the browser cancelling a request itself (a click navigated away while
+        # lazy pictures were still loading), not a fault of the site: a missing file answers with
+        # an HTTP error (`response`), and an undecodable one fails BROKEN_IMAGES
+        if request.failure == "net::ERR_ABORTED":
+            return
         if not self.ignorable(request.url):
             self.found.append(f"request failed: {request.url} ({request.failure})")
 
