@@ -54,6 +54,13 @@ def unit_maps(out: torch.Tensor) -> torch.Tensor | None:
                      f"probe layers whose outputs are [B, F], [B, T, D] or [B, C, H, W]")
 
 
+def first_units(out: torch.Tensor, n: int) -> torch.Tensor:
+    """A view of the first n units of a layer output (channels of [B, C, H, W], features of [B, F] and
+    [B, T, D]); all of them when n is 0."""
+    dim = 2 if out.dim() == 3 else 1
+    return out if not n or out.shape[dim] <= n else out.narrow(dim, 0, n)
+
+
 def unit_values(out: torch.Tensor, reduce: str = "max") -> torch.Tensor:
     """[B, U] float32: each unit's value on each example (max or mean over its positions)."""
     maps = unit_maps(out)
@@ -70,6 +77,14 @@ def active_fraction(out: torch.Tensor, threshold: float) -> torch.Tensor:
     # a float copy compared in place: 1.0 where above, 0.0 elsewhere (NaN too), then its mean; four times
     # faster on the CPU than comparing into booleans and counting them
     return maps.to(torch.float32, copy=True).gt_(threshold).mean(2)
+
+
+def tail_fraction(out: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """[B, U] fraction of each unit's positions pinned in a squashing function's tails: <= low or >= high."""
+    maps = unit_maps(out)
+    x = (out if maps is None else maps).float()
+    pinned = ((x <= low) | (x >= high)).float()
+    return pinned if maps is None else pinned.mean(2)
 
 
 # --- top-k --------------------------------------------------------------------------
@@ -261,16 +276,19 @@ class Moments(Accumulator):
 
 
 class Activity(Accumulator):
-    """Fraction of examples on which each unit is active, and mean fraction of its active positions.
+    """Fraction of examples on which each unit is active, mean fraction of its active positions, and (for a
+    squashing nonlinearity, `tails` = (low, high)) mean fraction of its positions pinned in the tails.
 
-    The position fraction may come from some of the examples only (the scan
-    measures it on POSITION_SAMPLE rows of the sample), so it keeps its own count.
+    The position fractions may come from some of the examples only (the scan
+    measures them on POSITION_SAMPLE rows of the sample), so they keep their own count.
     """
 
-    def __init__(self, n_units: int, threshold: float, device: torch.device | str = "cpu"):
-        self.threshold, self.n, self.position_n = threshold, 0, 0
+    def __init__(self, n_units: int, threshold: float, device: torch.device | str = "cpu",
+                 tails: tuple[float, float] | None = None):
+        self.threshold, self.tails, self.n, self.position_n = threshold, tails, 0, 0
         self.examples_active = torch.zeros(n_units, dtype=torch.float64, device=device)
         self.position_sum = torch.zeros(n_units, dtype=torch.float64, device=device)
+        self.tail_sum = torch.zeros(n_units, dtype=torch.float64, device=device)
 
     def update(self, values: torch.Tensor, position_fraction: torch.Tensor | None = None) -> None:
         """values [R, U]; position_fraction [R', U] from `active_fraction`, for some examples (or None)."""
@@ -279,19 +297,28 @@ class Activity(Accumulator):
         if position_fraction is not None:
             self.add_positions(position_fraction)
 
-    def add_positions(self, position_fraction: torch.Tensor) -> None:
+    def add_positions(self, position_fraction: torch.Tensor, tail: torch.Tensor | None = None) -> None:
         self.position_n += len(position_fraction)
         self.position_sum += position_fraction.sum(0, dtype=torch.float64)
+        if tail is not None:
+            self.tail_sum += tail.sum(0, dtype=torch.float64)
+
+    def observe(self, rows: torch.Tensor) -> None:
+        """The position fractions of some whole outputs rows [R, ...] (R of the examples)."""
+        self.add_positions(active_fraction(rows, self.threshold),
+                           tail_fraction(rows, *self.tails) if self.tails else None)
 
     def merge(self, other: "Activity") -> None:
         self.n += other.n
         self.position_n += other.position_n
         self.examples_active += other.examples_active
         self.position_sum += other.position_sum
+        self.tail_sum += other.tail_sum
 
     def finalize(self) -> dict[str, np.ndarray]:
         return {"frac_active": (self.examples_active / max(self.n, 1)).cpu().numpy(),
-                "position_activity": (self.position_sum / max(self.position_n, 1)).cpu().numpy()}
+                "position_activity": (self.position_sum / max(self.position_n, 1)).cpu().numpy(),
+                "tail_activity": (self.tail_sum / max(self.position_n, 1)).cpu().numpy()}
 
 
 class ClassMeans(Accumulator):
@@ -367,9 +394,10 @@ class LayerAccumulator(Accumulator):
 
     def __init__(self, shape: tuple[int, ...], top_k: int, n_classes: int, sample: np.ndarray, activity: np.ndarray,
                  device: torch.device | str = "cpu", reduce: str = "max", threshold: float = 0.0,
-                 dtype: torch.dtype = torch.float32):
-        """shape: the layer's output for one example (C x H x W, T x D or F); dtype: its type in the scan."""
-        self.reduce, self.threshold = reduce, threshold
+                 dtype: torch.dtype = torch.float32, tails: tuple[float, float] | None = None):
+        """shape: the layer's output for one example (C x H x W, T x D or F); dtype: its type in the scan;
+        threshold: active above it; tails: (low, high) of a squashing nonlinearity (see `Activity`)."""
+        self.reduce, self.threshold, self.shape = reduce, threshold, tuple(shape)
         n_units = shape[0] if len(shape) == 3 else shape[-1]
         positions = int(np.prod(shape[1:])) if len(shape) == 3 else shape[0] if len(shape) == 2 else 0
         # the maps' state is allocated now, before the scan's first forward: made amid the model's large
@@ -378,7 +406,7 @@ class LayerAccumulator(Accumulator):
         self.top = TopK(n_units, top_k, True, device, positions, dtype)
         self.bottom = TopK(n_units, top_k, False, device, positions, dtype, keep_maps=False)  # pages draw no maps
         self.moments = Moments(n_units, device)
-        self.activity = Activity(n_units, threshold, device)
+        self.activity = Activity(n_units, threshold, device, tails)
         self.classes = ClassMeans(n_classes, n_units, device)
         self.sample = SampleRows(sample, n_units, device)
         self.activity_ids = np.asarray(activity, np.int64)  # the examples whose position activity counts
@@ -394,8 +422,8 @@ class LayerAccumulator(Accumulator):
         self.bottom.enter(bottom, maps)
         lo, hi = np.searchsorted(self.activity_ids, [first, first + len(values)])
         if hi > lo:  # row by row: no copy of the rows (they are few: POSITION_SAMPLE in the whole scan)
-            self.activity.add_positions(torch.cat([active_fraction(output[r:r + 1], self.threshold)
-                                                   for r in (self.activity_ids[lo:hi] - first).tolist()]))
+            for r in (self.activity_ids[lo:hi] - first).tolist():
+                self.activity.observe(output[r:r + 1])
         self._buffer.append((values, labels, first))
         return values.numel() * 4
 

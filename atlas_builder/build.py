@@ -31,8 +31,8 @@ from .sources import load_dataset, load_model
 from .store import ModelRecord, Store
 from .website import build_site
 
-SCAN_VERSION = 3  # bump when scan's output changes meaning (invalidates stored scans)
-FEATUREVIS_VERSION = 3  # likewise for the feature-vis stage
+SCAN_VERSION = 4  # bump when scan's output changes meaning (invalidates stored scans)
+FEATUREVIS_VERSION = 4  # likewise for the feature-vis stage
 EMBED_VERSION = 2  # and the embed stage
 
 
@@ -161,17 +161,34 @@ class ModelStage(Stage):
 
 
 class ScanStage(ModelStage):
-    """The scan of one model: each rank scans its shard, the writer merges and summarizes."""
+    """The scan of one model: each rank scans its shard, the writer merges and summarizes.
+
+    Each layer's scan has its own fingerprint: only the layers without a
+    current one are scanned (one pass over the dataset for all of them), so
+    adding a layer scans only that layer."""
     kind = "scan"
 
+    def layer_fingerprints(self) -> dict[str, str]:
+        common = (SCAN_VERSION, self.model.fingerprint, self.dataset.fingerprint, self.model.section.units,
+                  self.cfg.scan.__dict__, self.cfg.atlas.seed, self.cfg.site.input_pages)
+        return {layer: fingerprint(*common, layer) for layer in self.layers}
+
     def fingerprint(self, store) -> str:
-        return fingerprint(SCAN_VERSION, self.model.fingerprint, self.dataset.fingerprint, self.layers,
-                           self.cfg.scan.__dict__, self.cfg.atlas.seed, self.cfg.site.input_pages)
+        return fingerprint(self.layer_fingerprints(), self.layers)
 
     def run(self, store):
+        fps = self.layer_fingerprints()
+        todo = None
+        if self.cluster.writer:
+            stored = store.layer_fingerprints(self.model.name) \
+                if store.stage_fingerprint("dataset") == self.dataset.fingerprint else {}
+            todo = [layer for layer in self.layers if stored.get(layer) != fps[layer]]
+        todo = self.cluster.broadcast(todo)
+        if not todo:  # only layers dropped: nothing to scan
+            return None, fps
         first, last = shard_range(len(self.dataset), self.cluster.rank, self.cluster.world)
-        part = scan_part(self.model, self.dataset, self.layers, self.cfg.scan, self.device, self.cfg.atlas.seed,
-                         first, last, self.progress, workers=self.cfg.scan.workers)
+        part = scan_part(self.model, self.dataset, todo, self.cfg.scan, self.device, self.cfg.atlas.seed,
+                         first, last, self.progress, workers=self.cfg.scan.workers, units=self.model.section.units)
         parts = self.cluster.gather(part.to("cpu") if self.cluster.distributed else part)
         if not self.cluster.writer:
             return None
@@ -179,48 +196,76 @@ class ScanStage(ModelStage):
         for other in parts[1:]:
             merged = merged.merge(other)
         try:
-            return finish_scan(self.model, self.dataset, self.layers, self.cfg.scan, merged, self.device,
-                               self.cfg.atlas.seed, self.cfg.site.input_pages)
+            return finish_scan(self.model, self.dataset, todo, self.cfg.scan, merged, self.device,
+                               self.cfg.atlas.seed, self.cfg.site.input_pages, self.model.section.units), fps
         finally:
             self.model.module.to("cpu")
 
     def write(self, store, result, fp) -> None:
+        scan, fps = result
+        if scan is None:
+            store.keep_layers(self.model.name, self.layers, fp)
+            return
         if store.stage_fingerprint("dataset") != self.dataset.fingerprint:  # its example images replace the old
             media.clear(store.media_dir / "examples")
-            store.write_dataset(self.dataset.class_names, result.labels, self.dataset.fingerprint)
-        store.write_scan(result, fp)
+            store.write_dataset(self.dataset.class_names, scan.labels, self.dataset.fingerprint)
+        store.write_scan(scan, fp, self.layers, fps)
 
 
 class FeatureVisStage(ModelStage):
-    """The feature visualizations of one model; the ranks split its batches of units."""
+    """The feature visualizations of one model; the ranks split its batches of units.
+
+    Each layer's images have their own fingerprint, and each batch of units is
+    written to the store as soon as it is rendered (in a single-process build),
+    so a build that is killed keeps the batches it finished, and one that adds
+    a layer or units renders only those."""
     kind = "featurevis"
 
+    def layer_fingerprints(self) -> dict[str, str]:
+        common = (FEATUREVIS_VERSION, self.model.fingerprint, self.cfg.featurevis.__dict__, self.cfg.atlas.seed,
+                  visualize.input_shape(self.dataset, self.cfg.featurevis), self.dataset.mean, self.dataset.std)
+        return {layer: fingerprint(*common, layer) for layer in self.layers}
+
+    def plan(self, store) -> dict[str, int]:
+        n_units = {l.layer: l.n_units for l in store.layers(self.model.name)}
+        return {name: n_units[name] for name in self.layers}
+
     def fingerprint(self, store) -> str:
-        return fingerprint(FEATUREVIS_VERSION, self.model.fingerprint, self.layers, self.cfg.featurevis.__dict__,
-                           self.cfg.atlas.seed, visualize.input_shape(self.dataset, self.cfg.featurevis),
-                           self.dataset.mean, self.dataset.std)
+        return fingerprint(self.layer_fingerprints(), self.plan(store))
 
     def run(self, store):
-        plan = media_dir = None
+        fps = self.layer_fingerprints()
+        plan = media_dir = done = None
         if self.cluster.writer:
-            n_units = {l.layer: l.n_units for l in store.layers(self.model.name)}
-            plan, media_dir = {name: n_units[name] for name in self.layers}, store.media_dir
-            store.clear_featurevis(self.model.name)  # the store forgets the old images before they are deleted
-            visualize.clear(store.media_dir, self.model.name)  # before any rank writes the new images
-        plan, media_dir = self.cluster.broadcast((plan, media_dir))
+            plan, media_dir = self.plan(store), store.media_dir
+            for gone in store.keep_featurevis(self.model.name, fps):  # layers no longer probed
+                visualize.clear(store.media_dir, self.model.name, gone)
+            wanted = {"positive", "negative"} if self.cfg.featurevis.negative else {"positive"}
+            done = {layer: {u for u, kinds in store.featurevis_kinds(self.model.name, layer).items()
+                            if wanted <= kinds} for layer in plan}
+        plan, media_dir, done = self.cluster.broadcast((plan, media_dir, done))
+        alone = not self.cluster.distributed
+
+        def write_batch(rows, weights):  # kept at once: a build killed later resumes after this batch
+            if alone:
+                store.add_featurevis(self.model.name, rows, weights, fps)
         rows, weights, seconds = visualize.run(self.model, plan, self.dataset, self.cfg.featurevis,
                                                self.cfg.atlas.seed, self.device, media_dir, self.progress,
-                                               part=(self.cluster.rank, self.cluster.world))
+                                               part=(self.cluster.rank, self.cluster.world), done=done,
+                                               on_batch=write_batch)
         gathered = self.cluster.gather((rows, weights, seconds))
         if not self.cluster.writer:
             return None
         order = {name: i for i, name in enumerate(plan)}
         rows = sorted((r for g in gathered for r in g[0]), key=lambda r: (order[r[0]], r[1], r[2]))
         weights = sorted((w for g in gathered for w in g[1]), key=lambda w: (order[w[0]], w[1]))
-        return rows, weights, max(g[2] for g in gathered)
+        return rows, weights, max(g[2] for g in gathered), fps
 
     def write(self, store, result, fp) -> None:
-        store.write_featurevis(self.model.name, *result[:2], fp, result[2])
+        rows, weights, seconds, fps = result
+        if self.cluster.distributed:  # the other ranks' batches arrive together, at the end
+            store.add_featurevis(self.model.name, rows, weights, fps)
+        store.mark_stage(self.name, fp, seconds)
 
 
 @dataclass
@@ -293,8 +338,10 @@ def _build(cfg: AtlasConfig, cluster: Cluster, device: torch.device, progress: b
             result = run_stage(stage, store, cluster, report)
             accuracy = None
             if cluster.writer:
-                accuracy = result.accuracy if result is not None else \
+                accuracy = result[0].accuracy if result is not None and result[0] is not None else \
                     next((m.accuracy for m in store.models() if m.model == section.name), None)
+                if model.info.get("outputs") != len(dataset.class_names):
+                    accuracy = None  # its outputs are not the dataset's classes (ImageNet weights on 4 folders)
                 store.write_model(ModelRecord(section.name, position, section.display_title, section.source,
                                               model.fingerprint, model.info["parameters"], accuracy, model.info))
             if cfg.featurevis.enabled:
@@ -339,17 +386,27 @@ def load_and_check_models(cfg: AtlasConfig, dataset, cluster: Cluster) -> list[t
             cluster.barrier()
         if len(dataset):
             x = torch.stack([torch.as_tensor(dataset.data[i][0]) for i in range(min(2, len(dataset)))])
-            if section.layers:  # the requested layers: each must give a tensor, once per forward
-                layers = resolve_layers(model.module, section.layers, section.name)
-                with Capture(model.module, layers, sink=lambda name, out: None, model_name=section.name) as capture, \
-                        torch.inference_mode():
-                    capture(x)
-            else:  # by default, those of one forward's modules that do
-                layers = resolve_layers(model.module, (), section.name, list_layers(model.module, x, section.name))
+            infos = None if section.layers else list_layers(model.module, x, section.name)
+            layers = resolve_layers(model.module, section.layers, section.name, infos)
+            seen: dict[str, torch.Tensor] = {}  # each layer must give a tensor, once per forward
+            with Capture(model.module, layers, sink=seen.__setitem__, model_name=section.name) as capture, \
+                    torch.inference_mode():
+                out = capture(x)
+            model.info.update(output_facts(out, seen))
         else:
             layers = resolve_layers(model.module, section.layers, section.name)
         loaded.append((section, model, layers))
     return loaded
+
+
+def output_facts(out, outputs: dict[str, torch.Tensor]) -> dict:
+    """What the model page and the unit titles need to know of a model's output: its width when it is
+    [B, classes] logits, and which probed layer gives it (the output layer, whose units are classes)."""
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        return {}
+    same = [name for name, t in outputs.items()  # the tensors are all alive: no address was reused
+            if t.data_ptr() == out.data_ptr() and t.shape == out.shape]
+    return {"outputs": int(out.shape[1]), **({"output_layer": same[-1]} if same else {})}
 
 
 def layer_table(cfg: AtlasConfig) -> list[tuple[str, list]]:

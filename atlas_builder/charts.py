@@ -22,8 +22,14 @@ def _num(x: float) -> str:
     return f"{x:.4g}"
 
 
+def _px(x: float) -> str:
+    """A coordinate to a tenth of a pixel, without trailing zeros ("12", "58.3")."""
+    return f"{x:.1f}".rstrip("0").rstrip(".")
+
+
 def histogram_svg(counts: tuple[int, ...], lo: float, hi: float, width: int = 360, height: int = 120) -> Markup:
-    """Bar chart of an activation histogram with the range on the axis."""
+    """Bar chart of an activation histogram with the range on the axis: the bars are one path (the counts
+    are in the unit's data.json), the tallest bar's count on its left."""
     if not counts or sum(counts) == 0:
         return Markup('<p class="muted">No finite activations to plot.</p>')
     top, n = max(counts), len(counts)
@@ -31,12 +37,10 @@ def histogram_svg(counts: tuple[int, ...], lo: float, hi: float, width: int = 36
     bar_w = width / n
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
              f'aria-label="Histogram of activations from {_num(lo)} to {_num(hi)}">']
-    step = (hi - lo) / n if n else 0
-    for i, c in enumerate(counts):
-        h = plot_h * c / top
-        parts.append(f'<rect x="{i * bar_w:.2f}" y="{plot_h - h:.2f}" width="{max(bar_w - 1, 0.5):.2f}" '
-                     f'height="{h:.2f}" class="bar"><title>{_num(lo + i * step)} to {_num(lo + (i + 1) * step)}: '
-                     f'{c}</title></rect>')
+    bars = "".join(f"M{_px(i * bar_w)} {plot_h}v{_px(-plot_h * c / top)}h{_px(max(bar_w - 1, 0.5))}"
+                   f"V{plot_h}Z" for i, c in enumerate(counts) if c)
+    parts.append(f'<path d="{bars}" class="bar"><title>{sum(counts)} sampled activations in {n} bins, '
+                 f'at most {top} in one</title></path>')
     parts.append(f'<text x="0" y="{height - 3}" class="axis">{_num(lo)}</text>')
     parts.append(f'<text x="{width}" y="{height - 3}" class="axis" text-anchor="end">{_num(hi)}</text>')
     if lo < 0 < hi:
@@ -46,22 +50,29 @@ def histogram_svg(counts: tuple[int, ...], lo: float, hi: float, width: int = 36
     return Markup("".join(parts))
 
 
+MAX_CLASS_BARS = 12  # classes drawn; with more (ImageNet's 1,000), the highest means, in that order
+
+
 def class_bars_svg(class_means: tuple[float | None, ...], class_names: list[str], top_class: int,
-                   width: int = 360) -> Markup:
-    """Horizontal bars of the mean activation per class; the top class highlighted."""
+                   width: int = 360, limit: int = MAX_CLASS_BARS) -> Markup:
+    """Horizontal bars of the mean activation per class, the top class highlighted; with more than `limit`
+    classes, the `limit` highest means (the note under it says of how many)."""
     values = [v for v in class_means if v is not None]
     if not values:
         return Markup('<p class="muted">No labelled examples.</p>')
+    shown = list(range(len(class_means)))
+    if len(shown) > limit:
+        shown = sorted((i for i in shown if class_means[i] is not None), key=lambda i: -class_means[i])[:limit]
     row, label_w = 16, 90
-    height = row * len(class_means) + 4
+    height = row * len(shown) + 4
     lo, hi = min(0.0, min(values)), max(0.0, max(values))
     span = (hi - lo) or 1.0
     plot_w = width - label_w - 50
     zero = label_w + plot_w * (0 - lo) / span
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
              f'aria-label="Mean activation per class">']
-    for i, v in enumerate(class_means):
-        y = 2 + i * row
+    for r, i in enumerate(shown):
+        v, y = class_means[i], 2 + r * row
         name = escape(class_names[i] if i < len(class_names) else str(i))
         parts.append(f'<text x="{label_w - 6}" y="{y + 12}" class="axis" text-anchor="end">{name}</text>')
         if v is None:
@@ -73,12 +84,28 @@ def class_bars_svg(class_means: tuple[float | None, ...], class_names: list[str]
         parts.append(f'<text x="{max(zero, x1) + 4:.2f}" y="{y + 12}" class="axis">{_num(v)}</text>')
     parts.append(f'<line x1="{zero:.2f}" x2="{zero:.2f}" y1="0" y2="{height}" class="zero"/>')
     parts.append("</svg>")
+    if len(shown) < len(class_means):
+        parts.append(f'<p class="muted">The {len(shown)} highest of {len(class_means)} classes.</p>')
     return Markup("".join(parts))
+
+
+HEAT_MAX_SIDE = 16  # a larger map is max-pooled to at most this many cells a side: where, not every pixel
+
+
+def pooled(m: np.ndarray, side: int = HEAT_MAX_SIDE) -> np.ndarray:
+    """An [H, W] map max-pooled to at most `side` cells a side (blocks of ceil(H / side) x ceil(W / side))."""
+    h, w = m.shape
+    bh, bw = -(-h // side), -(-w // side)
+    if bh == 1 and bw == 1:
+        return m
+    padded = np.full((-(-h // bh) * bh, -(-w // bw) * bw), -np.inf, dtype=m.dtype)
+    padded[:h, :w] = m
+    return padded.reshape(padded.shape[0] // bh, bh, padded.shape[1] // bw, bw).max(axis=(1, 3))
 
 
 def heat_uri(heat: np.ndarray) -> str:
     """A unit's spatial map on one example as a translucent red PNG data URI (min..max scaled, squared)."""
-    m = np.nan_to_num(heat.astype(np.float32))
+    m = pooled(np.nan_to_num(heat.astype(np.float32)))
     lo, hi = float(m.min()), float(m.max())
     scaled = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
     rgba = np.zeros(m.shape + (4,), dtype=np.uint8)
@@ -121,8 +148,17 @@ def activity_colour(fraction: float, dead: bool, saturated: bool) -> str:
     return "#fde725"
 
 
-def health_heatmap_svg(rows: list[dict], width: int = 900) -> Markup:
+HEATMAP_CELLS = 256  # cells per layer strip; a wider layer's units are grouped, consecutive, into that many
+
+
+def health_heatmap_svg(rows: list[dict], width: int = 900, max_cells: int = HEATMAP_CELLS) -> Markup:
     """Units × layers: one strip per layer, one cell per unit coloured by activity, linked to its page.
+
+    A layer of more than `max_cells` units gets one cell per group of
+    consecutive units: coloured by their mean activity, dead (saturated) only
+    when all of them are, linked to the group's first unit, its tooltip
+    counting the dead and saturated ones. So the model page of a ResNet-50
+    stays small.
 
     rows: [{"layer": str, "href": str, "units": [{"href", "activity", "dead", "saturated", "label"}]}]
     """
@@ -135,14 +171,23 @@ def health_heatmap_svg(rows: list[dict], width: int = 900) -> Markup:
         y = 2 + i * row_h
         parts.append(f'<a href="{escape(r["href"])}"><text x="{label_w - 6}" y="{y + 13}" class="axis" '
                      f'text-anchor="end">{escape(r["layer"])}</text></a>')
-        n = max(len(r["units"]), 1)
-        cell = plot_w / n
-        for j, u in enumerate(r["units"]):
-            colour = activity_colour(u["activity"], u["dead"], u["saturated"])
+        units = r["units"]
+        size = max(1, -(-len(units) // max_cells))  # units per cell
+        groups = [units[a:a + size] for a in range(0, len(units), size)]
+        cell = plot_w / max(len(groups), 1)
+        for j, group in enumerate(groups):
+            u, first = group[0], j * size
+            activity = sum(g["activity"] or 0 for g in group) / len(group)
+            dead, saturated = sum(g["dead"] for g in group), sum(g["saturated"] for g in group)
+            colour = activity_colour(activity, dead == len(group), saturated == len(group))
+            if size == 1:
+                title = f'{escape(r["layer"])} unit {first}: {escape(u["label"])}, active on {100 * activity:.0f}% of positions'
+            else:
+                title = (f'{escape(r["layer"])} units {first}–{first + len(group) - 1}: {dead} dead, {saturated} '
+                         f'saturated, active on {100 * activity:.0f}% of positions on average')
             parts.append(f'<a href="{escape(u["href"])}"><rect x="{label_w + j * cell:.2f}" y="{y}" '
                          f'width="{max(cell - (0.5 if cell > 3 else 0), 0.5):.2f}" height="{row_h - 3}" '
-                         f'fill="{colour}"><title>{escape(r["layer"])} unit {j}: {escape(u["label"])}, active on '
-                         f'{100 * u["activity"]:.0f}% of positions</title></rect></a>')
+                         f'fill="{colour}"><title>{title}</title></rect></a>')
     parts.append("</svg>")
     return Markup("".join(parts))
 
@@ -157,6 +202,28 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 def class_colour(label: int) -> str:
     return "#999999" if label < 0 else PALETTE[label % len(PALETTE)]
+
+
+def dots_svg(points: list[tuple[float, float]], highlight: int, method: str, size: int = 220,
+             radius: float = 3.0) -> Markup:
+    """A small static map: every point a grey dot (one path of zero-length round-capped strokes, a dozen
+    bytes a point), point `highlight` a larger red one on top."""
+    if not points:
+        return Markup('<p class="muted">No map.</p>')
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    lo_x, lo_y = min(xs), min(ys)
+    span_x, span_y = (max(xs) - lo_x) or 1.0, (max(ys) - lo_y) or 1.0
+    pad, inner = 10, size - 20
+    place = [(pad + inner * (x - lo_x) / span_x, pad + inner * (1 - (y - lo_y) / span_y)) for x, y in points]
+    path = "".join(f"M{_px(x)} {_px(y)}h0" for i, (x, y) in enumerate(place) if i != highlight)
+    parts = [f'<svg class="chart scatter" data-method="{method}" viewBox="0 0 {size} {size}" width="{size}" '
+             f'height="{size}" role="img" aria-label="{escape(method.upper())} map of {len(points)} points">',
+             f'<path d="{path}" stroke="#b8c2cc" stroke-width="{2 * radius:g}" stroke-linecap="round"/>']
+    if 0 <= highlight < len(place):
+        x, y = place[highlight]
+        parts.append(f'<circle cx="{_px(x)}" cy="{_px(y)}" r="{2 * radius:g}" fill="#e0312b" class="highlight"/>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
 
 
 def scatter_svg(points: list[dict], method: str, size: int = 420, radius: float = 4.0) -> Markup:

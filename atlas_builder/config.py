@@ -131,7 +131,8 @@ class ModelSection:
     title: str = ""  # human name; "" = the name
     weights: str = ""  # torchvision weights enum name (e.g. DEFAULT); "" = random init
     checkpoint: Path | None = None  # state_dict file loaded with weights_only=True
-    layers: tuple[str, ...] = ()  # module paths to probe; () = every conv/linear/activation run once per forward
+    layers: tuple[str, ...] = ()  # module paths to probe; () = one per representation (see README: default layers)
+    units: int = 0  # probe only each layer's first N units (trial builds); 0 = all
     unsafe_pickle: bool = False  # load the checkpoint with weights_only=False: runs code in the file; trusted files only
 
     @property
@@ -388,6 +389,8 @@ def _check(cfg: AtlasConfig, where: str) -> None:
         _check_source(m.source, f"models[{i}].source", MODEL_KINDS, where)
         if m.checkpoint is not None and not _is(m.checkpoint, "file", f"models[{i}].checkpoint", where):
             raise ConfigError(f"{where}models[{i}].checkpoint: file {str(m.checkpoint)!r} does not exist")
+        if m.units < 0:
+            raise ConfigError(f"{where}models[{i}].units must be 0 (every unit) or more, got {m.units}")
         if m.weights and m.kind != "torchvision":
             raise ConfigError(f"{where}models[{i}].weights is only for torchvision models; "
                               f"use checkpoint = \"PATH\" for others")

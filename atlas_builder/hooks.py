@@ -22,6 +22,7 @@ exceptions of our sinks pass through unchanged. Hooks are removed in
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -175,8 +176,71 @@ def reused_layer(name: str, what: str) -> AtlasError:
                       f"probe {instead} instead (`atlas layers CONFIG` shows how often each module runs)")
 
 
-def is_default_layer(module: nn.Module) -> bool:
-    return isinstance(module, LINEAR_TYPES + ACTIVATION_TYPES)
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d,
+              nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)
+STACKS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)  # containers that only hold modules in order
+
+
+def representations(model: nn.Module) -> list[tuple[str, str | None]]:
+    """The default probe points of a model, in definition order: (layer, the conv/linear it follows or None).
+
+    The rule, one point per distinct representation:
+    - a conv or linear module followed directly by an activation (with or
+      without one norm between, as siblings in the same parent) is one layer,
+      probed after the activation; without an activation, at the module
+      itself (so the output layer, a last linear, is always one);
+    - a block, that is a module with modules of its own, repeated in a
+      Sequential/ModuleList/ModuleDict (a ResNet Bottleneck in `layer3`, a
+      ViT encoder block in `encoder.layers`), is probed at its output and
+      not looked into (a lone module in one, such as a whole backbone in a
+      Sequential, is looked into);
+    - other containers (Sequential stems and heads, custom wrappers) are looked into.
+    """
+    points: list[tuple[str, str | None]] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        children = list(module.named_children())
+        i = 0
+        while i < len(children):
+            name, child = children[i]
+            path = f"{prefix}{name}"
+            if isinstance(module, STACKS) and not isinstance(child, STACKS) and any(True for _ in child.children()) \
+                    and sum(type(c) is type(child) for _, c in children) > 1:
+                points.append((path, None))  # a block of a stack: its output
+            elif any(True for _ in child.children()):
+                visit(child, path + ".")
+            elif isinstance(child, LINEAR_TYPES):
+                j = i + 1
+                if j < len(children) and isinstance(children[j][1], NORM_TYPES):
+                    j += 1
+                if j < len(children) and isinstance(children[j][1], ACTIVATION_TYPES):
+                    points.append((f"{prefix}{children[j][0]}", path))
+                    i = j
+                else:
+                    points.append((path, None))
+            i += 1
+
+    visit(model, "")
+    return points
+
+
+def layer_sources(model: nn.Module) -> dict[str, str]:
+    """Activation layer -> the conv/linear module it follows (by the default rule's pairing)."""
+    return {layer: source for layer, source in representations(model) if source is not None}
+
+
+def describe_layer(model: nn.Module, layer: str, shape: tuple[int, ...] | None) -> str:
+    """What a layer is, for its title: "Linear+ReLU 4096→4096", "Bottleneck 1024×14×14", "Conv2d 64×56×56"."""
+    modules = dict(model.named_modules())
+    module = modules.get(layer)
+    kind = type(module).__name__ if module is not None else "?"
+    source = modules.get(layer_sources(model).get(layer)) if layer in layer_sources(model) else None
+    if source is not None:
+        kind = f"{type(source).__name__}+{kind}"
+    linear = source if source is not None else module
+    if isinstance(linear, nn.Linear) and shape is not None and len(shape) == 1:
+        return f"{kind} {linear.in_features}→{linear.out_features}"
+    return f"{kind} {'×'.join(map(str, shape))}" if shape else kind
 
 
 def list_layers(model: nn.Module, example: torch.Tensor, model_name: str | None = None) -> list[LayerInfo]:
@@ -185,25 +249,28 @@ def list_layers(model: nn.Module, example: torch.Tensor, model_name: str | None 
     with Capture(model, [name for name, _ in modules], sink=lambda name, out: None, strict=False,
                  model_name=model_name) as capture, torch.inference_mode():
         capture(example)
-    infos = []
-    for name, m in modules:
-        shape, calls = capture.shapes.get(name), capture.calls[name]
-        infos.append(LayerInfo(name, type(m).__name__, shape, is_default_layer(m) and calls == 1 and bool(shape),
-                               calls))
-    return infos
+    infos = {name: LayerInfo(name, type(m).__name__, capture.shapes.get(name), False, capture.calls[name])
+             for name, m in modules}
+    defaults = set()
+    for name, source in representations(model):  # an activation the forward reuses: the module before it
+        pick = name if infos[name].probeable else source
+        if pick is not None and infos[pick].probeable:
+            defaults.add(pick)
+    return [dataclasses.replace(info, default=info.name in defaults) for info in infos.values()]
 
 
 def resolve_layers(model: nn.Module, requested, model_name: str = "model",
                    infos: list[LayerInfo] | None = None) -> list[str]:
-    """The layers to probe: those requested (checked), or by default every conv/linear/activation module that
-    runs once per forward (`infos` from `list_layers`; without them, every such module)."""
+    """The layers to probe: those requested (checked), or by default one point per representation
+    (`representations`) that gives a tensor once per forward (`infos` from `list_layers`; without them, all
+    the rule's points)."""
     modules = dict(model.named_modules())
     modules.pop("", None)
     if not requested:
         layers = ([info.name for info in infos if info.default] if infos is not None
-                  else [name for name, m in modules.items() if is_default_layer(m)])
+                  else [name for name, _ in representations(model)])
         if not layers:
-            raise AtlasError(f"model {model_name!r} has no conv, linear or activation modules to probe by default; "
+            raise AtlasError(f"model {model_name!r} has no conv, linear or block modules to probe by default; "
                              f"list layers = [...] in its [[models]] section (see `atlas layers CONFIG`)")
         return layers
     unknown = [name for name in requested if name not in modules]

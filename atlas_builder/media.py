@@ -1,8 +1,11 @@
 """Media: images encoded as WebP in the store's media folder.
 
 Owns the encodings (lossless for small images such as 8x8 digits, where it
-is also the smallest; quality 80 otherwise; animated WebP for feature-vis
-animations; a red/blue heatmap for weights) and the rule that each dataset
+is also the smallest; lossy otherwise, at qualities chosen for the size
+budget of about 30 KB per unit all-in: dataset images 80, the feature
+visualization that excites a unit 65, the one that inhibits it 50; animated
+WebP for feature-vis animations, at half size above 64 px; a red/blue
+heatmap for weights) and the rule that each dataset
 example's image is written once and referenced by id from every page. Does
 not decide which files are needed (the store and the stages say) and does
 not build pages.
@@ -23,14 +26,18 @@ from . import atomic
 from .sources import AtlasDataset
 
 LOSSLESS_MAX_PIXELS = 64 * 64  # at or below this size lossless WebP is both exact and tiny
+EXAMPLE_QUALITY = 80  # dataset images (stored once, shown on many pages)
+POSITIVE_QUALITY = 65  # the image that excites a unit: the unit page's main picture and its thumbnail
+NEGATIVE_QUALITY = 50  # the image that inhibits it
+ANIMATION_QUALITY = 50  # the optimization's frames, at half size (shown at the page's 160 px)
 
 
-def encode_webp(image: Image.Image) -> bytes:
+def encode_webp(image: Image.Image, quality: int = EXAMPLE_QUALITY) -> bytes:
     buf = io.BytesIO()
     if image.width * image.height <= LOSSLESS_MAX_PIXELS:
         image.save(buf, format="WEBP", lossless=True, quality=100, method=6)
     else:
-        image.save(buf, format="WEBP", quality=80, method=4)
+        image.save(buf, format="WEBP", quality=quality, method=4)
     return buf.getvalue()
 
 
@@ -62,12 +69,16 @@ def tensor_image(x: torch.Tensor) -> Image.Image:
 
 
 def encode_animation(frames: list[Image.Image], frame_ms: int = 120, hold_ms: int = 1500) -> bytes:
-    """An animated WebP that plays the frames once per loop and holds the last one."""
+    """An animated WebP that plays the frames once per loop and holds the last one (frames larger than
+    64 x 64 at half size: the final image is stored at full size beside it)."""
     buf = io.BytesIO()
     durations = [frame_ms] * (len(frames) - 1) + [hold_ms]
     small = frames[0].width * frames[0].height <= LOSSLESS_MAX_PIXELS
+    if not small:
+        half = (max(64, frames[0].width // 2), max(64, frames[0].height // 2))
+        frames = [f.resize(half, Image.Resampling.LANCZOS) for f in frames]
     frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], duration=durations, loop=0,
-                   lossless=small, quality=100 if small else 75, method=4 if small else 2)
+                   lossless=small, quality=100 if small else ANIMATION_QUALITY, method=4)
     return buf.getvalue()
 
 

@@ -13,6 +13,7 @@ Runs under `torch.inference_mode()`. Writes nothing: the caller hands the
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from contextlib import contextmanager, nullcontext
@@ -20,14 +21,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from .accumulators import (POSITION_SAMPLE, LayerAccumulator, TopKResult, sample_ids, unit_maps,
+from .accumulators import (POSITION_SAMPLE, LayerAccumulator, TopKResult, first_units, sample_ids, unit_maps,
                            unit_values)
 from .config import ScanSection
 from .errors import AtlasError
-from .hooks import Capture, LayerInfo
+from .hooks import Capture, LayerInfo, describe_layer
 from .sources import AtlasDataset, LoadedModel
 
 
@@ -43,6 +45,8 @@ class LayerScan:
     hist_hi: np.ndarray  # [U] right edge of the last bin
     class_means: np.ndarray  # [U, C]
     sample: np.ndarray  # [S, U] float16 activations of the sampled examples
+    title: str = ""  # what the layer is: "Conv2d+ReLU 64×112×112", "Bottleneck 1024×14×14"
+    nonlinearity: str = "raw"  # the family its health was judged by (see `Nonlinearity`)
 
 
 @dataclass
@@ -57,6 +61,74 @@ class ModelScan:
     accuracy: float | None = None  # on labelled examples whose label is a valid class index
     sample_ids: np.ndarray | None = None  # [S] example ids of the sample rows
     inputs: "InputActivations | None" = None  # the input pages' most active units per layer
+
+
+# --- health follows the layer's nonlinearity ---------------------------------------
+
+@dataclass(frozen=True)
+class Nonlinearity:
+    """What "dead" and "saturated" mean for the function a layer's values come out of.
+
+    - relu (ReLU, ReLU6, LeakyReLU, PReLU, ELU, SELU, CELU) and smooth
+      (GELU, SiLU, Mish, Hardswish, Softplus): active where the input of the
+      function is positive; dead = never active on any position of any
+      input; saturated (always on, so the unit is linear) = active on at
+      least `scan.saturated_fraction` of the positions of the inputs, or not
+      dead but constant;
+    - sigmoid (Sigmoid, Hardsigmoid) and tanh (Tanh, Hardtanh): saturated =
+      pinned in the tails (within 0.02 of 0 or 1, of -1 or 1) on at least
+      `saturated_fraction` of the positions; dead = constant otherwise;
+    - raw (conv, linear, norm and block outputs): dead = constant; never
+      saturated. A block whose values are never negative (a ResNet block
+      ends in a ReLU) is judged as relu.
+    Constant: std <= 1e-6 * (1 + |mean|) over the inputs.
+    """
+    family: str  # relu | smooth | sigmoid | tanh | raw
+    threshold: float  # active above this value
+    tails: tuple[float, float] | None = None  # squashing functions: pinned at or beyond (low, high)
+
+
+RELU_TYPES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU)
+SMOOTH_TYPES = (nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish)
+TAIL = 0.02  # within this of a squashing function's bound is pinned
+
+
+def nonlinearity(module: nn.Module | None, threshold: float = 0.0) -> Nonlinearity:
+    """The health rule of a layer whose module is `module`; `threshold` (scan.active_threshold) for the
+    relu-like and raw families."""
+    if isinstance(module, RELU_TYPES):
+        return Nonlinearity("relu", threshold)
+    if isinstance(module, SMOOTH_TYPES):
+        return Nonlinearity("smooth", threshold)
+    if isinstance(module, nn.Softplus):  # softplus(x) > log(2) / beta exactly where x > 0
+        return Nonlinearity("smooth", math.log(2) / module.beta)
+    if isinstance(module, (nn.Sigmoid, nn.Hardsigmoid)):
+        return Nonlinearity("sigmoid", 0.5, (TAIL, 1 - TAIL))
+    if isinstance(module, nn.Hardtanh):  # before Tanh's check: ReLU6 is a Hardtanh too, caught above
+        lo, hi = float(module.min_val), float(module.max_val)
+        return Nonlinearity("tanh", (lo + hi) / 2, (lo + TAIL * (hi - lo) / 2, hi - TAIL * (hi - lo) / 2))
+    if isinstance(module, nn.Tanh):
+        return Nonlinearity("tanh", 0.0, (-1 + TAIL, 1 - TAIL))
+    return Nonlinearity("raw", threshold)
+
+
+def health(stats: dict[str, np.ndarray], rule: Nonlinearity, saturated_fraction: float):
+    """(dead, saturated, the family judged by) of every unit, from its finalized statistics."""
+    family = rule.family
+    finite_min = stats["min"][np.isfinite(stats["min"])]
+    if family == "raw" and len(finite_min) and finite_min.min() >= 0:
+        family = "relu"  # never negative: the output of a ReLU (a ResNet block's last op)
+    constant = stats["std"] <= 1e-6 * (1 + np.abs(np.nan_to_num(stats["mean"])))
+    seen = stats["count"] > 0
+    if family in ("relu", "smooth"):
+        dead = stats["frac_active"] == 0
+        saturated = ~dead & ((stats["position_activity"] >= saturated_fraction) | constant)
+    elif family in ("sigmoid", "tanh"):
+        saturated = seen & (stats["tail_activity"] >= saturated_fraction)
+        dead = seen & constant & ~saturated
+    else:
+        dead, saturated = seen & constant, np.zeros(len(constant), dtype=bool)
+    return dead, saturated, family
 
 
 # --- what a unit page shows -------------------------------------------------------
@@ -124,15 +196,13 @@ def redundancy(sample) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.inference_mode()
-def summarize(info: LayerInfo, acc: LayerAccumulator, cfg: ScanSection, class_names: tuple[str, ...]) -> LayerScan:
+def summarize(info: LayerInfo, acc: LayerAccumulator, cfg: ScanSection, class_names: tuple[str, ...],
+              rule: Nonlinearity | None = None, title: str = "") -> LayerScan:
     """Finalize a layer's accumulators into statistics, health flags and labels.
 
     Health flags (thresholds from [scan]):
-    - dead: never active (no example where the activation exceeds
-      `active_threshold`);
-    - saturated (always on): active on at least `saturated_fraction` of the
-      positions of every input (of every input, for flat layers), or not dead
-      but constant (std <= 1e-6 * (1 + |mean|));
+    - dead and saturated: as the layer's nonlinearity defines them (`Nonlinearity`;
+      activity over positions of conv and token units, not each input's max);
     - redundant: Pearson correlation with another unit of the same layer of
       at least `redundant_correlation` over the sample (the partner is named);
     - non-finite: some activations were NaN or Inf (counted, left out of the
@@ -150,9 +220,8 @@ def summarize(info: LayerInfo, acc: LayerAccumulator, cfg: ScanSection, class_na
     selectivity, top_class = class_selectivity(class_means)
     partner, corr = redundancy(acc.sample.matrix)
     counts, lo, hi = histogram(acc.sample.matrix, cfg.histogram_bins)
-    dead = stats["frac_active"] == 0
-    constant = stats["std"] <= 1e-6 * (1 + np.abs(np.nan_to_num(stats["mean"])))
-    saturated = ~dead & ((stats["position_activity"] >= cfg.saturated_fraction) | constant)
+    dead, saturated, family = health(stats, rule or Nonlinearity("relu", cfg.active_threshold),
+                                     cfg.saturated_fraction)
     redundant = np.nan_to_num(corr, nan=-np.inf) >= cfg.redundant_correlation
     stats.update(selectivity=selectivity, top_class=top_class, dead=dead, saturated=saturated,
                  redundant=redundant, redundant_with=np.where(redundant, partner, -1),
@@ -172,7 +241,7 @@ def summarize(info: LayerInfo, acc: LayerAccumulator, cfg: ScanSection, class_na
         else:
             labels.append("feature-selective (broad)")
     return LayerScan(info, acc.top.finalize(), acc.bottom.finalize(), stats, labels, counts, lo, hi,
-                     class_means, acc.sample.finalize())
+                     class_means, acc.sample.finalize(), title, family)
 
 
 # --- input pages --------------------------------------------------------------------
@@ -195,8 +264,9 @@ def input_examples(n_examples: int, count: int, seed: int) -> np.ndarray:
 
 
 def input_activations(net: torch.nn.Module, dataset: AtlasDataset, layers: list[str], examples: np.ndarray,
-                      reduce: str, device: torch.device, top: int = INPUT_UNITS) -> InputActivations:
-    """A second, small pass over `examples`: per layer the `top` units with the highest activation on each."""
+                      reduce: str, device: torch.device, top: int = INPUT_UNITS, limit: int = 0) -> InputActivations:
+    """A second, small pass over `examples`: per layer the `top` units with the highest activation on each
+    (of its first `limit` units; 0: all)."""
     units, values, maps = {}, {}, {}
     outputs: dict[str, torch.Tensor] = {}
     if len(examples):
@@ -209,7 +279,7 @@ def input_activations(net: torch.nn.Module, dataset: AtlasDataset, layers: list[
             units[name] = np.zeros((len(examples), 0), np.int64)
             values[name], maps[name] = np.zeros((len(examples), 0), np.float32), None
             continue
-        out = outputs[name].float().cpu()
+        out = first_units(outputs[name], limit).float().cpu()
         reduced = unit_values(out, reduce)
         finite = torch.where(torch.isfinite(reduced), reduced, -torch.inf)
         best = torch.argsort(finite, dim=1, descending=True, stable=True)[:, :top]  # ties to the lower unit
@@ -283,12 +353,13 @@ def shard_range(n_examples: int, rank: int, world: int) -> tuple[int, int]:
 
 def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg: ScanSection, device: torch.device,
               seed: int = 0, start: int = 0, stop: int | None = None, progress: bool = True,
-              workers: int = 0) -> ScanPart:
+              workers: int = 0, units: int = 0) -> ScanPart:
     """Stream examples [start, stop) through the model once, feeding every layer's accumulators.
 
     Example ids are global (a shard's top-k, sample rows and tie-breaks are
     those of the whole dataset), so parts of one dataset merge into exactly
-    what one pass gives. The accumulators stay on `device`.
+    what one pass gives. The accumulators stay on `device`. units: only each
+    layer's first that many units (0: all).
     """
     began = time.perf_counter()
     stop = len(dataset) if stop is None else stop
@@ -304,15 +375,19 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
     accs: dict[str, LayerAccumulator] = {}
     if stop > start:  # one example's forward gives every layer's output shape: the state is allocated first
         outputs = {}
-        with Capture(net, layers, sink=lambda name, out: outputs.__setitem__(name, (out.shape[1:], out.dtype)),
-                     model_name=model.name) as capture, torch.inference_mode(), autocast:
+        with Capture(net, layers, sink=lambda name, out: outputs.__setitem__(
+                name, (first_units(out, units).shape[1:], out.dtype)), model_name=model.name) as capture, \
+                torch.inference_mode(), autocast:
             capture(torch.as_tensor(data[0][0])[None].to(device))
+        modules = dict(net.named_modules())
+        rules = {name: nonlinearity(modules[name], cfg.active_threshold) for name in layers}
         accs = {name: LayerAccumulator(tuple(outputs[name][0]), cfg.top_k, n_classes, sample, activity, device,
-                                       cfg.reduce, cfg.active_threshold, outputs[name][1]) for name in layers}
+                                       cfg.reduce, rules[name].threshold, outputs[name][1], rules[name].tails)
+                for name in layers}
     batch = {"first": start, "labels": None, "bytes": 0}  # what the sink needs to know of the batch in flight
 
     def sink(name: str, output: torch.Tensor) -> None:
-        batch["bytes"] += accs[name].update(output, batch["first"], batch["labels"])
+        batch["bytes"] += accs[name].update(first_units(output, units), batch["first"], batch["labels"])
 
     label_batches, predicted, confidence = [], [], []
     with Capture(net, layers, sink=sink, model_name=model.name) as capture, torch.inference_mode(), \
@@ -343,18 +418,23 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
 
 
 def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg: ScanSection,
-                part: ScanPart, device: torch.device, seed: int = 0, input_pages: int = 0) -> ModelScan:
+                part: ScanPart, device: torch.device, seed: int = 0, input_pages: int = 0,
+                units: int = 0) -> ModelScan:
     """Summarize a whole-dataset part into what the store keeps (and the input pages' second small pass)."""
     start = time.perf_counter()
     if (part.start, part.stop) != (0, len(dataset)):
         raise ValueError(f"finish_scan needs the whole dataset, got examples [{part.start}, {part.stop})")
     modules = dict(model.module.named_modules())
-    result_layers = [summarize(LayerInfo(name, type(modules[name]).__name__, part.shapes[name], True),
-                               part.accs[name], cfg, dataset.class_names) for name in layers if name in part.accs]
+    result_layers = [summarize(LayerInfo(name, type(modules[name]).__name__, part.accs[name].shape, True),
+                               part.accs[name], cfg, dataset.class_names,
+                               nonlinearity(modules[name], cfg.active_threshold),
+                               describe_layer(model.module, name, part.shapes[name]))
+                     for name in layers if name in part.accs]
     inputs = None
     if input_pages:
         inputs = input_activations(model.module.to(device), dataset, layers,
-                                   input_examples(len(dataset), input_pages, seed), cfg.reduce, device)
+                                   input_examples(len(dataset), input_pages, seed), cfg.reduce, device,
+                                   limit=units)
         model.module.to("cpu")
     labels = part.labels.numpy().astype(np.int64)
     pred = part.predicted.numpy() if part.predicted is not None else None
@@ -369,14 +449,15 @@ def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cf
 
 
 def scan_model(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg: ScanSection,
-               device: torch.device, seed: int = 0, progress: bool = True, input_pages: int = 0) -> ModelScan:
+               device: torch.device, seed: int = 0, progress: bool = True, input_pages: int = 0,
+               units: int = 0) -> ModelScan:
     """Stream the dataset through the model once and summarize every unit of `layers`.
 
     input_pages: how many inputs (a seeded sample) get their layers' most
     active units recorded, by a second pass over just those.
     """
-    part = scan_part(model, dataset, layers, cfg, device, seed, progress=progress)
+    part = scan_part(model, dataset, layers, cfg, device, seed, progress=progress, units=units)
     try:
-        return finish_scan(model, dataset, layers, cfg, part, device, seed, input_pages)
+        return finish_scan(model, dataset, layers, cfg, part, device, seed, input_pages, units)
     finally:
         model.module.to("cpu")

@@ -67,6 +67,9 @@ def load_model(section: ModelSection, cfg: AtlasConfig) -> LoadedModel:
         info.update(record)
     elif section.kind == "torchvision":
         module = _torchvision_model(section)
+        classes = weights_classes(section)
+        if classes:
+            info["classes"] = classes  # the names of the output units, for predictions and unit titles
     else:
         module = _call_factory(section.source, "model", f"models[{section.name}].source")
         if not isinstance(module, nn.Module):
@@ -78,6 +81,17 @@ def load_model(section: ModelSection, cfg: AtlasConfig) -> LoadedModel:
     module.eval()
     info["parameters"] = sum(p.numel() for p in module.parameters())
     return LoadedModel(section, module, model_fingerprint(module), info)
+
+
+def weights_classes(section: ModelSection) -> list[str]:
+    """The class names of a torchvision model's weights (`meta["categories"]`, e.g. ImageNet's 1,000), or []
+    without weights. Needs no download: the names are part of torchvision's code."""
+    import torchvision
+
+    if not section.weights:
+        return []
+    enum = torchvision.models.get_model_weights(section.target)
+    return list(enum.verify(section.weights).meta.get("categories") or [])
 
 
 def _torchvision_model(section: ModelSection) -> nn.Module:

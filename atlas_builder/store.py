@@ -60,6 +60,11 @@ CREATE TABLE IF NOT EXISTS neighbours (
 -- first-layer units: their weights drawn as a heatmap (excitatory red, inhibitory blue)
 CREATE TABLE IF NOT EXISTS weights (model VARCHAR, layer VARCHAR, unit INTEGER, image VARCHAR,
     PRIMARY KEY (model, layer, unit));
+ALTER TABLE layers ADD COLUMN IF NOT EXISTS title VARCHAR DEFAULT '';  -- added after the first stores
+-- the fingerprint of the inputs of the layer's scan (a build scans only the layers without a current one)
+ALTER TABLE layers ADD COLUMN IF NOT EXISTS fingerprint VARCHAR DEFAULT '';
+-- the fingerprint of the inputs each unit's images were made from (a build resumes at the first unit without)
+ALTER TABLE featurevis ADD COLUMN IF NOT EXISTS fingerprint VARCHAR DEFAULT '';
 CREATE TABLE IF NOT EXISTS classes (label INTEGER PRIMARY KEY, name VARCHAR);
 CREATE TABLE IF NOT EXISTS examples (example INTEGER PRIMARY KEY, label INTEGER);
 CREATE TABLE IF NOT EXISTS predictions (model VARCHAR, example INTEGER, predicted INTEGER, confidence DOUBLE);
@@ -69,6 +74,7 @@ CREATE TABLE IF NOT EXISTS input_units (
 """
 
 MODEL_TABLES = ("layers", "units", "topk", "predictions", "samples", "sample_examples", "input_units")  # the scan's
+LAYER_TABLES = ("layers", "units", "topk", "samples", "input_units")  # ... of which these have rows per layer
 FEATUREVIS_TABLES = ("featurevis", "weights")
 EMBED_TABLES = ("map_points", "maps", "neighbours")  # rows replaced when a model is re-scanned
 
@@ -94,6 +100,7 @@ class LayerRecord:
     shape: tuple[int, ...]
     n_units: int
     spatial: tuple[int, int] | None  # (H, W) grid the positions index, None for flat outputs
+    title: str = ""  # what it is: "Conv2d+ReLU 64×112×112", "Linear 2048→1000" ("" in stores before titles)
 
 
 @dataclass(frozen=True)
@@ -257,18 +264,50 @@ class Store:
                 self.con.execute("DELETE FROM stages WHERE stage IN (?, ?, ?)",
                                  [f"scan:{model}", f"featurevis:{model}", f"embed:{model}"])
 
-    def write_scan(self, scan, fingerprint: str) -> None:
-        """All rows of one model's scan (a scan.ModelScan), replacing its previous ones."""
+    def layer_fingerprints(self, model: str) -> dict[str, str]:
+        """layer -> the fingerprint of its stored scan."""
+        return dict(self.con.execute("SELECT layer, fingerprint FROM layers WHERE model = ?", [model]).fetchall())
+
+    def keep_layers(self, model: str, layers: list[str], fingerprint: str) -> None:
+        """Drop the scan rows of a model's layers not in `layers` (no longer probed); the rest take their
+        places in that order."""
+        with self._transaction():
+            for table in LAYER_TABLES:
+                self.con.execute(f"DELETE FROM {table} WHERE model = ? AND NOT list_contains(?, layer)",
+                                 [model, list(layers)])
+            for position, name in enumerate(layers):
+                self.con.execute("UPDATE layers SET position = ? WHERE model = ? AND layer = ?", [position, model, name])
+            self._mark_stage(f"scan:{model}", fingerprint, 0.0)
+
+    def write_scan(self, scan, fingerprint: str, layers: list[str] | None = None,
+                   fingerprints: dict[str, str] | None = None) -> None:
+        """The rows of one model's scan (a scan.ModelScan), replacing its previous ones.
+
+        layers: every layer the model now has, in order (default: the scan's);
+        rows of the layers the scan did not cover are kept (scanned before, with
+        the same inputs), those of layers not listed are dropped. fingerprints:
+        {layer: fingerprint of its scan's inputs}.
+        """
         model = scan.model
+        scanned = [layer.info.name for layer in scan.layers]
+        layers = list(layers) if layers is not None else scanned
+        fingerprints = fingerprints or {}
         with self._transaction():
             for table in MODEL_TABLES:
-                self.con.execute(f"DELETE FROM {table} WHERE model = ?", [model])
-            for position, layer in enumerate(scan.layers):
+                if table in LAYER_TABLES:
+                    self.con.execute(f"DELETE FROM {table} WHERE model = ? AND (list_contains(?, layer) OR NOT "
+                                     f"list_contains(?, layer))", [model, scanned, layers])
+                else:
+                    self.con.execute(f"DELETE FROM {table} WHERE model = ?", [model])
+            for position, name in enumerate(layers):  # the kept layers take their new places
+                self.con.execute("UPDATE layers SET position = ? WHERE model = ? AND layer = ?", [position, model, name])
+            for layer in scan.layers:
                 info = layer.info
                 spatial = info.spatial or (0, 0)
-                self.con.execute("INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [
-                    model, info.name, position, info.module_type, json.dumps(list(info.shape)),
-                    info.n_units, spatial[0], spatial[1]])
+                self.con.execute("INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
+                    model, info.name, layers.index(info.name), info.module_type, json.dumps(list(info.shape)),
+                    info.n_units, spatial[0], spatial[1], getattr(layer, "title", ""),
+                    fingerprints.get(info.name, "")])
                 self._write_units(model, info.name, layer)
                 for kind, top in (("top", layer.top), ("bottom", layer.bottom)):
                     self._write_topk(model, info.name, kind, top)
@@ -301,21 +340,47 @@ class Store:
         if rows:
             self.con.executemany("INSERT INTO input_units VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def write_featurevis(self, model: str, rows: list[tuple], weights: list[tuple], fingerprint: str,
-                         seconds: float) -> None:
-        """All feature-vis rows of a model, replacing its previous ones.
+    def keep_featurevis(self, model: str, fingerprints: dict[str, str]) -> list[str]:
+        """Forget a model's feature-vis rows of layers not in `fingerprints` ({layer: fingerprint}) or made
+        from other inputs; returns the layers that had rows and are no longer listed (their media can go)."""
+        with self._transaction():
+            had = {r[0] for r in self.con.execute("SELECT DISTINCT layer FROM featurevis WHERE model = ?",
+                                                  [model]).fetchall()}
+            for layer, fp in [(l, None) for l in had if l not in fingerprints] + list(fingerprints.items()):
+                self.con.execute("DELETE FROM featurevis WHERE model = ? AND layer = ? AND "
+                                 "(? IS NULL OR fingerprint IS DISTINCT FROM ?)", [model, layer, fp, fp])
+            self.con.execute("DELETE FROM weights WHERE model = ? AND NOT list_contains(?, layer)",
+                             [model, sorted(fingerprints)])
+            self.con.execute("DELETE FROM stages WHERE stage = ?", [f"featurevis:{model}"])
+        return sorted(had - set(fingerprints))
 
-        rows: (layer, unit, kind, activation, image, animation); weights: (layer, unit, image).
+    def featurevis_kinds(self, model: str, layer: str) -> dict[int, set[str]]:
+        """unit -> the kinds ('positive', 'negative') of feature visualization stored for it."""
+        out: dict[int, set[str]] = defaultdict(set)
+        for unit, kind in self.con.execute("SELECT unit, kind FROM featurevis WHERE model = ? AND layer = ?",
+                                           [model, layer]).fetchall():
+            out[unit].add(kind)
+        return dict(out)
+
+    def add_featurevis(self, model: str, rows: list[tuple], weights: list[tuple],
+                       fingerprints: dict[str, str]) -> None:
+        """Some units' feature-vis rows (a batch: kept if the build stops later), replacing theirs.
+
+        rows: (layer, unit, kind, activation, image, animation); weights: (layer, unit, image);
+        fingerprints: {layer: the fingerprint of the inputs its images come from}.
         """
         with self._transaction():
-            for table in FEATUREVIS_TABLES:
-                self.con.execute(f"DELETE FROM {table} WHERE model = ?", [model])
             if rows:
-                self.con.executemany("INSERT INTO featurevis VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                     [(model, *r) for r in rows])
+                self.con.executemany("INSERT OR REPLACE INTO featurevis VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                     [(model, *r, fingerprints[r[0]]) for r in rows])
             if weights:
-                self.con.executemany("INSERT INTO weights VALUES (?, ?, ?, ?)", [(model, *w) for w in weights])
-            self._mark_stage(f"featurevis:{model}", fingerprint, seconds)
+                self.con.executemany("INSERT OR REPLACE INTO weights VALUES (?, ?, ?, ?)",
+                                     [(model, *w) for w in weights])
+
+    def mark_stage(self, stage: str, fingerprint: str, seconds: float) -> None:
+        """Record that a stage made of separately written parts (feature vis) is complete."""
+        with self._transaction():
+            self._mark_stage(stage, fingerprint, seconds)
 
     def write_embedding(self, model: str, emb, sample_ids: np.ndarray, fingerprint: str) -> None:
         """An embed.ModelEmbedding of a model, replacing the previous one."""
@@ -439,7 +504,7 @@ class Store:
     def layers(self, model: str) -> list[LayerRecord]:
         rows = self.con.execute("SELECT * FROM layers WHERE model = ? ORDER BY position", [model]).fetchall()
         return [LayerRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), r[5],
-                            (r[6], r[7]) if r[6] else None) for r in rows]
+                            (r[6], r[7]) if r[6] else None, (r[8] if len(r) > 8 else "") or "") for r in rows]
 
     def units(self, model: str, layer: str) -> list[UnitRecord]:
         """Every unit of a layer with its statistics and top-/bottom-k examples, in unit order."""

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import atomic, featurevis as fv, media, urls
 from .config import FeatureVisSection
-from .hooks import LINEAR_TYPES
+from .hooks import LINEAR_TYPES, layer_sources
 from .sources import AtlasDataset, LoadedModel
 
 
@@ -64,21 +64,33 @@ def weight_maps(module: nn.Module, shape: tuple[int, int, int]) -> np.ndarray | 
     return None
 
 
-def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: FeatureVisSection, seed: int,
-        device: torch.device, media_dir: Path, progress: bool = True,
-        part: tuple[int, int] = (0, 1)) -> tuple[list[tuple], list[tuple], float]:
-    """Render every unit of `layers` ({name: n_units}); returns (featurevis rows, weight rows, seconds).
+def batches_of(layers: dict[str, int], batch_size: int) -> list[tuple[str, list[int]]]:
+    """Every layer's units in batches of `batch_size` on a fixed grid (0..b-1, b..2b-1, ...), so that a
+    resumed build renders exactly the batches an uninterrupted one would."""
+    return [(layer, list(range(first, min(first + batch_size, n_units))))
+            for layer, n_units in layers.items() for first in range(0, n_units, batch_size)]
 
+
+def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: FeatureVisSection, seed: int,
+        device: torch.device, media_dir: Path, progress: bool = True, part: tuple[int, int] = (0, 1),
+        done: dict[str, set[int]] | None = None, on_batch=None) -> tuple[list[tuple], list[tuple], float]:
+    """Render the units of `layers` ({name: n_units}); returns (featurevis rows, weight rows, seconds).
+
+    Batches whose every unit is in `done` ({layer: units}) are skipped (a
+    resumed or extended build). After each batch, `on_batch(rows, weights)`
+    gets its rows (the build writes them to the store at once, so a build
+    that is killed keeps them); the weight heatmaps come first.
     part = (rank, world): render only every world-th batch of units, from
     the rank-th (a sharded build; the batches, hence the images, are those of
-    a single process). Part 0 also draws the weight heatmaps. The caller
-    clears the model's previous images first (`clear`).
+    a single process). Part 0 also draws the weight heatmaps.
     """
     start = time.perf_counter()
     shape = input_shape(dataset, cfg)
     rows: list[tuple] = []
     weights: list[tuple] = []
     rank, world = part
+    done = done or {}
+    report = on_batch or (lambda batch_rows, batch_weights: None)
     if shape is None:
         return rows, weights, 0.0
     c, h, w = shape
@@ -91,13 +103,24 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
     transforms = (fv.standard_transforms if cfg.transforms == "standard" else fv.no_transforms)(h, w)
     objective = fv.channel if cfg.objective == "channel" else fv.neuron
     kinds = [("positive", 1.0)] + ([("negative", -1.0)] if cfg.negative else [])
-    batches = [(layer, list(range(first, min(first + cfg.batch_size, n_units))))
-               for layer, n_units in layers.items() for first in range(0, n_units, cfg.batch_size)]
-    mine = batches[rank::world]
+    todo = [(layer, units) for layer, units in batches_of(layers, cfg.batch_size)
+            if not set(units) <= done.get(layer, set())]
+    mine = todo[rank::world]
     bar = tqdm(total=sum(len(u) for _, u in mine) * len(kinds), desc=f"featurevis {model.name}", unit="unit",
                disable=not progress, leave=False)
     try:
+        input_layer = first_layer(net)  # probed itself, or by the activation after it (the same units)
+        probed = input_layer if input_layer in layers else next(
+            (layer for layer, source in layer_sources(net).items() if source == input_layer and layer in layers), None)
+        if probed is not None and rank == 0 and not set(range(layers[probed])) <= done.get(probed, set()):
+            maps = weight_maps(dict(net.named_modules())[input_layer], (c, h, w))
+            for unit in range(min(len(maps), layers[probed]) if maps is not None else 0):
+                path = urls.featurevis_media(model.name, probed, unit, "weights")
+                atomic.write_bytes(media_dir / path, media.encode_webp(media.weight_heatmap(maps[unit])))
+                weights.append((probed, unit, path))
+            report([], list(weights))
         for layer, units in mine:
+            batch_rows = []
             for kind, sign in kinds:
                 seeds = [derived_seed(seed, model.name, layer, u, kind) for u in units]
                 param = fv.FourierImage(len(units), c, h, w, seeds).to(device)
@@ -106,27 +129,25 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
                                    seed=derived_seed(seed, model.name, layer), n_frames=cfg.frames)
                 for i, unit in enumerate(units):
                     image = urls.featurevis_media(model.name, layer, unit, kind)
-                    atomic.write_bytes(media_dir / image, media.encode_webp(media.tensor_image(result.images[i])))
+                    quality = media.POSITIVE_QUALITY if kind == "positive" else media.NEGATIVE_QUALITY
+                    atomic.write_bytes(media_dir / image, media.encode_webp(media.tensor_image(result.images[i]),
+                                                                            quality))
                     animation = None
                     if kind == "positive":
                         animation = urls.featurevis_media(model.name, layer, unit, "animation")
                         frames = [media.tensor_image(f[i]) for f in result.frames]
                         atomic.write_bytes(media_dir / animation, media.encode_animation(frames))
-                    rows.append((layer, unit, kind, float(sign * result.activation[i]), image, animation))
+                    batch_rows.append((layer, unit, kind, float(sign * result.activation[i]), image, animation))
                 bar.update(len(units))
-        input_layer = first_layer(net)
-        if input_layer in layers and rank == 0:
-            maps = weight_maps(dict(net.named_modules())[input_layer], (c, h, w))
-            for unit in range(len(maps) if maps is not None else 0):
-                path = urls.featurevis_media(model.name, input_layer, unit, "weights")
-                atomic.write_bytes(media_dir / path, media.encode_webp(media.weight_heatmap(maps[unit])))
-                weights.append((input_layer, unit, path))
+            rows.extend(batch_rows)
+            report(batch_rows, [])
     finally:
         bar.close()
         net.to("cpu")
     return rows, weights, time.perf_counter() - start
 
 
-def clear(media_dir: Path, model: str) -> None:
-    """Remove a model's previous feature-vis images (before a run writes the new ones)."""
-    shutil.rmtree(media_dir / "fv" / model, ignore_errors=True)
+def clear(media_dir: Path, model: str, layer: str | None = None) -> None:
+    """Remove a model's feature-vis images (of one layer only, when given)."""
+    folder = media_dir / "fv" / model
+    shutil.rmtree(folder / layer if layer is not None else folder, ignore_errors=True)

@@ -116,7 +116,29 @@ class Pages:
                 "breadcrumbs": [{"text": text, "href": urls.rel(page, target)} for text, target in crumbs]}
 
     def label(self, label: int) -> str:
-        return self.class_names[label] if 0 <= label < len(self.class_names) else "?"
+        """A dataset label's name; its index where the dataset names none ("class 417")."""
+        if 0 <= label < len(self.class_names):
+            return self.class_names[label]
+        return f"class {label}" if label >= 0 else "unlabelled"
+
+    def output_names(self, m: ModelRecord) -> list[str]:
+        """The names of a model's output classes: its weights' categories, else the dataset's classes when
+        there are as many as outputs, else none."""
+        if m.info.get("classes"):
+            return list(m.info["classes"])
+        return list(self.class_names) if m.info.get("outputs") == len(self.class_names) else []
+
+    def predicted(self, m: ModelRecord, index: int) -> str:
+        """The name of a predicted class ("tiger"), or its index ("class 292") where none fits."""
+        names = self.output_names(m)
+        return names[index] if 0 <= index < len(names) else f"class {index}"
+
+    def unit_class(self, m: ModelRecord, layer: LayerRecord, unit: int) -> str | None:
+        """The class an output-layer unit stands for (its output index), None for other units."""
+        names = self.output_names(m)
+        if layer.layer != m.info.get("output_layer") or len(names) != m.info.get("outputs") or unit >= len(names):
+            return None
+        return names[unit]
 
     def home(self, models: list[ModelRecord], layers: dict[str, list[LayerRecord]], n_examples: int,
              dataset: str, featured: list[tuple[str, ModelRecord, UnitRecord, "VisualRecord | None"]] = (),
@@ -154,7 +176,7 @@ class Pages:
             pred = (predictions or {}).get(example)
             return {"x": x, "y": y, "colour": charts.class_colour(label),
                     "title": f"example {example}: label {self.label(label)}"
-                             + (f", predicted {self.label(pred[0])}" if pred else ""),
+                             + (f", predicted {self.predicted(m, pred[0])}" if pred else ""),
                     "thumb": urls.rel(page, urls.example_image(example))}
         facts = []
         if "test_accuracy" in m.info:
@@ -164,6 +186,7 @@ class Pages:
                 facts.append((key.replace("_", " ").capitalize(), str(m.info[key])))
         rows = [{"position": l.position, "name": l.layer, "href": urls.rel(page, urls.layer_page(m.model, l.layer)),
                  "module_type": l.module_type, "shape": shape_text(l.shape), "n_units": l.n_units,
+                 "kind": layer_kind(l), "kind_type": layer_kind(l).split(" ")[0],
                  **health_counts(units[l.layer])} for l in layers]
         heat_rows = [{"layer": l.layer, "href": urls.rel(page, urls.layer_page(m.model, l.layer)),
                       "units": [{"href": urls.rel(page, urls.unit_page(UnitId(m.model, l.layer, u.unit))),
@@ -203,7 +226,7 @@ class Pages:
             thumb = self.thumb(page, u, visuals.get(u.unit))
             cells.append({"unit": u.unit, "href": urls.rel(page, urls.unit_page(UnitId(m.model, layer.layer, u.unit))),
                           "thumb": thumb, "max": fmt(u.max), "mean": fmt(u.mean), "label": u.label,
-                          "flags": u.flags})
+                          "flags": u.flags, "class": self.unit_class(m, layer, u.unit)})
         prev, nxt = (None if n is None else {"text": n.layer, "href": urls.rel(page, urls.layer_page(m.model, n.layer))}
                      for n in neighbours)
         return {**self.common(page, [(m.title, urls.model_page(m.model)), (layer.layer, page)]),
@@ -211,7 +234,7 @@ class Pages:
                 "unit_map": map_views(unit_map, point),
                 "up": urls.rel(page, urls.model_page(m.model)),
                 "layer": {"name": layer.layer, "module_type": layer.module_type, "shape": shape_text(layer.shape),
-                          "n_units": layer.n_units, **health_counts(units)}}
+                          "kind": layer_kind(layer), "n_units": layer.n_units, **health_counts(units)}}
 
     def unit(self, m: ModelRecord, layer: LayerRecord, u: UnitRecord, n_units: int,
              predictions: dict[int, tuple[int, float]], vis: VisualRecord | None = None,
@@ -226,7 +249,7 @@ class Pages:
                 out.append({"example": t.example, "src": urls.rel(page, urls.example_image(t.example)),
                             "value": fmt(t.value), "value_raw": repr(float(t.value)),
                             "label": self.label(int(self.labels[t.example])),
-                            "predicted": self.label(pred[0]) if pred else None,
+                            "predicted": self.predicted(m, pred[0]) if pred else None,
                             "box": position_box(t.position, layer.spatial),
                             "heat": charts.heat_uri(t.map) if t.map is not None else None})
             return out
@@ -246,7 +269,8 @@ class Pages:
                  ("Top class", self.label(u.top_class) if u.top_class >= 0 else "—"),
                  ("Examples seen", f"{u.count:,}"), ("NaN/Inf activations", f"{u.nonfinite:,}")]
         permalink = urls.permalink(self.base_url, uid)
-        title = f"Unit {u.unit} of {layer.layer} in {m.title}"
+        cls = self.unit_class(m, layer, u.unit)
+        title = f"{layer.layer} {u.unit} · {cls}" if cls is not None else f"Unit {u.unit} of {layer.layer} in {m.title}"
         common = self.common(page, [(m.title, urls.model_page(m.model)),
                                     (layer.layer, urls.layer_page(m.model, layer.layer)), (str(u.unit), page)],
                              f"{u.label}; max {fmt(u.max)}, mean {fmt(u.mean)}, active on "
@@ -255,7 +279,8 @@ class Pages:
         return {**common,
                 "model_title": m.title, "cite": self.citation(uid, title, permalink),
                 "json_href": urls.rel(page, urls.unit_json(uid)),
-                "unit": {"id": str(uid), "unit": u.unit, "layer": layer.layer, "label": u.label, "flags": u.flags},
+                "unit": {"id": str(uid), "unit": u.unit, "layer": layer.layer, "label": u.label, "flags": u.flags,
+                         "kind": layer_kind(layer), "class": cls},
                 "stats": stats, "partner": partner,
                 "histogram": charts.histogram_svg(u.hist, u.hist_lo, u.hist_hi),
                 "class_bars": charts.class_bars_svg(u.class_means, self.class_names, u.top_class),
@@ -292,10 +317,10 @@ class Pages:
 
         def ranked(records):
             return [{"rank": t.rank, "example": t.example, "value": finite(t.value),
-                     "label": self.label(int(self.labels[t.example])), "position": t.position,
-                     "image": urls.rel(path, urls.example_image(t.example))} for t in records]
+                     "label": self.label(int(self.labels[t.example])), "position": t.position} for t in records]
         visual = visual_context(path, vis) or {}
         return {"id": str(uid), "model": m.model, "model_title": m.title, "layer": layer.layer,
+                "example_images": urls.rel(path, urls.example_image(0)).replace("/0.webp", "/{example}.webp"),
                 "module_type": layer.module_type, "unit": u.unit, "label": u.label, "flags": u.flags,
                 "permalink": urls.permalink(self.base_url, uid), "page": urls.rel(path, urls.unit_page(uid)),
                 "stats": {k: finite(getattr(u, k)) for k in ("count", "nonfinite", "mean", "std", "min", "max",
@@ -332,9 +357,9 @@ class Pages:
                                         "heat": charts.heat_uri(heat) if heat is not None else None}
                                        for unit, value, heat in units]})
             sections.append({"title": m.title, "href": urls.rel(page, urls.model_page(m.model)),
-                             "predicted": self.label(pred[0]) if pred else None,
+                             "predicted": self.predicted(m, pred[0]) if pred else None,
                              "confidence": charts.percent(pred[1]) if pred else None,
-                             "correct": bool(pred and self.label(pred[0]) == label), "layers": rows})
+                             "correct": bool(pred and self.predicted(m, pred[0]) == label), "layers": rows})
         prev, nxt = ({"text": f"input {e}", "href": urls.rel(page, urls.input_page(e))} if e is not None else None
                      for e in neighbours)
         image = urls.example_image(example)
@@ -348,10 +373,10 @@ class Pages:
         page = urls.INPUTS
         cells = []
         for e in examples:
-            preds = [(m.title, predictions.get(m.model, {}).get(e)) for m in models]
+            preds = [(m, predictions.get(m.model, {}).get(e)) for m in models]
             cells.append({"example": e, "href": urls.rel(page, urls.input_page(e)),
                           "src": urls.rel(page, urls.example_image(e)), "label": self.label(int(self.labels[e])),
-                          "predictions": [f"{title}: {self.label(p[0])}" for title, p in preds if p]})
+                          "predictions": [f"{m.title}: {self.predicted(m, p[0])}" for m, p in preds if p]})
         return {**self.common(page, [("Inputs", page)], "Sampled inputs and the units that answer them."),
                 "inputs": cells}
 
@@ -433,16 +458,16 @@ def visual_context(page: str, vis: VisualRecord | None) -> dict | None:
     return ctx
 
 
-MAX_POSITION_POINTS = 128  # larger layers: the unit page links to the layer's map instead of drawing it (page size)
+MAX_POSITION_POINTS = 512  # larger layers: the unit page links to the layer's map instead of drawing it (page size)
 
 
 def position_map(unit_map: dict | None, unit: int):
     """A small static UMAP of the layer with `unit` highlighted (no links, so it stays small)."""
     if not unit_map or len(unit_map["umap"]) > MAX_POSITION_POINTS:
         return None
-    return charts.scatter_svg([{"x": x, "y": y, "colour": "#e0312b" if p == unit else "#b8c2cc",
-                                "title": f"unit {p}", "highlight": p == unit} for _, p, x, y in unit_map["umap"]],
-                              "umap", size=220, radius=3.0)
+    points = unit_map["umap"]
+    return charts.dots_svg([(x, y) for _, _, x, y in points], next((i for i, (_, p, _, _) in enumerate(points)
+                                                                  if p == unit), -1), "umap")
 
 
 def unit_colour(u: UnitRecord) -> str:
@@ -474,6 +499,11 @@ def health_counts(units: list[UnitRecord]) -> dict[str, int]:
     return {"dead": sum(u.dead for u in units), "saturated": sum(u.saturated for u in units),
             "redundant": sum(u.redundant_with >= 0 for u in units),
             "nonfinite": sum(u.nonfinite > 0 for u in units)}
+
+
+def layer_kind(layer: LayerRecord) -> str:
+    """What a layer is, for titles: "Conv2d+ReLU 64×112×112" (its module type and shape in older stores)."""
+    return layer.title or f"{layer.module_type} {shape_text(layer.shape)}"
 
 
 def shape_text(shape: tuple[int, ...]) -> str:
@@ -517,6 +547,38 @@ def search_rows(units: list[tuple[ModelRecord, UnitRecord]], class_names: list[s
         rows.append([m.model, u.layer, u.unit, u.label, top, " ".join(u.flags), m.title,
                      urls.unit_dir(UnitId(m.model, u.layer, u.unit)) + "/index.html"])
     return rows
+
+
+def search_index(rows: list[list]) -> str:
+    """The search index as the site ships it (search-index.js): the rows of `search_rows`, columnar.
+
+    `window.ATLAS_SEARCH = {"models": [[model, title]...], "labels": [...], "classes": [...], "flags": [...],
+    "layers": [[model code, layer, layer folder, units, label codes, class codes, flag codes]...]};`
+    One entry of "layers" per run of consecutive rows of one layer; `units` is n when the run is units
+    0..n-1 (the usual case), else their list; the codes index the string tables. A unit's page is
+    `<layer folder>/<unit>/index.html` (static/search.js rebuilds the rows and their URLs), so ~30k units
+    take a few hundred KB instead of ~3 MB. Tables are in order of first use: same rows, same bytes.
+    """
+    tables: dict[str, dict] = {"models": {}, "labels": {}, "classes": {}, "flags": {}}
+    runs: list[list] = []
+    for model, layer, unit, label, top, flags, title, url in rows:
+        folder, unit_text, page = url.rsplit("/", 2)
+        if (unit_text, page) != (str(unit), "index.html"):
+            raise ValueError(f"search row of {model}/{layer}/{unit} has an unexpected url {url!r}")
+        m = tables["models"].setdefault((model, title), len(tables["models"]))
+        if not runs or runs[-1][:3] != [m, layer, folder]:
+            runs.append([m, layer, folder, [], [], [], []])
+        run = runs[-1]
+        run[3].append(unit)
+        for column, table, value in ((4, "labels", label), (5, "classes", top), (6, "flags", flags)):
+            run[column].append(tables[table].setdefault(value, len(tables[table])))
+    for run in runs:
+        if run[3] == list(range(len(run[3]))):
+            run[3] = len(run[3])
+    index = {"models": [list(key) for key in tables["models"]],
+             **{name: list(tables[name]) for name in ("labels", "classes", "flags")}, "layers": runs}
+    text = json.dumps(index, separators=(",", ":"), ensure_ascii=True).replace("<", "\\u003c")  # never "</script>"
+    return "window.ATLAS_SEARCH = " + text + ";\n"
 
 
 # --- building the site ---------------------------------------------------------
@@ -637,8 +699,7 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
     class_names = store.class_names()
 
     assets = {}
-    index = "window.ATLAS_SEARCH = " + json.dumps({"rows": search_rows(flat, class_names)},
-                                                  separators=(",", ":"), ensure_ascii=True) + ";\n"
+    index = search_index(search_rows(flat, class_names))
     for name, data in (("style.css", (TEMPLATES / "static" / "style.css").read_bytes()),
                        ("atlas.js", (TEMPLATES / "static" / "atlas.js").read_bytes()),
                        ("search.js", (TEMPLATES / "static" / "search.js").read_bytes()),

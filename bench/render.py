@@ -2,7 +2,7 @@
 
 A synthetic store is written first, with fixed seeds, entirely through the
 Store's public write API, in the order build.py uses (write_dataset,
-write_scan, write_model, write_featurevis, write_embedding, write_meta, then
+write_scan, write_model, add_featurevis, write_embedding, write_meta, then
 the example images with media.write_example_images), so every page is as full
 as in the demo:
 - one model, 10 classes, 500 examples (8x8 grey images, written as WebP media
@@ -238,7 +238,8 @@ def write_store(folder: Path, n_units: int, seed: int = 0) -> None:
             path = urls.featurevis_media(MODEL, first.name, unit, "weights")
             (store.media_dir / path).write_bytes(heat)
             weights.append((first.name, unit, path))
-        store.write_featurevis(MODEL, rows, weights, fp, 1.0)
+        store.add_featurevis(MODEL, rows, weights, {r[0]: fp for r in rows + weights})
+        store.mark_stage(f"featurevis:{MODEL}", fp, 1.0)
         note = "UMAP (n_neighbors=15, cosine)"
         emb = ModelEmbedding(
             units={"": fake_map(rng, n_units, note), **{i.name: fake_map(rng, i.n_units, note) for i in infos}},

@@ -21,9 +21,11 @@ TINY_MODELS = """
 [[models]]
 name = "tiny-cnn"
 source = "fixtures_models:tiny_cnn"
+layers = ["conv", "relu", "fc"]
 [[models]]
 name = "tiny-mlp"
 source = "fixtures_models:tiny_mlp"
+layers = ["fc1", "act", "fc2"]
 """  # the two tiny import-path models most test configs end with
 
 

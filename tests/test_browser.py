@@ -233,21 +233,21 @@ def test_click_from_home_to_model_layer_unit_and_back(page, server, units):
     assert h1(page) == titles["digits-cnn"]
     screenshot(page, "model")
 
-    click_through(page, page.locator("table.data tbody a").filter(has=page.locator("code", has_text=re.compile("^conv1$"))),
+    click_through(page, page.locator("table.data tbody a").filter(has=page.locator("code", has_text=re.compile("^relu1$"))),
                   server)
-    assert page.url == server.base + "digits-cnn/conv1/index.html"
-    n_units = sum(1 for (m, l, _) in units[0] if (m, l) == ("digits-cnn", "conv1"))
-    assert re.fullmatch(rf"conv1 Conv2d · .* · {n_units} units", h1(page)), h1(page)
+    assert page.url == server.base + "digits-cnn/relu1/index.html"
+    n_units = sum(1 for (m, l, _) in units[0] if (m, l) == ("digits-cnn", "relu1"))
+    assert re.fullmatch(rf"relu1 Conv2d\+ReLU 16×8×8 · {n_units} units", h1(page)), h1(page)
     assert page.locator("ul.unit-grid a").count() == n_units
 
     click_through(page, page.locator("ul.unit-grid a").nth(3), server)
-    assert page.url == server.base + "digits-cnn/conv1/3/index.html"
-    assert h1(page) == f"Unit 3 of conv1 in {titles['digits-cnn']}"
-    assert page.locator(".unit-label .label-text").inner_text() == units[0][("digits-cnn", "conv1", 3)]
+    assert page.url == server.base + "digits-cnn/relu1/3/index.html"
+    assert h1(page) == f"Unit 3 of relu1 (Conv2d+ReLU 16×8×8) in {titles['digits-cnn']}"
+    assert page.locator(".unit-label .label-text").inner_text() == units[0][("digits-cnn", "relu1", 3)]
 
     # and back out: the pager's "up" link, the breadcrumb to the model, the brand to home
     click_through(page, page.locator("nav.pager a[rel=up]"), server)
-    assert h1(page).startswith("conv1 ")
+    assert h1(page).startswith("relu1 ")
     click_through(page, page.locator("nav.crumbs a").first, server)
     assert h1(page) == titles["digits-cnn"]
     click_through(page, page.locator("a.brand"), server)
@@ -260,17 +260,17 @@ def test_images_load_on_home_layer_unit_and_input_pages(page, server):
     page.goto(server.base + "index.html")
     assert_images_load(page, at_least=1)  # featured units
 
-    page.goto(server.base + "digits-cnn/conv2/index.html")
+    page.goto(server.base + "digits-cnn/relu2/index.html")
     assert page.locator("ul.unit-grid img[loading=lazy]").count() == 32
     assert_images_load(page, at_least=32)
     screenshot(page, "layer")
 
-    page.goto(server.base + "digits-cnn/conv1/3/index.html")
+    page.goto(server.base + "digits-cnn/relu1/3/index.html")
     assert page.locator("img[src^='data:']").count() > 0  # the heat maps over the examples
     assert_images_load(page, at_least=18)  # top and bottom examples at least
     screenshot(page, "unit")
 
-    page.goto(server.base + "digits-mlp/fc1/7/index.html")
+    page.goto(server.base + "digits-mlp/relu1/7/index.html")
     assert_images_load(page, at_least=18)
 
     page.goto(server.base + "index.html")
@@ -316,19 +316,19 @@ def test_search_from_home_by_label_and_by_unit_id(page, server, units):
         has=page.locator("span.muted", has_text=re.compile(rf"— {re.escape(label)}$"))).first
     target = click_through(page, hit.locator("a"), server)
     assert target.removeprefix(server.base) in expected
-    assert h1(page).startswith("Unit ")
+    assert re.match(r"Unit \d+ |\S+ \d+ · ", h1(page)), h1(page)  # output units are titled by their class
     assert page.locator(".unit-label .label-text").inner_text() == label
 
     # a unit id in the search page's own box (the form runs the search in place, no reload)
     click_through(page, page.locator("nav.site-nav a", has_text="Search"), server)
-    page.locator("#search-input").fill("digits-cnn/conv1/3")
+    page.locator("#search-input").fill("digits-cnn/relu1/3")
     page.locator("#search-input").press("Enter")
     first = page.locator("#search-results a").first
-    expect(first).to_have_attribute("href", re.compile(r"(^|/)digits-cnn/conv1/3/index\.html$"))
-    expect(first).to_have_text(re.compile(r"· conv1 · unit 3$"))
+    expect(first).to_have_attribute("href", re.compile(r"(^|/)digits-cnn/relu1/3/index\.html$"))
+    expect(first).to_have_text(re.compile(r"· relu1 · unit 3$"))
     click_through(page, first, server)
-    assert page.url == server.base + "digits-cnn/conv1/3/index.html"
-    assert h1(page).startswith("Unit 3 of conv1")
+    assert page.url == server.base + "digits-cnn/relu1/3/index.html"
+    assert h1(page).startswith("Unit 3 of relu1")
 
 
 def _clickable_point(page, svg) -> int:
@@ -343,7 +343,7 @@ def _clickable_point(page, svg) -> int:
 
 
 def test_unit_map_points_open_their_units(page, server):
-    page.goto(server.base + "digits-cnn/conv2/index.html")
+    page.goto(server.base + "digits-cnn/relu2/index.html")
     switch = page.locator("#unit-map ~ .map-switch").first
     umap, pca = switch.locator("svg[data-method=umap]"), switch.locator("svg[data-method=pca]")
     expect(umap).to_be_visible()  # UMAP is the default view
@@ -363,19 +363,19 @@ def test_unit_map_points_open_their_units(page, server):
     unit = int(re.match(r"unit (\d+):", title).group(1))
 
     target = click_through(page, point, server)
-    assert target == server.base + f"digits-cnn/conv2/{unit}/index.html"
+    assert target == server.base + f"digits-cnn/relu2/{unit}/index.html"
     assert h1(page).startswith(f"Unit {unit} ")
 
     # the PCA view: its radio button swaps the maps, and its points open units too
     page.go_back()
-    page.wait_for_url(server.base + "digits-cnn/conv2/index.html")
+    page.wait_for_url(server.base + "digits-cnn/relu2/index.html")
     switch.locator("label", has_text="PCA").click()
     expect(pca).to_be_visible()
     expect(umap).to_be_hidden()
     pca.scroll_into_view_if_needed()
     point = pca.locator("a:has(circle)").nth(_clickable_point(page, pca))
     click_through(page, point, server)
-    assert re.match(r"Unit \d+ of conv2 in ", h1(page)), h1(page)
+    assert re.match(r"Unit \d+ of relu2 \(Conv2d\+ReLU 32×8×8\) in ", h1(page)), h1(page)
 
 
 def test_404_page_renders_and_its_links_work(page, server):

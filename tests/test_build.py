@@ -10,9 +10,9 @@ from atlas_builder.store import Store
 from conftest import REPO
 from sitecheck import broken_links, read_page
 
-DEMO_LAYERS = {  # every conv/linear/activation module of both demo models
-    "digits-mlp": {"fc1": 20, "relu1": 20, "fc2": 10},
-    "digits-cnn": {"conv1": 16, "relu1": 16, "conv2": 32, "relu2": 32, "fc": 10},
+DEMO_LAYERS = {  # the default rule: each conv/linear with its ReLU, probed after it, and the output layer
+    "digits-mlp": {"relu1": 20, "fc2": 10},
+    "digits-cnn": {"relu1": 16, "relu2": 32, "fc": 10},
 }
 
 
@@ -29,7 +29,7 @@ def test_demo_site_has_one_page_per_unit_of_every_layer(demo):
             pages = sorted(int(p.parent.name) for p in (site / model / layer).glob("*/index.html"))
             assert pages == list(range(n)), (model, layer)
     assert {p.parent.name for p in site.glob("*/index.html")} == set(DEMO_LAYERS) | {"inputs", "search", "about"}
-    assert report.units == sum(sum(v.values()) for v in DEMO_LAYERS.values()) == 156
+    assert report.units == sum(sum(v.values()) for v in DEMO_LAYERS.values()) == 88
     assert broken_links(site) == []
 
 
@@ -72,8 +72,10 @@ def test_cli_layers_lists_shapes(capsys):
     assert cli.main(["layers", str(REPO / "examples/demo.toml")]) == 0
     out = capsys.readouterr().out
     assert "digits-cnn:" in out and "digits-mlp:" in out
-    line = next(l for l in out.splitlines() if l.split()[:1] == ["conv2"])
-    assert "Conv2d" in line and "32×8×8" in line and "yes" in line
+    line = next(l for l in out.splitlines() if l.split()[:1] == ["relu2"])
+    assert "ReLU" in line and "32×8×8" in line and "yes" in line
+    conv = next(l for l in out.splitlines() if l.split()[:1] == ["conv2"])
+    assert "yes" not in conv  # one layer with its ReLU
     assert line.split()[-2] == "1"  # runs once per forward
 
 
@@ -86,8 +88,8 @@ def test_cli_layers_marks_a_module_the_forward_reuses(tmp_path, capsys):
     out = capsys.readouterr().out
     relu = next(l for l in out.splitlines() if l.split()[:1] == ["layer1.0.relu"])
     assert relu.split()[-1] == "2" and "yes" not in relu  # runs twice, not probed by default
-    conv = next(l for l in out.splitlines() if l.split()[:1] == ["layer1.0.conv1"])
-    assert conv.split()[-2:] == ["1", "yes"]
+    block = next(l for l in out.splitlines() if l.split()[:1] == ["layer1.0"])
+    assert block.split()[-2:] == ["1", "yes"]  # the block's output is
 
 
 def test_cli_unknown_layer_lists_valid_ones(tmp_path, capsys):

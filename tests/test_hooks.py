@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from atlas_builder.errors import AtlasError, ForwardError
-from atlas_builder.hooks import Capture, LayerInfo, list_layers, resolve_layers, unit_count
+from atlas_builder.hooks import (Capture, LayerInfo, describe_layer, layer_sources, list_layers, resolve_layers,
+                                 unit_count)
 
 import fixtures_models
 
@@ -162,7 +163,7 @@ def test_list_layers_counts_calls_and_reused_modules_are_no_default():
     layers = {layer.name: layer for layer in list_layers(model, batch(2, 4))}
     assert layers["block.relu"].calls == 2 and not layers["block.relu"].default
     assert not layers["block.relu"].probeable
-    assert layers["block.fc1"].calls == 1 and layers["block.fc1"].default
+    assert layers["block.fc1"].calls == 1 and layers["block.fc1"].default  # its ReLU is reused: the fc itself
     assert resolve_layers(model, (), "shared", list(layers.values())) == ["block.fc1", "block.fc2"]
     assert all_hooks(model) == 0
 
@@ -175,7 +176,7 @@ def test_list_layers_shapes_and_default_flags():
     assert all(isinstance(layer, LayerInfo) for layer in layers)
     table = {layer.name: (layer.module_type, layer.shape, layer.default) for layer in layers}
     assert table == {
-        "conv": ("Conv2d", (4, 8, 8), True),
+        "conv": ("Conv2d", (4, 8, 8), False),  # one layer with the ReLU after it, probed there
         "relu": ("ReLU", (4, 8, 8), True),
         "pool": ("AdaptiveAvgPool2d", (4, 2, 2), False),
         "flatten": ("Flatten", (16,), False),
@@ -193,7 +194,7 @@ def test_list_layers_tokens_and_non_tensor_outputs():
     layers = {layer.name: layer for layer in list_layers(token_model(), batch(2, 7, 5))}
     assert layers["proj"].shape == (7, 6)
     assert layers["proj"].n_units == 6 and layers["proj"].spatial == (1, 7)
-    assert layers["act"].default and not layers["norm"].default
+    assert layers["act"].default and not layers["norm"].default and not layers["proj"].default
     model = WithTuple()
     layers = {layer.name: layer for layer in list_layers(model, batch(3, 4))}
     assert layers["pair"].shape is None and not layers["pair"].probeable and layers["pair"].n_units == 0
@@ -224,11 +225,52 @@ def test_resolve_unknown_layer_lists_valid_names():
 
 
 def test_resolve_default_layers():
-    for model, x, expected in ((fixtures_models.tiny_cnn(), batch(1, 1, 8, 8), ["conv", "relu", "fc"]),
-                               (fixtures_models.tiny_mlp(), batch(1, 1, 8, 8), ["fc1", "act", "fc2"]),
-                               (token_model(), batch(1, 7, 5), ["proj", "act"])):
+    for model, x, expected in ((fixtures_models.tiny_cnn(), batch(1, 1, 8, 8), ["relu", "fc"]),
+                               (fixtures_models.tiny_mlp(), batch(1, 1, 8, 8), ["act", "fc2"]),
+                               (token_model(), batch(1, 7, 5), ["act"])):
         assert resolve_layers(model, (), "m", list_layers(model, x)) == expected
-        assert resolve_layers(model, ()) == expected  # without a forward: by module type alone
+        assert resolve_layers(model, ()) == expected  # without a forward: by module structure alone
+
+
+class Residual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)) + x)
+
+
+def test_default_rule_pairs_conv_norm_activation_and_probes_blocks_at_their_output():
+    model = nn.Sequential(OrderedDict([
+        ("stem", nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())),
+        ("blocks", nn.Sequential(Residual(4), Residual(4))),  # blocks of a stack: their outputs
+        ("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+        ("head", nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Dropout(), nn.Linear(8, 3)))]))
+    infos = list_layers(model.eval(), batch(2, 1, 6, 6))
+    assert resolve_layers(model, (), "m", infos) == ["stem.2", "blocks.0", "blocks.1", "head.1", "head.3"]
+    shapes = {i.name: i.shape for i in infos}
+    assert describe_layer(model, "stem.2", shapes["stem.2"]) == "Conv2d+ReLU 4×6×6"
+    assert describe_layer(model, "blocks.1", shapes["blocks.1"]) == "Residual 4×6×6"
+    assert describe_layer(model, "head.1", shapes["head.1"]) == "Linear+Sigmoid 4→8"
+    assert describe_layer(model, "head.3", shapes["head.3"]) == "Linear 8→3"
+    assert layer_sources(model) == {"stem.2": "stem.0", "head.1": "head.0"}
+
+
+def test_default_rule_on_torchvision_models():
+    """ResNet-50: the stem, its 16 bottlenecks and fc; VGG16: 13 conv ReLUs and the classifier's three."""
+    import torchvision
+
+    for name, n_layers, n_units in (("resnet50", 18, 16168), ("vgg16", 16, 13416)):
+        model = torchvision.models.get_model(name, weights=None).eval()
+        infos = list_layers(model, batch(1, 3, 64, 64))
+        layers = resolve_layers(model, (), name, infos)
+        by_name = {i.name: i for i in infos}
+        assert (len(layers), sum(by_name[l].n_units for l in layers)) == (n_layers, n_units), name
+    wrapped = nn.Sequential(nn.Identity(), model)  # a backbone inside a stack is looked into, not one block
+    assert resolve_layers(wrapped, (), "w", list_layers(wrapped, batch(1, 3, 64, 64))) == [f"1.{l}" for l in layers]
+    assert layers[:2] == ["features.1", "features.3"] and layers[-3:] == ["classifier.1", "classifier.4",
+                                                                         "classifier.6"]
 
 
 def test_resolve_requested_layers_keeps_order_without_duplicates():
@@ -239,7 +281,7 @@ def test_resolve_requested_layers_keeps_order_without_duplicates():
 
 def test_resolve_default_without_probeable_modules():
     model = nn.Sequential(nn.Flatten(), nn.Identity())
-    with pytest.raises(AtlasError, match="has no conv, linear or activation modules"):
+    with pytest.raises(AtlasError, match="has no conv, linear or block modules"):
         resolve_layers(model, (), "odd")
 
 

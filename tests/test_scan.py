@@ -507,3 +507,85 @@ class SometimesTwice(nn.Module):
 def test_scan_model_fails_when_a_layer_runs_twice_in_a_later_forward():
     with pytest.raises(AtlasError, match=r"layer 'act' of model 'tiny' runs more than once"):
         run_scan(fixtures_models.tiny_dataset(), layers=["conv", "act"], model=SometimesTwice())
+
+
+# --- health follows the nonlinearity ----------------------------------------------------------
+
+def planted_net(activation: nn.Module | None, dead_bias: float, saturated_bias: float) -> nn.Sequential:
+    """Linear(3 -> 3) then `activation`: unit 0 constant (weight 0, `dead_bias`), unit 1 pinned by a large
+    bias (`saturated_bias`, a tiny weight), unit 2 the input itself (healthy)."""
+    fc = nn.Linear(3, 3)
+    with torch.no_grad():
+        fc.weight.copy_(torch.tensor([[0.0, 0, 0], [0.01, 0, 0], [1.0, 0, 0]]))
+        fc.bias.copy_(torch.tensor([dead_bias, saturated_bias, 0.0]))
+    return nn.Sequential(OrderedDict([("fc", fc)] + ([("act", activation)] if activation is not None else [])))
+
+
+HEALTH_CASES = [  # activation, (dead bias, saturated bias), whether the planted saturated unit is flagged
+    (nn.ReLU(), (-1.0, 5.0), True), (nn.LeakyReLU(0.1), (-1.0, 5.0), True), (nn.GELU(), (-3.0, 5.0), True),
+    (nn.SiLU(), (-3.0, 5.0), True), (nn.Softplus(), (-5.0, 5.0), True), (nn.Sigmoid(), (0.0, 20.0), True),
+    (nn.Tanh(), (0.0, 20.0), True), (None, (3.0, 20.0), False),  # raw linear output: never saturated
+]
+
+
+@pytest.mark.parametrize("activation, biases, saturates", HEALTH_CASES,
+                         ids=[type(a).__name__ if a is not None else "raw" for a, _, _ in HEALTH_CASES])
+def test_planted_dead_saturated_and_healthy_units_behind_each_nonlinearity(activation, biases, saturates):
+    g = torch.Generator().manual_seed(90)
+    data = [(torch.randn(3, generator=g), i % 3) for i in range(120)]
+    net = planted_net(activation, *biases)
+    layer = "act" if activation is not None else "fc"
+    scan, _ = run_scan(data, layers=[layer], model=net)
+    s, labels = scan.layers[0].stats, scan.layers[0].labels
+    assert s["dead"].tolist() == [True, False, False] and labels[0] == "dead"
+    assert s["saturated"].tolist() == [False, saturates, False]
+    assert (labels[1] == "saturated") == saturates
+    assert labels[2] not in ("dead", "saturated")
+
+
+def test_sigmoid_mlp_hidden_units_are_mostly_healthy():
+    """The classic [784, 20, 10] sigmoid MLP (random weights): its hidden units are not all 'saturated'."""
+    torch.manual_seed(91)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 20), nn.Sigmoid(), nn.Linear(20, 10))
+    g = torch.Generator().manual_seed(92)
+    data = [(torch.rand(1, 28, 28, generator=g), i % 3) for i in range(64)]
+    scan, _ = run_scan(data, layers=["2"], model=net)
+    s = scan.layers[0].stats
+    assert scan.layers[0].nonlinearity == "sigmoid"
+    assert not s["saturated"].any() and not s["dead"].any()
+
+
+def test_conv_activity_is_judged_over_positions_not_each_inputs_max():
+    """A channel positive on half of every image's positions has a positive max on every image: healthy;
+    one positive on all of them is saturated (always on)."""
+    conv = nn.Conv2d(1, 2, 1)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.bias.copy_(torch.tensor([0.0, 10.0]))
+    net = nn.Sequential(OrderedDict([("conv", conv), ("relu", nn.ReLU())]))
+    g = torch.Generator().manual_seed(93)
+    data = [(torch.randn(1, 6, 6, generator=g), 0) for _ in range(40)]
+    scan, _ = run_scan(data, layers=["relu"], model=net)
+    s = scan.layers[0].stats
+    assert s["frac_active"].tolist() == [1.0, 1.0]  # each input's max is positive for both
+    assert 0.3 < s["position_activity"][0] < 0.7 and s["position_activity"][1] == 1.0
+    assert s["saturated"].tolist() == [False, True] and not s["dead"].any()
+
+
+class ReluBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + x)
+
+
+def test_a_block_that_ends_in_a_relu_is_judged_as_relu():
+    torch.manual_seed(94)
+    net = nn.Sequential(OrderedDict([("block", ReluBlock()), ("conv", nn.Conv2d(2, 2, 1))]))
+    g = torch.Generator().manual_seed(95)
+    scan, _ = run_scan([(torch.randn(1, 8, 8, generator=g), 0) for _ in range(30)], layers=["block", "conv"],
+                       model=net)
+    by_name = {layer.info.name: layer for layer in scan.layers}
+    assert by_name["block"].nonlinearity == "relu" and by_name["conv"].nonlinearity == "raw"

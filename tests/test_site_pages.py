@@ -17,6 +17,7 @@ from atlas_builder.errors import AtlasError
 from atlas_builder.ids import UnitId
 from atlas_builder.store import Store
 from conftest import TINY_MODELS, atlas_section, write_config
+from test_search_scale import decode
 from sitecheck import broken_links, read_page
 
 BASE = "https://example.org/atlas/"
@@ -117,7 +118,7 @@ def test_search_index_lists_every_unit_and_the_page_loads_it(built):
     index_files = [s for s in scripts if "search-index." in s]
     assert len(index_files) == 1 and any("search." in s and "index" not in s for s in scripts)
     text = (site / "search" / index_files[0]).resolve().read_text()
-    rows = json.loads(re.fullmatch(r"window\.ATLAS_SEARCH = (.*);\n", text, re.S).group(1))["rows"]
+    rows = decode(text)
     expected = {(m.model, l.layer, u.unit, u.label) for m, l, u in all_units(cfg)}
     assert {(r[0], r[1], r[2], r[3]) for r in rows} == expected
     for r in rows:  # each row's url is a unit page, relative to the site root
@@ -139,7 +140,8 @@ def test_unit_json_export_has_the_pages_numbers(built):
         assert data["histogram"]["counts"] == list(u.hist)
         assert data["permalink"] == f"{BASE}{uid.model}/{l.layer}/{u.unit}/"
         folder = (site / urls.unit_json(uid)).parent
-        for path in [t["image"] for t in data["top"]] + [v for k, v in data["featurevis"].items()
+        images = [data["example_images"].format(example=t["example"]) for t in data["top"]]  # one pattern
+        for path in images + [v for k, v in data["featurevis"].items()
                                                           if isinstance(v, str)] + [data["page"]]:
             assert (folder / path).resolve().is_file(), path
         page = read_page(site / urls.unit_page(uid))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -66,9 +67,10 @@ def test_unit_page_shows_top_examples_from_the_store(tiny_site):
     assert "Unit 2" in page.text and "tiny-cnn/conv/2" in page.text
     assert unit.label in page.text
     assert f"{unit.std:.3g}" in page.text and "Class-selectivity index" in page.text
-    # histogram: one bar per bin, titles carry the counts; class bars: one per class, top class highlighted
-    assert html.count('class="bar"') + html.count('class="bar top"') == 30 + 3
-    assert html.count('class="bar top"') == 1
+    # histogram: one path, a bar per non-empty bin; class bars: one per class, top class highlighted
+    bars = re.search(r'<path d="([^"]*)" class="bar">', html).group(1)
+    assert bars.count("M") == sum(1 for c in unit.hist if c) and bars.count("Z") == bars.count("M")
+    assert html.count('class="bar"') == 1 + 3 - 1 and html.count('class="bar top"') == 1
     mlp = read_page(site / "tiny-mlp/fc1/0/index.html")
     assert mlp.find("span", cls="where") == [] and mlp.find("img", cls="heat") == []  # flat outputs
 
@@ -268,3 +270,21 @@ def test_png_overlay_decodes_to_the_same_pixels():
     image = Image.open(io.BytesIO(png_rgba(rgba)))
     assert image.mode == "RGBA" and image.size == (7, 5)
     np.testing.assert_array_equal(np.asarray(image), rgba)
+
+
+def test_search_index_decodes_to_every_unit_and_its_page(tiny_site):
+    from test_search_scale import decode
+
+    cfg, _ = tiny_site
+    site = cfg.atlas.site_dir
+    scripts = [s["src"] for s in read_page(site / urls.SEARCH).find("script") if s.get("src")]
+    [index] = [s for s in scripts if "search-index." in s]
+    text = (site / "search" / index).resolve().read_text()
+    rows = decode(text)
+    with Store(cfg.store_dir, read_only=True) as store:
+        expected = [(m.model, l.layer, u.unit, u.label)
+                    for m in store.models() for l in store.layers(m.model) for u in store.units(m.model, l.layer)]
+    assert [tuple(r[:4]) for r in rows] == expected
+    for r in rows:  # each row's page, relative to the site root, is there
+        assert r[7] == urls.unit_page(UnitId(r[0], r[1], r[2])) and (site / r[7]).is_file()
+    assert '"layers":[[0,' in text and '"rows"' not in text  # columnar: one run per layer, not a row per unit

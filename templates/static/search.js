@@ -1,5 +1,10 @@
 // Neuron Atlas search: client-side, over window.ATLAS_SEARCH (written by the build as a script, so it
-// works from file:// and from any subpath). Rows: [model, layer, unit, label, top class, flags, model title, url].
+// works from file:// and from any subpath). The index is columnar (website.search_index): string tables
+// models [[model, title]], labels, classes, flags, and one run per layer,
+// [model code, layer, layer folder, units (n for 0..n-1, or their list), label codes, class codes, flag codes].
+// A unit's page is <layer folder>/<unit>/index.html from the site root.
+// Each query word is matched once per distinct string (per run, label, class, flag), then per unit by code,
+// so tens of thousands of units take a few milliseconds.
 (function () {
   var MAX = 200;
   var input = document.getElementById('search-input');
@@ -7,62 +12,114 @@
   var status = document.getElementById('search-status');
   var form = document.getElementById('search-form');
   if (!input || !list || !window.ATLAS_SEARCH) return;
-  var rows = window.ATLAS_SEARCH.rows;
+  var index = window.ATLAS_SEARCH;
   var root = (document.querySelector('a.brand') || {}).getAttribute ? document.querySelector('a.brand').getAttribute('href').replace(/index\.html$/, '') : '';
-  var hay = rows.map(function (r) {
-    return [r[0], r[1], String(r[2]), r[3], r[4], r[5], r[6]].join(' ').toLowerCase();
+  var lower = function (s) { return String(s).toLowerCase(); };
+  var labels = index.labels, classes = index.classes, flags = index.flags;
+  var labelsLow = labels.map(lower), classesLow = classes.map(lower), flagsLow = flags.map(lower);
+  var labelWords = labelsLow.map(function (l) { return l.split(/[^a-z0-9]+/); });
+  var total = 0;
+  var runs = index.layers.map(function (l) {
+    var model = index.models[l[0]], units = typeof l[3] === 'number' ? null : l[3];
+    var run = {model: model[0], title: model[1], layer: l[1], dir: l[2], units: units, n: units ? units.length : l[3],
+               label: l[4], cls: l[5], flag: l[6], first: total};
+    run.modelLow = lower(run.model); run.layerLow = lower(run.layer); run.titleLow = lower(run.title);
+    run.idPrefix = lower(run.model + '/' + run.layer + '/');
+    total += run.n;
+    return run;
   });
-  var words = rows.map(function (r) { return String(r[3]).toLowerCase().split(/[^a-z0-9]+/); });
   var FIELDS = {model: 0, layer: 1, unit: 2, label: 3, 'class': 4, flag: 5};
 
-  function score(i, tokens) {
-    var r = rows[i], total = 0;
-    for (var t = 0; t < tokens.length; t++) {
-      var tok = tokens[t], colon = tok.indexOf(':');
-      var field = colon > 0 ? tok.slice(0, colon) : null;
-      if (field !== null && FIELDS.hasOwnProperty(field)) {
-        var want = tok.slice(colon + 1), have = String(r[FIELDS[field]]).toLowerCase();
-        if (field === 'label' || field === 'flag' ? have.indexOf(want) < 0 : have !== want) return 0;
-        total += 3;
-        continue;
-      }
-      if (tok === (r[0] + '/' + r[1] + '/' + r[2]).toLowerCase()) { total += 100; continue; }
-      if (/^\d+$/.test(tok)) {  // a number is a unit index, a class, or a whole word of the label, never part of a title
-        var inLabel = words[i].indexOf(tok) >= 0;
-        if (String(r[2]) !== tok && String(r[4]).toLowerCase() !== tok && !inLabel) return 0;
-        total += 1 + (String(r[2]) === tok ? 3 : 0) + (String(r[4]).toLowerCase() === tok || inLabel ? 2 : 0);
-        continue;
-      }
-      if (hay[i].indexOf(tok) < 0) return 0;
-      total += 1;
-      if (String(r[2]) === tok) total += 3;
-      if (String(r[4]).toLowerCase() === tok) total += 2;
-      if (r[0].toLowerCase() === tok || r[1].toLowerCase() === tok) total += 2;
+  function has(table, test) { return table.map(test); }
+
+  // One query word as a scorer: scorer.run(run) gives f(k, unit) -> its score for the run's k-th unit, 0 if it
+  // does not match. Fields: model:, layer:, unit: and class: must be equal, label: and flag: contained (3 each);
+  // model/layer/unit opens that unit (100); a number is a unit index, a class, or a whole word of the label;
+  // any other word must occur in the model, layer, unit, label, class, flags or model title.
+  function scorer(tok) {
+    var colon = tok.indexOf(':');
+    var field = colon > 0 ? tok.slice(0, colon) : null;
+    if (field !== null && FIELDS.hasOwnProperty(field)) {
+      var want = tok.slice(colon + 1);
+      var ok = field === 'label' ? has(labelsLow, function (h) { return h.indexOf(want) >= 0; })
+        : field === 'flag' ? has(flagsLow, function (h) { return h.indexOf(want) >= 0; })
+        : field === 'class' ? has(classesLow, function (h) { return h === want; }) : null;
+      return {run: function (r) {
+        if (field === 'model' || field === 'layer') {
+          var pass = (field === 'model' ? r.modelLow : r.layerLow) === want ? 3 : 0;
+          return function () { return pass; };
+        }
+        if (field === 'unit') return function (k, u) { return String(u) === want ? 3 : 0; };
+        var codes = field === 'label' ? r.label : field === 'flag' ? r.flag : r.cls;
+        return function (k) { return ok[codes[k]] ? 3 : 0; };
+      }};
     }
-    return total;
+    var digits = /^\d+$/.test(tok);
+    var classEq = has(classesLow, function (h) { return h === tok; });
+    if (digits) {
+      var inLabel = has(labelWords, function (w) { return w.indexOf(tok) >= 0; });
+    } else {
+      var inLabelText = has(labelsLow, function (h) { return h.indexOf(tok) >= 0; });
+      var inClass = has(classesLow, function (h) { return h.indexOf(tok) >= 0; });
+      var inFlags = has(flagsLow, function (h) { return h.indexOf(tok) >= 0; });
+    }
+    return {run: function (r) {
+      // the unit's id: only where the word starts with this run's model/layer/
+      var idUnit = tok.indexOf(r.idPrefix) === 0 ? tok.slice(r.idPrefix.length) : null;
+      var rest;
+      if (digits) {
+        rest = function (k, u) {
+          var unitEq = String(u) === tok, word = inLabel[r.label[k]], cls = classEq[r.cls[k]];
+          if (!unitEq && !cls && !word) return 0;
+          return 1 + (unitEq ? 3 : 0) + (cls || word ? 2 : 0);
+        };
+      } else {
+        // (a word that is not all digits never equals, nor occurs in, a unit index)
+        var inRun = r.modelLow.indexOf(tok) >= 0 || r.layerLow.indexOf(tok) >= 0 || r.titleLow.indexOf(tok) >= 0;
+        var bonus = r.modelLow === tok || r.layerLow === tok ? 2 : 0;
+        rest = function (k) {
+          var c = r.cls[k];
+          if (!inRun && !inLabelText[r.label[k]] && !inClass[c] && !inFlags[r.flag[k]]) return 0;
+          return 1 + (classEq[c] ? 2 : 0) + bonus;
+        };
+      }
+      if (idUnit === null) return rest;
+      return function (k, u) { return String(u) === idUnit ? 100 : rest(k, u); };
+    }};
   }
 
   function run() {
     var q = input.value.trim().toLowerCase();
     list.innerHTML = '';
-    if (!q) { status.textContent = 'Type to search ' + rows.length + ' units.'; return; }
-    var tokens = q.split(/\s+/), hits = [];
-    for (var i = 0; i < rows.length; i++) {
-      var s = score(i, tokens);
-      if (s > 0) hits.push([s, i]);
-    }
+    if (!q) { status.textContent = 'Type to search ' + total + ' units.'; return; }
+    var scorers = q.split(/\s+/).map(scorer), hits = [];
+    runs.forEach(function (r, ri) {
+      var fs = scorers.map(function (s) { return s.run(r); });
+      for (var k = 0; k < r.n; k++) {
+        var u = r.units ? r.units[k] : k, s = 0;
+        for (var t = 0; t < fs.length; t++) {
+          var v = fs[t](k, u);
+          if (!v) { s = 0; break; }
+          s += v;
+        }
+        if (s > 0) hits.push([s, r.first + k, ri, k]);
+      }
+    });
     hits.sort(function (a, b) { return b[0] - a[0] || a[1] - b[1]; });
     status.textContent = hits.length === 0 ? 'No unit matches.' :
       hits.length + ' unit' + (hits.length === 1 ? '' : 's') + (hits.length > MAX ? ', showing the first ' + MAX : '') + '.';
+    var frag = document.createDocumentFragment();
     hits.slice(0, MAX).forEach(function (h) {
-      var r = rows[h[1]], li = document.createElement('li'), a = document.createElement('a');
-      a.href = root + r[7];
-      a.textContent = r[6] + ' · ' + r[1] + ' · unit ' + r[2];
+      var r = runs[h[2]], k = h[3], u = r.units ? r.units[k] : k, f = flags[r.flag[k]];
+      var li = document.createElement('li'), a = document.createElement('a');
+      a.href = root + r.dir + '/' + u + '/index.html';
+      a.textContent = r.title + ' · ' + r.layer + ' · unit ' + u;
       var note = document.createElement('span');
       note.className = 'muted';
-      note.textContent = ' — ' + r[3] + (r[5] ? ' [' + r[5] + ']' : '');
-      li.appendChild(a); li.appendChild(note); list.appendChild(li);
+      note.textContent = ' — ' + labels[r.label[k]] + (f ? ' [' + f + ']' : '');
+      li.appendChild(a); li.appendChild(note); frag.appendChild(li);
     });
+    list.appendChild(frag);
   }
 
   var params = new URLSearchParams(window.location.search);
