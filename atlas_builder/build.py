@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed, media, visualize
+from . import distributed, media, progress as progress_lines, visualize
 from .config import AtlasConfig
 from .distributed import Cluster
 from .errors import AtlasError
@@ -31,6 +31,7 @@ from .sources import load_dataset, load_model
 from .store import ModelRecord, Store
 from .website import build_site
 
+PAGES_LIMIT = 10**9  # bytes: GitHub Pages' published-site limit
 SCAN_VERSION = 4  # bump when scan's output changes meaning (invalidates stored scans)
 FEATUREVIS_VERSION = 4  # likewise for the feature-vis stage
 EMBED_VERSION = 2  # and the embed stage
@@ -50,6 +51,7 @@ class BuildReport:
     writer: bool = True  # False on the other ranks of a sharded build (they print nothing)
     rendered: int = 0  # pages rendered (the others were unchanged and linked from the previous site)
     size_report: list[str] = field(default_factory=list)
+    log: bool = False  # say when each stage starts and ends (progress on, on the writer)
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
@@ -60,7 +62,8 @@ class BuildReport:
         skipped = f"; unchanged, skipped: {', '.join(self.skipped)}" if self.skipped else ""
         line = (f"built {self.models} models, {self.layers} layers, {self.units} units, {self.pages} pages "
                 f"({self.rendered} rendered, {self.pages - self.rendered} unchanged) in "
-                f"{total:.1f} s ({parts}){skipped}; site {self.site_bytes / 1e6:.2f} MB in {self.site_path}")
+                f"{total:.1f} s ({parts}){skipped}; site {self.site_bytes / 1e6:.2f} MB "
+                f"({100 * self.site_bytes / PAGES_LIMIT:.1f}% of GitHub Pages' 1 GB) in {self.site_path}")
         return "\n".join([line] + self.size_report)
 
 
@@ -134,12 +137,19 @@ def run_stage(stage: Stage, store: Store | None, cluster: Cluster, report: Build
     fp = shared(stage.fingerprint(store) if cluster.writer else None)
     if shared(fp is not None and store.stage_fingerprint(stage.name) == fp if cluster.writer else None):
         report.skipped.append(stage.name)
+        if report.log:
+            progress_lines.say(f"{stage.name}: unchanged, skipped")
         return None
     start = time.perf_counter()
+    if report.log:
+        progress_lines.say(f"{stage.name}: started")
     result = stage.run(store if cluster.writer else None)
     if cluster.writer:
         stage.write(store, result, fp)
-    report.add_time(stage.kind, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    report.add_time(stage.kind, seconds)
+    if report.log:
+        progress_lines.say(f"{stage.name}: done in {progress_lines.clock(seconds)}")
     return result
 
 
@@ -326,7 +336,7 @@ class SiteStage(Stage):
 
 
 def _build(cfg: AtlasConfig, cluster: Cluster, device: torch.device, progress: bool) -> BuildReport:
-    report = BuildReport(writer=cluster.writer)
+    report = BuildReport(writer=cluster.writer, log=progress and cluster.writer)
     torch.manual_seed(cfg.atlas.seed)
     dataset = load_dataset(cfg)
     with (Store(cfg.store_dir) if cluster.writer else nullcontext()) as store:
@@ -386,13 +396,17 @@ def load_and_check_models(cfg: AtlasConfig, dataset, cluster: Cluster) -> list[t
             cluster.barrier()
         if len(dataset):
             x = torch.stack([torch.as_tensor(dataset.data[i][0]) for i in range(min(2, len(dataset)))])
-            infos = None if section.layers else list_layers(model.module, x, section.name)
-            layers = resolve_layers(model.module, section.layers, section.name, infos)
-            seen: dict[str, torch.Tensor] = {}  # each layer must give a tensor, once per forward
-            with Capture(model.module, layers, sink=seen.__setitem__, model_name=section.name) as capture, \
-                    torch.inference_mode():
-                out = capture(x)
-            model.info.update(output_facts(out, seen))
+            seen: dict[str, torch.Tensor] = {}
+            if section.layers:  # the requested layers: each must give a tensor, once per forward
+                layers = resolve_layers(model.module, section.layers, section.name)
+                with Capture(model.module, layers, sink=seen.__setitem__, model_name=section.name) as capture, \
+                        torch.inference_mode():
+                    out = capture(x)
+            else:  # by default, the rule's points that do (one forward: a model may count its calls)
+                layers = resolve_layers(model.module, (), section.name,
+                                        list_layers(model.module, x, section.name, flat=seen))
+                out = seen.pop("", None)
+            model.info.update(output_facts(out, {name: seen[name] for name in layers if name in seen}))
         else:
             layers = resolve_layers(model.module, section.layers, section.name)
         loaded.append((section, model, layers))

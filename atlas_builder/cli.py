@@ -1,4 +1,4 @@
-"""Command line: `atlas build CONFIG`, `atlas layers CONFIG`.
+"""Command line: `atlas build CONFIG`, `atlas layers CONFIG`, `atlas plan CONFIG`.
 
 Owns argument parsing and how errors reach the user: an AtlasError is one
 line on stderr (`atlas: error: ...`) and exit status 2, with the traceback
@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("config", help="atlas TOML file (see examples/demo.toml)")
     p_layers = sub.add_parser("layers", help="list each model's layers with output shapes")
     p_layers.add_argument("config", help="atlas TOML file")
+    p_plan = sub.add_parser("plan", help="estimate a build's time and site size before running it")
+    p_plan.add_argument("config", help="atlas TOML file")
+    p_plan.add_argument("--strict", action="store_true", help="exit non-zero when the site would exceed 1 GB")
     args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings():
@@ -100,9 +103,24 @@ def _run(args) -> int:
                       f"{'yes' if layer.default else ''}")
             print("  (runs: calls per forward pass; a module that runs more than once cannot be probed)")
         return 0
+    if args.command == "plan":
+        from .plan import make_plan
+
+        plan = make_plan(cfg)
+        print("\n".join(plan.table()))
+        if args.strict and plan.over:
+            print(f"atlas: error: the site would be about {plan.bytes / 1e9:.2f} GB, over GitHub Pages' 1 GB; "
+                  f"probe fewer layers or units (layers = [...], units = N), or lower featurevis.frames",
+                  file=sys.stderr)
+            return 1
+        return 0
     start = time.perf_counter()
+    if not args.quiet:
+        from .plan import make_plan
+
+        print(f"atlas: {make_plan(cfg).total_line()}", file=sys.stderr, flush=True)
     try:
-        report = build(cfg, progress=not args.quiet and sys.stderr.isatty())
+        report = build(cfg, progress=not args.quiet)  # bars on a terminal, lines in a log (atlas_builder.progress)
     except OSError as exc:
         message = os_error_message(exc, cfg)
         if message is None:  # not one the user can fix by freeing space or permissions: keep the traceback

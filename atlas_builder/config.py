@@ -110,7 +110,7 @@ class FeatureVisSection:
     steps: int = 256  # optimizer steps per run
     lr: float = 0.05  # Adam learning rate on the image's Fourier coefficients
     batch_size: int = 64  # units optimized together in one run
-    frames: int = 16  # animation frames, log-spaced over the steps
+    frames: int = 8  # animation frames, log-spaced over the steps (each about 0.6 KB at 80 px)
     objective: str = "channel"  # channel (mean over positions) | neuron (centre position)
     negative: bool = True  # also render the image that minimizes each unit
     transforms: str = "standard"  # standard (lucid's pad/jitter/scale/rotate) | none

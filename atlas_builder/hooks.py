@@ -243,12 +243,20 @@ def describe_layer(model: nn.Module, layer: str, shape: tuple[int, ...] | None) 
     return f"{kind} {'×'.join(map(str, shape))}" if shape else kind
 
 
-def list_layers(model: nn.Module, example: torch.Tensor, model_name: str | None = None) -> list[LayerInfo]:
-    """Every named module with its output shape on `example` (a batch) and how often one forward runs it."""
+def list_layers(model: nn.Module, example: torch.Tensor, model_name: str | None = None,
+                flat: dict | None = None) -> list[LayerInfo]:
+    """Every named module with its output shape on `example` (a batch) and how often one forward runs it.
+
+    flat: when given, gets each module's last [B, F] output and, under "", the model's output (so a caller
+    can tell which module gives the output, with no second forward)."""
     modules = [(name, m) for name, m in model.named_modules() if name]
-    with Capture(model, [name for name, _ in modules], sink=lambda name, out: None, strict=False,
+    keep = (lambda name, out: flat.__setitem__(name, out) if out.dim() == 2 else None) if flat is not None \
+        else (lambda name, out: None)
+    with Capture(model, [name for name, _ in modules], sink=keep, strict=False,
                  model_name=model_name) as capture, torch.inference_mode():
-        capture(example)
+        out = capture(example)
+    if flat is not None:
+        flat[""] = out
     infos = {name: LayerInfo(name, type(m).__name__, capture.shapes.get(name), False, capture.calls[name])
              for name, m in modules}
     defaults = set()

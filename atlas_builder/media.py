@@ -1,11 +1,13 @@
 """Media: images encoded as WebP in the store's media folder.
 
 Owns the encodings (lossless for small images such as 8x8 digits, where it
-is also the smallest; lossy otherwise, at qualities chosen for the size
-budget of about 30 KB per unit all-in: dataset images 80, the feature
-visualization that excites a unit 65, the one that inhibits it 50; animated
-WebP for feature-vis animations, at half size above 64 px; a red/blue
-heatmap for weights) and the rule that each dataset
+is also the smallest; lossy otherwise, at sizes and qualities chosen for
+the budget of about 30 KB per unit all-in: dataset images at quality 80;
+feature visualizations at most 160 px a side, the size the unit page shows
+them (a 224-px image after 128 steps is 10 KB at quality 65, 5 KB at 160 px),
+the one that excites a unit at 60, the one that inhibits it at 45; the
+optimization animation at most 80 px a side, quality 45 (8 frames: about
+5 KB); a red/blue heatmap for weights) and the rule that each dataset
 example's image is written once and referenced by id from every page. Does
 not decide which files are needed (the store and the stages say) and does
 not build pages.
@@ -27,12 +29,25 @@ from .sources import AtlasDataset
 
 LOSSLESS_MAX_PIXELS = 64 * 64  # at or below this size lossless WebP is both exact and tiny
 EXAMPLE_QUALITY = 80  # dataset images (stored once, shown on many pages)
-POSITIVE_QUALITY = 65  # the image that excites a unit: the unit page's main picture and its thumbnail
-NEGATIVE_QUALITY = 50  # the image that inhibits it
-ANIMATION_QUALITY = 50  # the optimization's frames, at half size (shown at the page's 160 px)
+POSITIVE_QUALITY = 60  # the image that excites a unit: the unit page's main picture and its thumbnail
+NEGATIVE_QUALITY = 45  # the image that inhibits it
+STILL_SIDE = 160  # feature visualizations are stored at most this many pixels a side (the page shows 160)
+ANIMATION_QUALITY = 45  # the optimization's frames ...
+ANIMATION_SIDE = 80  # ... at most this many pixels a side (shown at the page's 160 px)
 
 
-def encode_webp(image: Image.Image, quality: int = EXAMPLE_QUALITY) -> bytes:
+def fit(image: Image.Image, side: int) -> Image.Image:
+    """The image scaled down (Lanczos) so that its longer side is at most `side`; unchanged if it is."""
+    if max(image.size) <= side:
+        return image
+    scale = side / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                        Image.Resampling.LANCZOS)
+
+
+def encode_webp(image: Image.Image, quality: int = EXAMPLE_QUALITY, side: int | None = None) -> bytes:
+    """WebP bytes of an image (scaled to at most `side` pixels a side when given)."""
+    image = fit(image, side) if side else image
     buf = io.BytesIO()
     if image.width * image.height <= LOSSLESS_MAX_PIXELS:
         image.save(buf, format="WEBP", lossless=True, quality=100, method=6)
@@ -69,14 +84,13 @@ def tensor_image(x: torch.Tensor) -> Image.Image:
 
 
 def encode_animation(frames: list[Image.Image], frame_ms: int = 120, hold_ms: int = 1500) -> bytes:
-    """An animated WebP that plays the frames once per loop and holds the last one (frames larger than
-    64 x 64 at half size: the final image is stored at full size beside it)."""
+    """An animated WebP that plays the frames once per loop and holds the last one (frames at most
+    ANIMATION_SIDE pixels a side: the final image is stored larger beside it)."""
     buf = io.BytesIO()
     durations = [frame_ms] * (len(frames) - 1) + [hold_ms]
     small = frames[0].width * frames[0].height <= LOSSLESS_MAX_PIXELS
     if not small:
-        half = (max(64, frames[0].width // 2), max(64, frames[0].height // 2))
-        frames = [f.resize(half, Image.Resampling.LANCZOS) for f in frames]
+        frames = [fit(f, ANIMATION_SIDE) for f in frames]
     frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], duration=durations, loop=0,
                    lossless=small, quality=100 if small else ANIMATION_QUALITY, method=4)
     return buf.getvalue()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
+from .progress import bar as progress_bar
 
 from .accumulators import (POSITION_SAMPLE, LayerAccumulator, TopKResult, first_units, sample_ids, unit_maps,
                            unit_values)
@@ -392,7 +392,9 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
     label_batches, predicted, confidence = [], [], []
     with Capture(net, layers, sink=sink, model_name=model.name) as capture, torch.inference_mode(), \
             worker_errors():
-        for x, y in tqdm(loader, desc=f"scan {model.name}", unit="batch", disable=not progress, leave=False):
+        bar = progress_bar(len(loader), f"scan {model.name} ({len(layers)} layers)", "batch", progress)
+        for x, y in loader:
+            bar.update(1)
             labels = torch.as_tensor(y).view(-1).long()
             batch["labels"] = labels.to(device, non_blocking=True)
             with autocast:
@@ -410,6 +412,7 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
                 batch["bytes"] = 0
         for acc in accs.values():
             acc.flush()
+        bar.close()
     labels = torch.cat(label_batches) if label_batches else torch.zeros(0, dtype=torch.long)
     complete = predicted and sum(len(p) for p in predicted) == stop - start
     return ScanPart(start, stop, accs, dict(capture.shapes), labels,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
+from .progress import bar as progress_bar
 
 from . import atomic, featurevis as fv, media, urls
 from .config import FeatureVisSection
@@ -106,8 +106,7 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
     todo = [(layer, units) for layer, units in batches_of(layers, cfg.batch_size)
             if not set(units) <= done.get(layer, set())]
     mine = todo[rank::world]
-    bar = tqdm(total=sum(len(u) for _, u in mine) * len(kinds), desc=f"featurevis {model.name}", unit="unit",
-               disable=not progress, leave=False)
+    bar = progress_bar(sum(len(u) for _, u in mine) * len(kinds), f"featurevis {model.name}", "unit", progress)
     try:
         input_layer = first_layer(net)  # probed itself, or by the activation after it (the same units)
         probed = input_layer if input_layer in layers else next(
@@ -120,6 +119,7 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
                 weights.append((probed, unit, path))
             report([], list(weights))
         for layer, units in mine:
+            bar.set_layer(layer)
             batch_rows = []
             for kind, sign in kinds:
                 seeds = [derived_seed(seed, model.name, layer, u, kind) for u in units]
@@ -131,7 +131,7 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
                     image = urls.featurevis_media(model.name, layer, unit, kind)
                     quality = media.POSITIVE_QUALITY if kind == "positive" else media.NEGATIVE_QUALITY
                     atomic.write_bytes(media_dir / image, media.encode_webp(media.tensor_image(result.images[i]),
-                                                                            quality))
+                                                                            quality, media.STILL_SIDE))
                     animation = None
                     if kind == "positive":
                         animation = urls.featurevis_media(model.name, layer, unit, "animation")

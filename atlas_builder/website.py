@@ -41,7 +41,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import jinja2
-from tqdm import tqdm
+from .progress import bar as progress_bar
 
 from . import atomic, charts, urls
 from .config import SiteSection
@@ -776,7 +776,7 @@ def render_unit_pages(pages: Pages, emit: Emitter, jobs: list[tuple], progress: 
     slices = [(j, lo, min(lo + 64, len(job[2]))) for j, job in enumerate(jobs) for lo in range(0, len(job[2]), 64)]
     total = sum(len(job[2]) for job in jobs)
     workers = min(os.cpu_count() or 1, max(1, len(slices) // CHUNKS_PER_WORKER))
-    bar = tqdm(total=total, desc="render", unit="page", disable=not progress, leave=False)
+    bar = progress_bar(total, "render", "page", progress)
     try:
         if total < PARALLEL_FROM or workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
             for piece in slices:

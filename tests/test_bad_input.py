@@ -600,6 +600,7 @@ def test_nan_and_inf_activations_are_flagged_not_fatal(tmp_path: Path, capsys):
                           [[models]]
                           name = "nan-mlp"
                           source = "fixtures_models:nan_mlp"
+                          layers = ["relu"]
                           """))
     rc, out, err = run_build(config, capsys)
     assert rc == 0, err
@@ -643,7 +644,7 @@ def test_top_k_larger_than_the_dataset_is_clamped_with_a_warning(tmp_path: Path,
             for u in store.units("m", layer.layer):
                 assert sorted(r.example for r in u.top if np.isfinite(r.value)) == list(range(40))
                 assert len(u.bottom) == 40
-    assert (tmp_path / "site" / "m" / "conv" / "0" / "index.html").is_file()
+    assert (tmp_path / "site" / "m" / "relu" / "0" / "index.html").is_file()
 
 
 @pytest.mark.filterwarnings("ignore::atlas_builder.errors.AtlasWarning")

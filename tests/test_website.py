@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 import shutil
 
+import numpy as np
 import pytest
 
-from atlas_builder import urls
+from atlas_builder import urls, website
 from atlas_builder.build import build
-from atlas_builder.config import load_config
+from atlas_builder.config import SiteSection, load_config
 from atlas_builder.errors import AtlasError
 from atlas_builder.ids import UnitId, layer_slug
 from atlas_builder.store import Store
@@ -59,7 +60,7 @@ def test_unit_page_shows_top_examples_from_the_store(tiny_site):
     assert all(i.get("alt") is not None for i in page.find("img"))
     heats = page.find("img", cls="heat")
     assert len(heats) == 3 and all(h["src"].startswith("data:image/png;base64,") for h in heats)  # top-k maps
-    assert len(page.find("span", cls="where")) == 6  # conv: where it fired
+    assert len(page.find("span", cls="where")) == 3  # conv: where it fired, on the top examples
     rels = {a.get("rel"): a["href"] for a in page.find("a") if a.get("rel")}
     assert rels == {"prev": "../1/index.html", "up": "../index.html", "next": "../3/index.html"}
     first = read_page(site / "tiny-cnn/conv/0/index.html")
@@ -288,3 +289,59 @@ def test_search_index_decodes_to_every_unit_and_its_page(tiny_site):
     for r in rows:  # each row's page, relative to the site root, is there
         assert r[7] == urls.unit_page(UnitId(r[0], r[1], r[2])) and (site / r[7]).is_file()
     assert '"layers":[[0,' in text and '"rows"' not in text  # columnar: one run per layer, not a row per unit
+
+
+def test_output_units_are_titled_by_their_class_and_layers_by_what_they_are(tiny_site):
+    """tiny-cnn's fc has one output per class of the dataset (zero, one, two): its units are those classes."""
+    cfg, _ = tiny_site
+    site = cfg.atlas.site_dir
+    page = read_page(site / "tiny-cnn/fc/1/index.html")
+    assert "fc 1 · one the output unit of class one (Linear 16→3) in tiny-cnn" in page.text
+    layer = read_page(site / "tiny-cnn/fc/index.html")
+    assert "Unit 1 · one" in layer.text and "Linear 16→3" in layer.text
+    relu = read_page(site / "tiny-cnn/relu/index.html")
+    assert "Conv2d+ReLU 4×8×8" in relu.text
+    conv_unit = read_page(site / "tiny-cnn/relu/0/index.html")
+    assert "Unit 0 of relu (Conv2d+ReLU 4×8×8) in tiny-cnn" in conv_unit.text
+
+
+def test_class_names_come_from_the_weights_else_fitting_dataset_classes_else_indices():
+    from atlas_builder.store import LayerRecord, ModelRecord
+
+    pages = website.Pages(SiteSection(), "s.css", ["cat", "dog"], np.zeros(3, np.int64))
+    fc = LayerRecord("m", "fc", 0, "Linear", (2,), 2, None)
+    fits = ModelRecord("m", 0, "M", "x", "", 0, None, {"outputs": 2, "output_layer": "fc"})
+    assert pages.predicted(fits, 1) == "dog" and pages.unit_class(fits, fc, 0) == "cat"
+    imagenet = ModelRecord("m", 0, "M", "x", "", 0, None, {"outputs": 1000, "output_layer": "fc",
+                                                           "classes": [f"c{i}" for i in range(1000)]})
+    assert pages.predicted(imagenet, 292) == "c292" and pages.unit_class(imagenet, fc, 1) == "c1"
+    random_init = ModelRecord("m", 0, "M", "x", "", 0, None, {"outputs": 1000, "output_layer": "fc"})
+    assert pages.predicted(random_init, 417) == "class 417" and pages.unit_class(random_init, fc, 0) is None
+    assert pages.label(5) == "class 5" and pages.label(-1) == "unlabelled"
+    other = LayerRecord("m", "layer4", 0, "Bottleneck", (2, 1, 1), 2, (1, 1))
+    assert pages.unit_class(fits, other, 0) is None  # only the output layer's units are classes
+
+
+def test_weights_classes_are_read_without_a_download():
+    from atlas_builder.config import ModelSection
+    from atlas_builder.sources import weights_classes
+
+    names = weights_classes(ModelSection("r", "torchvision:resnet50", weights="DEFAULT"))
+    assert len(names) == 1000 and names[292] == "tiger"
+    assert weights_classes(ModelSection("r", "torchvision:resnet50")) == []
+
+
+def test_heat_overlay_palette_png_decodes_to_its_opacity_levels():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from atlas_builder.charts import HEAT_LEVELS, heat_uri
+
+    heat = np.zeros((40, 40), np.float32)
+    heat[30:, 5:10] = 1.0  # a peak, pooled to a 16 x 16 grid (blocks of 3 x 3)
+    image = Image.open(io.BytesIO(base64.b64decode(heat_uri(heat).split(",", 1)[1]))).convert("RGBA")
+    alpha = np.asarray(image)[..., 3]
+    assert image.size == (14, 14) and alpha.max() == 200 and alpha.min() == 0
+    assert alpha[10, 2] == 200 and alpha[0, 0] == 0 and HEAT_LEVELS == 16

@@ -1,0 +1,41 @@
+"""`atlas plan`: per layer units, time and bytes with the total against 1 GB; --strict fails when over."""
+
+from __future__ import annotations
+
+from atlas_builder import cli, plan as plan_module
+from atlas_builder.build import build
+from atlas_builder.config import load_config
+from conftest import TINY_MODELS, atlas_section, write_config
+
+
+def tiny(tmp_path, extra: str = ""):
+    return write_config(tmp_path, atlas_section(tmp_path, "plan") + """
+[dataset]
+source = "fixtures_models:tiny_dataset"
+[featurevis]
+steps = 6
+""" + extra + TINY_MODELS)
+
+
+def test_plan_lists_every_layer_and_estimates_the_site_within_a_third(tmp_path):
+    path = tiny(tmp_path)
+    plan = plan_module.make_plan(load_config(path))
+    assert [m.model for m in plan.models] == ["tiny-cnn", "tiny-mlp"]
+    assert [(l.layer, l.units) for l in plan.models[0].layers] == [("conv", 4), ("relu", 4), ("fc", 3)]
+    assert plan.models[0].layers[1].title == "Conv2d+ReLU 4×8×8"
+    assert all(l.featurevis_s > 0 for m in plan.models for l in m.layers) and plan.models[0].scan_s > 0
+    report = build(load_config(path), progress=False)
+    assert abs(plan.bytes - report.site_bytes) / report.site_bytes < 0.35, (plan.bytes, report.site_bytes)
+    assert "of GitHub Pages' 1 GB" in plan.total_line() and not plan.over
+
+
+def test_cli_plan_prints_the_table_and_strict_fails_when_over(tmp_path, capsys, monkeypatch):
+    path = tiny(tmp_path)
+    assert cli.main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-cnn" in out and "  relu · Conv2d+ReLU 4×8×8" in out and out.strip().splitlines()[-1].startswith(
+        "plan: 2 models, 24 units;")
+    monkeypatch.setattr(plan_module, "PAGES_LIMIT", 1000)  # any site is over 1 KB
+    assert cli.main(["plan", "--strict", str(path)]) == 1
+    assert "over GitHub Pages' 1 GB" in capsys.readouterr().err
+    assert cli.main(["plan", str(path)]) == 0  # without --strict only said
