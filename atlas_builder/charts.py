@@ -89,7 +89,7 @@ def class_bars_svg(class_means: tuple[float | None, ...], class_names: list[str]
     return Markup("".join(parts))
 
 
-HEAT_MAX_SIDE = 16  # a larger map is max-pooled to at most this many cells a side: where, not every pixel
+HEAT_MAX_SIDE = 12  # a larger map is max-pooled to at most this many cells a side: where, not every pixel
 
 
 def pooled(m: np.ndarray, side: int = HEAT_MAX_SIDE) -> np.ndarray:

@@ -247,7 +247,7 @@ class Pages:
             for t in records:
                 pred = predictions.get(t.example)
                 out.append({"example": t.example, "src": urls.rel(page, urls.example_image(t.example)),
-                            "value": fmt(t.value), "value_raw": repr(float(t.value)),
+                            "value": fmt(t.value), "value_raw": f"{float(t.value):.7g}",
                             "label": self.label(int(self.labels[t.example])),
                             "predicted": self.predicted(m, pred[0]) if pred else None,
                             "box": position_box(t.position, layer.spatial),
@@ -422,11 +422,14 @@ def thumb_path(u: UnitRecord, vis: VisualRecord | None) -> str | None:
 
 
 def finite(value):
-    """A number for JSON: None for NaN/Inf/None (JSON has no NaN)."""
+    """A number for JSON: None for NaN/Inf/None (JSON has no NaN); floats to 7 significant digits (the
+    activations are float32: their 8th digit is noise), which keeps the export small."""
     if value is None:
         return None
     value = float(value) if not isinstance(value, (bool, int)) else value
-    return value if isinstance(value, int) or math.isfinite(value) else None
+    if isinstance(value, int):
+        return value
+    return float(f"{value:.7g}") if math.isfinite(value) else None
 
 
 def bibtex_safe(text: str) -> str:
