@@ -26,12 +26,12 @@ from .config import AtlasConfig
 from .distributed import Cluster
 from .errors import AtlasError
 from .hooks import Capture, list_layers, resolve_layers
+from .plan import PAGES_LIMIT
 from .scan import finish_scan, scan_part, shard_range
 from .sources import load_dataset, load_model
 from .store import ModelRecord, Store
 from .website import build_site
 
-PAGES_LIMIT = 10**9  # bytes: GitHub Pages' published-site limit
 SCAN_VERSION = 4  # bump when scan's output changes meaning (invalidates stored scans)
 FEATUREVIS_VERSION = 4  # likewise for the feature-vis stage
 EMBED_VERSION = 2  # and the embed stage

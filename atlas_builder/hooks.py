@@ -234,7 +234,8 @@ def describe_layer(model: nn.Module, layer: str, shape: tuple[int, ...] | None) 
     modules = dict(model.named_modules())
     module = modules.get(layer)
     kind = type(module).__name__ if module is not None else "?"
-    source = modules.get(layer_sources(model).get(layer)) if layer in layer_sources(model) else None
+    sources = layer_sources(model)
+    source = modules.get(sources[layer]) if layer in sources else None
     if source is not None:
         kind = f"{type(source).__name__}+{kind}"
     linear = source if source is not None else module

@@ -125,8 +125,8 @@ class Pages:
         """The names of a model's output classes: its weights' categories, else the dataset's classes when
         there are as many as outputs, else none."""
         if m.info.get("classes"):
-            return list(m.info["classes"])
-        return list(self.class_names) if m.info.get("outputs") == len(self.class_names) else []
+            return m.info["classes"]  # not copied: called for every example on every page
+        return self.class_names if m.info.get("outputs") == len(self.class_names) else []
 
     def predicted(self, m: ModelRecord, index: int) -> str:
         """The name of a predicted class ("tiger"), or its index ("class 292") where none fits."""
