@@ -32,8 +32,8 @@ from .sources import load_dataset, load_model
 from .store import ModelRecord, Store
 from .website import build_site
 
-SCAN_VERSION = 4  # bump when scan's output changes meaning (invalidates stored scans)
-FEATUREVIS_VERSION = 4  # likewise for the feature-vis stage
+SCAN_VERSION = 5  # bump when scan's output changes meaning (invalidates stored scans)
+FEATUREVIS_VERSION = 5  # likewise for the feature-vis stage
 EMBED_VERSION = 2  # and the embed stage
 
 

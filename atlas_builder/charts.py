@@ -53,40 +53,41 @@ def histogram_svg(counts: tuple[int, ...], lo: float, hi: float, width: int = 36
 MAX_CLASS_BARS = 12  # classes drawn; with more (ImageNet's 1,000), the highest means, in that order
 
 
-def class_bars_svg(class_means: tuple[float | None, ...], class_names: list[str], top_class: int,
-                   width: int = 360, limit: int = MAX_CLASS_BARS) -> Markup:
-    """Horizontal bars of the mean activation per class, the top class highlighted; with more than `limit`
-    classes, the `limit` highest means (the note under it says of how many)."""
-    values = [v for v in class_means if v is not None]
-    if not values:
-        return Markup('<p class="muted">No labelled examples.</p>')
+def shown_classes(class_means: tuple[float | None, ...], limit: int = MAX_CLASS_BARS) -> list[int]:
+    """The classes a unit page shows: all of them, in order, or with more than `limit` the `limit` highest
+    means (highest first)."""
     shown = list(range(len(class_means)))
     if len(shown) > limit:
         shown = sorted((i for i in shown if class_means[i] is not None), key=lambda i: -class_means[i])[:limit]
-    row, label_w = 16, 90
-    height = row * len(shown) + 4
+    return shown
+
+
+def class_bars(class_means: tuple[float | None, ...], class_names: list[str], top_class: int,
+               limit: int = MAX_CLASS_BARS) -> Markup:
+    """Horizontal bars of the mean activation per class (`shown_classes`), the top class highlighted, as an
+    HTML list sized by CSS (a third of an SVG's bytes); the note under it says of how many classes."""
+    values = [v for v in class_means if v is not None]
+    if not values:
+        return Markup('<p class="muted">No labelled examples.</p>')
+    shown = shown_classes(class_means, limit)
     lo, hi = min(0.0, min(values)), max(0.0, max(values))
     span = (hi - lo) or 1.0
-    plot_w = width - label_w - 50
-    zero = label_w + plot_w * (0 - lo) / span
-    parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-             f'aria-label="Mean activation per class">']
-    for r, i in enumerate(shown):
-        v, y = class_means[i], 2 + r * row
+    zero = (0 - lo) / span * 100
+    rows = []
+    for i in shown:
+        v = class_means[i]
         name = escape(class_names[i] if i < len(class_names) else str(i))
-        parts.append(f'<text x="{label_w - 6}" y="{y + 12}" class="axis" text-anchor="end">{name}</text>')
-        if v is None:
-            continue
-        x1 = label_w + plot_w * (v - lo) / span
-        cls = "bar top" if i == top_class else "bar"
-        parts.append(f'<rect x="{min(zero, x1):.2f}" y="{y + 2}" width="{abs(x1 - zero):.2f}" height="{row - 4}" '
-                     f'class="{cls}"><title>{name}: {_num(v)}</title></rect>')
-        parts.append(f'<text x="{max(zero, x1) + 4:.2f}" y="{y + 12}" class="axis">{_num(v)}</text>')
-    parts.append(f'<line x1="{zero:.2f}" x2="{zero:.2f}" y1="0" y2="{height}" class="zero"/>')
-    parts.append("</svg>")
-    if len(shown) < len(class_means):
-        parts.append(f'<p class="muted">The {len(shown)} highest of {len(class_means)} classes.</p>')
-    return Markup("".join(parts))
+        bar = ""
+        if v is not None:
+            a, b = sorted((zero, (v - lo) / span * 100))
+            bar = f'<i style="left:{a:.1f}%;width:{b - a:.1f}%"></i>'
+        top = ' class="top"' if i == top_class else ""
+        full = f' title="{name}"' if len(name) > 18 else ""  # past the label's width: whole on hover
+        rows.append(f'<li{top}><span{full}>{name}</span><b>{bar}</b>{_num(v) if v is not None else "—"}</li>')
+    note = (f'<p class="muted">The {len(shown)} highest of {len(class_means)} classes.</p>'
+            if len(shown) < len(class_means) else "")
+    return Markup(f'<ol class="bars" style="--zero:{zero:.1f}%" aria-label="Mean activation per class">'
+                  + "".join(rows) + "</ol>" + note)
 
 
 HEAT_MAX_SIDE = 12  # a larger map is max-pooled to at most this many cells a side: where, not every pixel
@@ -103,13 +104,31 @@ def pooled(m: np.ndarray, side: int = HEAT_MAX_SIDE) -> np.ndarray:
     return padded.reshape(padded.shape[0] // bh, bh, padded.shape[1] // bw, bw).max(axis=(1, 3))
 
 
-def heat_uri(heat: np.ndarray) -> str:
-    """A unit's spatial map on one example as a translucent red PNG data URI (min..max scaled, squared)."""
+def heat_levels(heat: np.ndarray) -> np.ndarray:
+    """A unit's spatial map on one example as HEAT_LEVELS opacity levels (pooled, min..max scaled, squared:
+    the peak stands out)."""
     m = pooled(np.nan_to_num(heat.astype(np.float32)))
     lo, hi = float(m.min()), float(m.max())
     scaled = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-    levels = np.round(scaled ** 2 * (HEAT_LEVELS - 1)).astype(np.uint8)  # squared: the peak stands out
-    return "data:image/png;base64," + base64.b64encode(png_palette(levels, HEAT_PALETTE)).decode("ascii")
+    return np.round(scaled ** 2 * (HEAT_LEVELS - 1)).astype(np.uint8)
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def heat_uri(heat: np.ndarray) -> str:
+    """A unit's spatial map on one example as a translucent red PNG data URI."""
+    return _data_uri(png_palette(heat_levels(heat), HEAT_PALETTE))
+
+
+def heat_sprite(maps: list[np.ndarray]) -> tuple[str, list[float]]:
+    """The heat overlays of several examples (maps of one shape) as one PNG data URI, stacked top to bottom,
+    and each one's CSS background-position-y in percent: one PNG header and palette for a unit's whole
+    top-k instead of one each (about half the bytes)."""
+    n = len(maps)
+    uri = _data_uri(png_palette(np.concatenate([heat_levels(m) for m in maps]), HEAT_PALETTE))
+    return uri, [100 * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
 
 
 HEAT_LEVELS = 16  # opacity steps of the heat overlay: one palette entry each, one byte a pixel
@@ -217,26 +236,24 @@ def class_colour(label: int) -> str:
     return "#999999" if label < 0 else PALETTE[label % len(PALETTE)]
 
 
-def dots_svg(points: list[tuple[float, float]], highlight: int, method: str, size: int = 220,
-             radius: float = 3.0) -> Markup:
-    """A small static map: every point a grey dot (one path of zero-length round-capped strokes, a dozen
-    bytes a point), point `highlight` a larger red one on top."""
+def dot_places(points: list[tuple[float, float]], size: int = 220) -> list[tuple[float, float]]:
+    """Where `dots_svg` draws each point, in pixels of its size x size box."""
     if not points:
-        return Markup('<p class="muted">No map.</p>')
+        return []
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     lo_x, lo_y = min(xs), min(ys)
     span_x, span_y = (max(xs) - lo_x) or 1.0, (max(ys) - lo_y) or 1.0
     pad, inner = 10, size - 20
-    place = [(pad + inner * (x - lo_x) / span_x, pad + inner * (1 - (y - lo_y) / span_y)) for x, y in points]
-    path = "".join(f"M{_px(x)} {_px(y)}h0" for i, (x, y) in enumerate(place) if i != highlight)
-    parts = [f'<svg class="chart scatter" data-method="{method}" viewBox="0 0 {size} {size}" width="{size}" '
-             f'height="{size}" role="img" aria-label="{escape(method.upper())} map of {len(points)} points">',
-             f'<path d="{path}" stroke="#b8c2cc" stroke-width="{2 * radius:g}" stroke-linecap="round"/>']
-    if 0 <= highlight < len(place):
-        x, y = place[highlight]
-        parts.append(f'<circle cx="{_px(x)}" cy="{_px(y)}" r="{2 * radius:g}" fill="#e0312b" class="highlight"/>')
-    parts.append("</svg>")
-    return Markup("".join(parts))
+    return [(pad + inner * (x - lo_x) / span_x, pad + inner * (1 - (y - lo_y) / span_y)) for x, y in points]
+
+
+def dots_svg(points: list[tuple[float, float]], size: int = 220, radius: float = 3.0) -> str:
+    """A small static map as a standalone SVG file: every point a grey dot (one path of zero-length
+    round-capped strokes, a dozen bytes a point). A unit page shows it as an image with its own dot on top,
+    so one file serves the whole layer."""
+    path = "".join(f"M{_px(x)} {_px(y)}h0" for x, y in dot_places(points, size))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {size} {size}" width="{size}" height="{size}">'
+            f'<path d="{path}" stroke="#b8c2cc" stroke-width="{2 * radius:g}" stroke-linecap="round"/></svg>')
 
 
 def scatter_svg(points: list[dict], method: str, size: int = 420, radius: float = 4.0) -> Markup:

@@ -7,8 +7,10 @@ feature visualizations at most 160 px a side, the size the unit page shows
 them (a 224-px image after 128 steps is 10 KB at quality 65, 5 KB at 160 px),
 the one that excites a unit at 60, the one that inhibits it at 45; the
 optimization animation at most 80 px a side, quality 45 (8 frames: about
-5 KB); a red/blue heatmap for weights) and the rule that each dataset
-example's image is written once and referenced by id from every page. Does
+5 KB); each capped in bytes, the three at 10 KB a unit, by a lower quality
+where an image has more detail; a red/blue heatmap for weights) and the
+rule that each dataset example's image is written once and referenced by id
+from every page. Does
 not decide which files are needed (the store and the stages say) and does
 not build pages.
 """
@@ -34,6 +36,12 @@ NEGATIVE_QUALITY = 45  # the image that inhibits it
 STILL_SIDE = 160  # feature visualizations are stored at most this many pixels a side (the page shows 160)
 ANIMATION_QUALITY = 45  # the optimization's frames ...
 ANIMATION_SIDE = 80  # ... at most this many pixels a side (shown at the page's 160 px)
+# byte caps of a unit's feature-vis media (an image with more detail than these allow, as after many steps on
+# a trained model, is encoded at a lower quality, down to MIN_QUALITY): 10 KB a unit at most
+POSITIVE_MAX_BYTES = 4500
+NEGATIVE_MAX_BYTES = 2000
+ANIMATION_MAX_BYTES = 3500
+MIN_QUALITY = 20
 
 
 def fit(image: Image.Image, side: int) -> Image.Image:
@@ -45,15 +53,31 @@ def fit(image: Image.Image, side: int) -> Image.Image:
                         Image.Resampling.LANCZOS)
 
 
-def encode_webp(image: Image.Image, quality: int = EXAMPLE_QUALITY, side: int | None = None) -> bytes:
-    """WebP bytes of an image (scaled to at most `side` pixels a side when given)."""
+def capped(encode, quality: int, max_bytes: int = 0) -> bytes:
+    """encode(quality), or at qualities 10 lower in turn (not below MIN_QUALITY) until at most max_bytes
+    (0: no cap)."""
+    data = encode(quality)
+    while max_bytes and len(data) > max_bytes and quality > MIN_QUALITY:
+        quality = max(MIN_QUALITY, quality - 10)
+        data = encode(quality)
+    return data
+
+
+def encode_webp(image: Image.Image, quality: int = EXAMPLE_QUALITY, side: int | None = None,
+                max_bytes: int = 0) -> bytes:
+    """WebP bytes of an image (scaled to at most `side` pixels a side when given; lossy ones capped at
+    max_bytes, see `capped`)."""
     image = fit(image, side) if side else image
-    buf = io.BytesIO()
+
+    def encode(q: int) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format="WEBP", quality=q, method=4)
+        return buf.getvalue()
     if image.width * image.height <= LOSSLESS_MAX_PIXELS:
+        buf = io.BytesIO()
         image.save(buf, format="WEBP", lossless=True, quality=100, method=6)
-    else:
-        image.save(buf, format="WEBP", quality=quality, method=4)
-    return buf.getvalue()
+        return buf.getvalue()
+    return capped(encode, quality, max_bytes)
 
 
 def write_example_images(dataset: AtlasDataset, examples: list[int], folder: Path) -> int:
@@ -86,14 +110,17 @@ def tensor_image(x: torch.Tensor) -> Image.Image:
 def encode_animation(frames: list[Image.Image], frame_ms: int = 120, hold_ms: int = 1500) -> bytes:
     """An animated WebP that plays the frames once per loop and holds the last one (frames at most
     ANIMATION_SIDE pixels a side: the final image is stored larger beside it)."""
-    buf = io.BytesIO()
     durations = [frame_ms] * (len(frames) - 1) + [hold_ms]
     small = frames[0].width * frames[0].height <= LOSSLESS_MAX_PIXELS
     if not small:
         frames = [fit(f, ANIMATION_SIDE) for f in frames]
-    frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], duration=durations, loop=0,
-                   lossless=small, quality=100 if small else ANIMATION_QUALITY, method=4)
-    return buf.getvalue()
+
+    def encode(q: int) -> bytes:
+        buf = io.BytesIO()
+        frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], duration=durations, loop=0,
+                       lossless=small, quality=q, method=4)
+        return buf.getvalue()
+    return encode(100) if small else capped(encode, ANIMATION_QUALITY, ANIMATION_MAX_BYTES)
 
 
 def weight_heatmap(weights: np.ndarray) -> Image.Image:

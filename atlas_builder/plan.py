@@ -14,7 +14,8 @@ on this device, and site bytes, with the totals against GitHub Pages' 1 GB.
   the layer's real shape (its examples, maps, classes, neighbours, map), and
   from encoding a few of the dataset's images; the feature-vis media are
   estimated per stored pixel (`MEDIA_BYTES_PER_PIXEL`, measured on
-  ResNet-18 images after 128 steps at the default qualities).
+  ResNet-18 images after 128 steps at the default qualities), at most the
+  byte caps of `media`.
 
 Writes nothing and keeps nothing: it reads the config, the models and the
 dataset.
@@ -217,14 +218,18 @@ def media_bytes(cfg: AtlasConfig, shape) -> int:
         scale = lambda side: min(1.0, side / max(shape[1:])) ** 2  # noqa: E731
         still, frame = pixels * scale(media.STILL_SIDE), pixels * scale(media.ANIMATION_SIDE)
     frames = len(fv.frame_schedule(f.steps, f.frames))
-    return int(still * (rate["positive"] + (rate["negative"] if f.negative else 0)) + frame * frames * rate["frame"]
-               + 300)  # the files' own overhead
+    positive, negative, animation = still * rate["positive"], still * rate["negative"], frame * frames * rate["frame"]
+    if pixels > media.LOSSLESS_MAX_PIXELS:  # lossy media are capped in bytes
+        positive, negative = min(positive, media.POSITIVE_MAX_BYTES), min(negative, media.NEGATIVE_MAX_BYTES)
+        animation = min(animation, media.ANIMATION_MAX_BYTES)
+    return int(positive + (negative if f.negative else 0) + animation + 300)  # + the files' own overhead
 
 
 def page_bytes(cfg: AtlasConfig, model, layer: str, title: str, shape: tuple[int, ...], n_units: int,
                class_names: list[str], seed: int = 0) -> tuple[int, int]:
-    """(one unit page + its JSON export, the layer page), rendered from stand-in records of this shape."""
-    from . import urls, website
+    """(one unit page + its JSON export, the layer page + its dot map), rendered from stand-in records of this
+    shape."""
+    from . import charts, urls, website
     from .store import FeatureVisRecord, LayerRecord, ModelRecord, TopKRecord, UnitRecord, VisualRecord
 
     rng = np.random.default_rng(seed)
@@ -270,7 +275,8 @@ def page_bytes(cfg: AtlasConfig, model, layer: str, title: str, shape: tuple[int
     layer_html = website.render("layer.html", pages.layer(m, rec, [
         UnitRecord(**{**x.__dict__, "unit": i}) for i, x in enumerate(layer_units)], (rec, rec),
         {i: vis for i in range(n_units)}, unit_map))
-    return len(html.encode()) + len(export.encode()), len(layer_html.encode())
+    dot_map = len(charts.dots_svg([(x, y) for _, _, x, y in points])) if cfg.embed.enabled else 0
+    return len(html.encode()) + len(export.encode()), len(layer_html.encode()) + dot_map
 
 
 def shared_bytes(cfg: AtlasConfig, dataset, layer_units: list[list[int]]) -> int:

@@ -159,13 +159,15 @@ def class_selectivity(class_means) -> tuple[np.ndarray, np.ndarray]:
     2018). Class means below 0 (pre-activation layers) are clipped to 0 first,
     so the index lies in [0, 1]: 1 = fires for one class only, 0 = the same
     for every class (or never positive). NaN where fewer than 2 classes have
-    examples; the top class is the first of equal maxima, -1 for none.
+    examples; the top class is the one of the highest mean, not clipped (the
+    first of equal maxima), -1 for none.
     """
     means = torch.as_tensor(np.asarray(class_means, dtype=np.float64))
     present = ~torch.isnan(means)
     clipped = means.clamp(min=0)
     n = present.sum(1)
-    best, top = torch.where(present, clipped, -torch.inf).max(1)
+    best = torch.where(present, clipped, -torch.inf).amax(1)
+    top = torch.where(present, means, -torch.inf).argmax(1)  # the first of equal maxima
     rest = (torch.where(present, clipped, 0.0).sum(1) - best) / (n - 1).clamp(min=1)
     index = torch.where(best + rest > 0, (best - rest) / (best + rest), 0.0)
     return torch.where(n >= 2, index, torch.nan).numpy(), torch.where(n > 0, top, -1).numpy()

@@ -43,6 +43,11 @@ def layer_page(model: str, layer: str) -> str:
     return f"{layer_dir(model, layer)}/index.html"
 
 
+def layer_dot_map(model: str, layer: str) -> str:
+    """The layer's small unit map (every unit a dot), one file that each unit page shows with its own dot."""
+    return f"{layer_dir(model, layer)}/units.svg"
+
+
 def unit_page(uid: UnitId) -> str:
     return f"{unit_dir(uid)}/index.html"
 

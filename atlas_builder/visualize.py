@@ -129,9 +129,10 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
                                    seed=derived_seed(seed, model.name, layer), n_frames=cfg.frames)
                 for i, unit in enumerate(units):
                     image = urls.featurevis_media(model.name, layer, unit, kind)
-                    quality = media.POSITIVE_QUALITY if kind == "positive" else media.NEGATIVE_QUALITY
+                    quality, cap = ((media.POSITIVE_QUALITY, media.POSITIVE_MAX_BYTES) if kind == "positive"
+                                    else (media.NEGATIVE_QUALITY, media.NEGATIVE_MAX_BYTES))
                     atomic.write_bytes(media_dir / image, media.encode_webp(media.tensor_image(result.images[i]),
-                                                                            quality, media.STILL_SIDE))
+                                                                            quality, media.STILL_SIDE, cap))
                     animation = None
                     if kind == "positive":
                         animation = urls.featurevis_media(model.name, layer, unit, "animation")

@@ -243,6 +243,7 @@ class Pages:
         page = urls.unit_page(uid)
 
         def examples(records):
+            """The example cards, and their heat overlays as one sprite (None when there are no maps)."""
             out = []
             for t in records:
                 pred = predictions.get(t.example)
@@ -250,9 +251,14 @@ class Pages:
                             "value": fmt(t.value), "value_raw": f"{float(t.value):.7g}",
                             "label": self.label(int(self.labels[t.example])),
                             "predicted": self.predicted(m, pred[0]) if pred else None,
-                            "box": position_box(t.position, layer.spatial),
-                            "heat": charts.heat_uri(t.map) if t.map is not None else None})
-            return out
+                            "box": position_box(t.position, layer.spatial), "heat": None})
+            mapped = [i for i, t in enumerate(records) if t.map is not None]
+            if not mapped or len({records[i].map.shape for i in mapped}) > 1:
+                return {"cards": out, "heat": None}
+            uri, offsets = charts.heat_sprite([records[i].map for i in mapped])
+            for i, y in zip(mapped, offsets):
+                out[i]["heat"] = f"{y:.4g}"
+            return {"cards": out, "heat": {"uri": uri, "rows": 100 * len(mapped)}}
 
         def sibling(i: int):
             if not 0 <= i < n_units:
@@ -283,13 +289,13 @@ class Pages:
                          "kind": layer_kind(layer), "class": cls},
                 "stats": stats, "partner": partner,
                 "histogram": charts.histogram_svg(u.hist, u.hist_lo, u.hist_hi),
-                "class_bars": charts.class_bars_svg(u.class_means, self.class_names, u.top_class),
+                "class_bars": charts.class_bars(u.class_means, self.class_names, u.top_class),
                 "permalink": permalink, "permalink_href": permalink if self.base_url else urls.rel(page, page),
                 "top": examples(u.top), "bottom": examples(u.bottom), "featurevis": visual_context(page, vis),
                 "neighbours": [{"href": urls.rel(page, urls.unit_page(UnitId(m.model, layer.layer, o.unit))),
                                 "text": f"unit {o.unit}", "label": o.label, "similarity": fmt(sim),
                                 "thumb": self.thumb(page, o, ovis)} for o, sim, ovis in near],
-                "position": position_map(unit_map, u.unit),
+                "position": position_map(unit_map, u.unit, page, urls.layer_dot_map(m.model, layer.layer)),
                 "map_href": urls.rel(page, urls.layer_page(m.model, layer.layer)) + "#unit-map",
                 "prev": sibling(u.unit - 1), "next": sibling(u.unit + 1),
                 "up": urls.rel(page, urls.layer_page(m.model, layer.layer))}
@@ -330,7 +336,11 @@ class Pages:
                 "redundant_with": u.redundant_with if u.redundant_with >= 0 else None,
                 "redundant_corr": finite(u.redundant_corr),
                 "histogram": {"lo": finite(u.hist_lo), "hi": finite(u.hist_hi), "counts": list(u.hist)},
-                "class_means": {name: finite(v) for name, v in zip(self.class_names, u.class_means)},
+                # the classes the page shows (all, or the 12 highest of ImageNet's 1,000: the whole
+                # unit x class matrix would be 25 KB a unit; it stays in the store)
+                "class_means": [{"index": i, "class": self.class_names[i] if i < len(self.class_names) else str(i),
+                                 "mean": finite(u.class_means[i])} for i in charts.shown_classes(u.class_means)],
+                "classes": len(u.class_means),
                 "top": ranked(u.top), "bottom": ranked(u.bottom),
                 "featurevis": {k: v for k, v in visual.items() if v},
                 "neighbours": [{"unit": o.unit, "similarity": finite(sim),
@@ -461,16 +471,21 @@ def visual_context(page: str, vis: VisualRecord | None) -> dict | None:
     return ctx
 
 
-MAX_POSITION_POINTS = 512  # larger layers: the unit page links to the layer's map instead of drawing it (page size)
-
-
-def position_map(unit_map: dict | None, unit: int):
-    """A small static UMAP of the layer with `unit` highlighted (no links, so it stays small)."""
-    if not unit_map or len(unit_map["umap"]) > MAX_POSITION_POINTS:
+def position_map(unit_map: dict | None, unit: int, page: str, layer_map: str) -> dict | None:
+    """The unit's dot on the layer's small UMAP (`layer_map`, one SVG file per layer: see `dots_svg`), placed
+    in percent of the map's box; None without a map."""
+    if not unit_map or not unit_map["umap"]:
         return None
     points = unit_map["umap"]
-    return charts.dots_svg([(x, y) for _, _, x, y in points], next((i for i, (_, p, _, _) in enumerate(points)
-                                                                  if p == unit), -1), "umap")
+    if "dots" not in unit_map:  # once per layer, not per unit page: unit -> its place
+        places = charts.dot_places([(x, y) for _, _, x, y in points], DOT_MAP_SIZE)
+        unit_map["dots"] = {p: place for (_, p, _, _), place in zip(points, places)}
+    dot = unit_map["dots"].get(unit)
+    return {"src": urls.rel(page, layer_map), "points": len(points),
+            "dot": None if dot is None else (f"{100 * dot[0] / DOT_MAP_SIZE:.1f}", f"{100 * dot[1] / DOT_MAP_SIZE:.1f}")}
+
+
+DOT_MAP_SIZE = 220  # px of the unit page's small map
 
 
 def unit_colour(u: UnitRecord) -> str:
@@ -734,6 +749,9 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
                           model_layers[i + 1] if i + 1 < len(model_layers) else None)
             emit.page(urls.layer_page(m.model, layer.layer), "layer.html",
                       pages.layer(m, layer, units, neighbours, layer_visuals, unit_map))
+            if unit_map and unit_map["umap"]:
+                emit.data(urls.layer_dot_map(m.model, layer.layer),
+                          charts.dots_svg([(x, y) for _, _, x, y in unit_map["umap"]], DOT_MAP_SIZE).encode())
             unit_jobs.append((m, layer, units, layer_visuals, store.neighbours(m.model, layer.layer), unit_map,
                               predictions[m.model]))
     unit_pages = render_unit_pages(pages, emit, unit_jobs, progress)

@@ -1,6 +1,7 @@
-"""Full-size bench: a ResNet-50 atlas (weights=None) on a synthetic 224-px imagefolder, four layers from the
-stem to fc, `units = 32`, at the default media settings (fewer steps), measured against `atlas plan`'s
-estimate of it and against torch-lucent.
+"""Full-size bench: a ResNet-50 atlas (weights=None) on a synthetic 224-px imagefolder (16 classes, so
+that class bars and JSON weigh what ImageNet's do), four layers from the stem to fc, `units = 32`, at the
+default media settings (fewer steps), measured against `atlas plan`'s estimate of it and against
+torch-lucent.
 
 Prints, with the site's bytes by kind:
 - FIGURE bytes_per_unit_resnet50: all-in bytes of a unit at full size: the site's bytes without the
@@ -41,6 +42,7 @@ from atlas_builder.plan import make_plan  # noqa: E402
 
 LAYERS = ["relu", "layer2.0", "layer4.2", "fc"]  # the stem, one block of layer2, the last block, fc
 UNITS = 32
+CLASSES = 16  # a unit page shows at most 12 classes (the highest), so more weigh as much as 16
 FULL_LAYERS, FULL_UNITS = 18, 16168  # ResNet-50's default layers: the stem, 16 bottlenecks, fc
 
 CONFIG = """
@@ -103,7 +105,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         if not (root / "images").is_dir():
-            make_imagefolder(root / "images", classes=4, per_class=16, size=224, seed=0)
+            # 16 classes: more than a unit page draws (12), so pages and JSON weigh what ImageNet's 1,000 do
+            make_imagefolder(root / "images", classes=CLASSES, per_class=64 // CLASSES, size=224, seed=0)
         path = root / "atlas.toml"
         path.write_text(CONFIG.format(device=args.device, steps=args.steps, units=UNITS,
                                       layers="[" + ", ".join(f'"{l}"' for l in LAYERS) + "]"))

@@ -318,7 +318,7 @@ TIMED = [
     ("store reads (Store.*)", [(Store, n) for n in STORE_READS]),
     ("unit page contexts (Pages.unit)", [("Pages", "unit")]),
     ("  charts.heat_uri (PNG overlays, 9 a conv unit)", [(charts, "heat_uri")]),
-    ("  histogram_svg + class_bars_svg", [(charts, "histogram_svg"), (charts, "class_bars_svg")]),
+    ("  histogram_svg + class_bars", [(charts, "histogram_svg"), (charts, "class_bars")]),
     ("  position_map (scatter inset, layers <= 128 units)", [(website, "position_map")]),
     ("unit JSON export contexts (Pages.unit_export)", [("Pages", "unit_export")]),
     ("other page contexts (home/model/layer/input/...)",

@@ -266,7 +266,14 @@ def test_images_load_on_home_layer_unit_and_input_pages(page, server):
     screenshot(page, "layer")
 
     page.goto(server.base + "digits-cnn/relu1/3/index.html")
-    assert page.locator("img[src^='data:']").count() > 0  # the heat maps over the examples
+    # the heat maps over the top examples: one sprite PNG, each example's block of rows its own
+    assert page.locator("ol.examples.top span.heat").count() == 9
+    sprite = page.evaluate("""async () => {
+        const bg = getComputedStyle(document.querySelector('ol.examples.top span.heat')).backgroundImage;
+        const img = new Image(); img.src = bg.slice(5, -2); await img.decode();
+        return [bg.slice(0, 27), img.naturalWidth, img.naturalHeight]; }""")
+    assert sprite[0] == 'url("data:image/png;base64,' and sprite[2] == 9 * sprite[1] > 0
+    assert page.locator(".dot-map img").count() == 1 and page.locator(".dot-map i").count() == 1
     assert_images_load(page, at_least=18)  # top and bottom examples at least
     screenshot(page, "unit")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -96,7 +98,9 @@ def test_maps_and_neighbours_reach_the_pages(tiny_config):
     links = [a["href"] for a in unit.find("a")]
     expected = [f"../{other}/index.html" for other, _ in near[0]]
     assert len(expected) == 4 and any(links[i:i + 4] == expected for i in range(len(links)))  # in order
-    assert 'class="highlight"' in (site / "tiny-mlp/fc1/0/index.html").read_text()
+    page = (site / "tiny-mlp/fc1/0/index.html").read_text()
+    assert '<img src="../units.svg"' in page and re.search(r'<i style="left:[0-9.]+%;top:[0-9.]+%"></i></a>', page)
+    assert (site / "tiny-mlp/fc1/units.svg").read_text().count("h0") == 5  # the layer's dots, its own on top
     model = (site / "tiny-mlp/index.html").read_text()
     assert model.count("<details") == 3  # an input map per layer
     assert "data-thumb=\"../media/examples/" in model  # hover shows the input

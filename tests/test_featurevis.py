@@ -451,6 +451,27 @@ def test_tensor_image():
     assert rgb.mode == "RGB" and rgb.getpixel((1, 0)) == (128, 0, 255)
 
 
+def test_lossy_media_are_capped_in_bytes_by_a_lower_quality(monkeypatch):
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), "RGB")
+    y, x = np.mgrid[0:224, 0:224]
+    smooth = Image.fromarray(np.stack([x, y, x // 2 + y // 2], -1).astype(np.uint8), "RGB")
+    free = media.encode_webp(noise, media.POSITIVE_QUALITY, media.STILL_SIDE)
+    cap = int(len(free) * 0.8)
+    capped = media.encode_webp(noise, media.POSITIVE_QUALITY, media.STILL_SIDE, cap)
+    assert len(free) > cap >= len(capped)  # detail beyond the cap: a lower quality
+    with Image.open(io.BytesIO(capped)) as webp:
+        assert webp.size == (160, 160)
+    floor = media.encode_webp(noise, media.POSITIVE_QUALITY, media.STILL_SIDE, 100)  # unreachable: the floor
+    assert floor == media.encode_webp(noise, media.MIN_QUALITY, media.STILL_SIDE)
+    assert media.encode_webp(smooth, 60, 160, cap) == media.encode_webp(smooth, 60, 160)  # under: untouched
+    frames = [smooth.rotate(10 * i) for i in range(8)]
+    monkeypatch.setattr(media, "ANIMATION_MAX_BYTES", 10**9)
+    free = media.encode_animation(frames)
+    monkeypatch.setattr(media, "ANIMATION_MAX_BYTES", int(len(free) * 0.8))
+    assert len(free) * 0.8 >= len(media.encode_animation(frames))
+
+
 def test_encode_animation_ends_on_the_final_image():
     model = fixtures_models.tiny_cnn()
     result = fv.render(model, "conv", fv.channel([2]), image([9], 1, 16, 16), steps=24, n_frames=6)

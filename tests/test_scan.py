@@ -58,7 +58,7 @@ def test_class_selectivity_hand_computed():
         [0.0, 0.0, 5.0],  # fires for class 2 only -> 1
         [3.0, 3.0, 3.0],  # equal for all -> 0
         [-2.0, 4.0, -1.0],  # negative means clipped to 0 -> 1, class 1
-        [-1.0, -2.0, -3.0],  # never positive -> 0
+        [-3.0, -1.0, -2.0],  # never positive -> 0, top class 1 (the highest mean)
         [4.0, 2.0, 0.0],  # mu_rest = 1 -> (4 - 1) / (4 + 1)
         [2.0, 1.0, nan],  # two classes present: (2 - 1) / 3
         [nan, 4.0, nan],  # one class present -> NaN, top class still known
@@ -66,7 +66,8 @@ def test_class_selectivity_hand_computed():
     ])
     index, top = class_selectivity(means)
     np.testing.assert_allclose(index, [1.0, 0.0, 1.0, 0.0, 0.6, 1 / 3, nan, nan], equal_nan=True)
-    np.testing.assert_array_equal(top[[0, 2, 4, 5, 6, 7]], [2, 1, 0, 0, 1, -1])
+    # the top class is the highest mean itself, also where every mean is negative (clipped, all tie at 0)
+    np.testing.assert_array_equal(top, [2, 0, 1, 1, 0, 0, 1, -1])
 
 
 def test_class_selectivity_matches_the_formula_on_random_means():
@@ -84,7 +85,7 @@ def test_class_selectivity_matches_the_formula_on_random_means():
     with np.errstate(invalid="ignore"):
         brute = np.where(mu_max + mu_rest > 0, (mu_max - mu_rest) / (mu_max + mu_rest), 0.0)
     np.testing.assert_allclose(index, np.where(n >= 2, brute, np.nan), rtol=1e-12, equal_nan=True)
-    np.testing.assert_array_equal(top, np.where(n > 0, np.where(present, clipped, -np.inf).argmax(1), -1))
+    np.testing.assert_array_equal(top, np.where(n > 0, np.where(present, means, -np.inf).argmax(1), -1))
 
 
 def brute_partners(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from atlas_builder import urls, website
+from atlas_builder import charts, urls, website
 from atlas_builder.build import build
 from atlas_builder.config import SiteSection, load_config
 from atlas_builder.errors import AtlasError
@@ -58,8 +58,11 @@ def test_unit_page_shows_top_examples_from_the_store(tiny_site):
     imgs = [i for i in page.find("img") if i["src"].startswith("../../../media/examples/")]
     assert [i["src"] for i in imgs] == [f"../../../media/examples/{t.example}.webp" for t in unit.top + unit.bottom]
     assert all(i.get("alt") is not None for i in page.find("img"))
-    heats = page.find("img", cls="heat")
-    assert len(heats) == 3 and all(h["src"].startswith("data:image/png;base64,") for h in heats)  # top-k maps
+    heats = page.find("span", cls="heat")  # top-k maps: one sprite on the list, a position per example
+    assert [h["style"] for h in heats] == [f"background-position-y:{y}%" for y in ("0", "50", "100")]
+    sprite = re.search(r'<ol class="examples top" style="--heat:url\((data:image/png;base64,[^)]*)\);--rows:300%"',
+                       html)
+    assert sprite and sprite.group(1) == charts.heat_sprite([t.map for t in unit.top])[0]
     assert len(page.find("span", cls="where")) == 3  # conv: where it fired, on the top examples
     rels = {a.get("rel"): a["href"] for a in page.find("a") if a.get("rel")}
     assert rels == {"prev": "../1/index.html", "up": "../index.html", "next": "../3/index.html"}
@@ -71,9 +74,11 @@ def test_unit_page_shows_top_examples_from_the_store(tiny_site):
     # histogram: one path, a bar per non-empty bin; class bars: one per class, top class highlighted
     bars = re.search(r'<path d="([^"]*)" class="bar">', html).group(1)
     assert bars.count("M") == sum(1 for c in unit.hist if c) and bars.count("Z") == bars.count("M")
-    assert html.count('class="bar"') == 1 + 3 - 1 and html.count('class="bar top"') == 1
+    bars = re.findall(r'<li( class="top")?><span>([^<]*)</span>', html.split('<ol class="bars"')[1])
+    assert [name for _, name in bars] == ["zero", "one", "two"]  # every class, in order: 3 of them
+    assert [bool(top) for top, _ in bars] == [i == unit.top_class for i in range(3)]
     mlp = read_page(site / "tiny-mlp/fc1/0/index.html")
-    assert mlp.find("span", cls="where") == [] and mlp.find("img", cls="heat") == []  # flat outputs
+    assert mlp.find("span", cls="where") == [] and mlp.find("span", cls="heat") == []  # flat outputs
 
 
 def test_model_and_layer_pages(tiny_site):
@@ -345,3 +350,50 @@ def test_heat_overlay_palette_png_decodes_to_its_opacity_levels():
     alpha = np.asarray(image)[..., 3]
     assert image.size == (10, 10) and alpha.max() == 200 and alpha.min() == 0
     assert alpha[8, 1] == 200 and alpha[8, 2] == 200 and alpha[0, 0] == 0 and HEAT_LEVELS == 16
+
+
+def test_heat_sprite_stacks_each_examples_overlay():
+    import base64
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    maps = [rng.random((7, 7), dtype=np.float32) for _ in range(4)]
+    uri, offsets = charts.heat_sprite(maps)
+    sprite = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGBA"))
+    assert sprite.shape[:2] == (28, 7) and offsets == pytest.approx([0, 100 / 3, 200 / 3, 100])
+    for i, m in enumerate(maps):  # each block of rows is that example's own overlay
+        own = np.asarray(Image.open(io.BytesIO(base64.b64decode(charts.heat_uri(m).split(",", 1)[1]))).convert("RGBA"))
+        np.testing.assert_array_equal(sprite[7 * i:7 * i + 7], own)
+    assert len(uri) < sum(len(charts.heat_uri(m)) for m in maps) * 0.6
+
+
+def test_class_bars_show_at_most_twelve_classes_highest_first_with_a_note():
+    means = tuple(float(v) for v in np.linspace(-1, 2, 30)) + (None,)
+    names = [f"<c{i}>" for i in range(31)]
+    html = str(charts.class_bars(means, names, top_class=29))
+    rows = re.findall(r'<li( class="top")?><span>([^<]*)</span><b>(.*?)</b>', html)
+    assert [name for _, name, _ in rows] == [f"&lt;c{i}&gt;" for i in range(29, 17, -1)]  # escaped, highest first
+    assert [bool(top) for top, _, _ in rows] == [True] + [False] * 11
+    assert "The 12 highest of 31 classes." in html
+    widths = [float(re.search(r"width:([0-9.]+)%", bar).group(1)) for _, _, bar in rows]
+    assert widths == sorted(widths, reverse=True) and widths[0] == pytest.approx(100 * 2 / 3, abs=0.1)
+    small = str(charts.class_bars((-1.0, 0.0, 1.0), ["a", "b", "c"], top_class=2))
+    assert "highest" not in small and 'style="--zero:50.0%"' in small
+    assert 'style="left:0.0%;width:50.0%"' in small and 'style="left:50.0%;width:50.0%"' in small
+
+
+def test_unit_pages_place_their_dot_on_the_layers_one_dot_map(tiny_site):
+    cfg, _ = tiny_site
+    site = cfg.atlas.site_dir
+    with Store(cfg.store_dir, read_only=True) as store:
+        points = store.map_points("tiny-cnn", "conv", "units")["umap"]
+    assert len(points) == 4
+    svg = (site / "tiny-cnn/conv/units.svg").read_text()  # one file for the layer, every unit a dot
+    assert svg.startswith('<svg xmlns="http://www.w3.org/2000/svg"') and svg.count("h0") == len(points)
+    places = charts.dot_places([(x, y) for _, _, x, y in points])
+    for (_, unit, _, _), (x, y) in zip(points, places):
+        html = (site / f"tiny-cnn/conv/{unit}/index.html").read_text()
+        assert '<a class="dot-map" href="../index.html#unit-map"><img src="../units.svg"' in html
+        assert f'<i style="left:{100 * x / 220:.1f}%;top:{100 * y / 220:.1f}%"></i>' in html
