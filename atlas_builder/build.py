@@ -33,7 +33,7 @@ from .store import ModelRecord, Store
 from .website import build_site
 
 SCAN_VERSION = 5  # bump when scan's output changes meaning (invalidates stored scans)
-FEATUREVIS_VERSION = 5  # likewise for the feature-vis stage
+FEATUREVIS_VERSION = 6  # likewise for the feature-vis stage
 EMBED_VERSION = 2  # and the embed stage
 
 
@@ -233,7 +233,8 @@ class FeatureVisStage(ModelStage):
 
     def layer_fingerprints(self) -> dict[str, str]:
         common = (FEATUREVIS_VERSION, self.model.fingerprint, self.cfg.featurevis.__dict__, self.cfg.atlas.seed,
-                  visualize.input_shape(self.dataset, self.cfg.featurevis), self.dataset.mean, self.dataset.std)
+                  visualize.input_shape(self.dataset, self.cfg.featurevis), self.dataset.mean, self.dataset.std,
+                  self.cfg.scan.reduce)
         return {layer: fingerprint(*common, layer) for layer in self.layers}
 
     def plan(self, store) -> dict[str, int]:
@@ -262,7 +263,7 @@ class FeatureVisStage(ModelStage):
         rows, weights, seconds = visualize.run(self.model, plan, self.dataset, self.cfg.featurevis,
                                                self.cfg.atlas.seed, self.device, media_dir, self.progress,
                                                part=(self.cluster.rank, self.cluster.world), done=done,
-                                               on_batch=write_batch)
+                                               on_batch=write_batch, reduce=self.cfg.scan.reduce)
         gathered = self.cluster.gather((rows, weights, seconds))
         if not self.cluster.writer:
             return None
@@ -325,6 +326,8 @@ class SiteStage(Stage):
         cfg = self.cfg
         store.keep_models([m.name for m in cfg.models])
         store.write_meta({"title": cfg.site.title, "dataset": cfg.dataset.source, "seed": str(cfg.atlas.seed),
+                          "measure": cfg.scan.reduce,  # a unit's value on an input: max or mean over positions
+                          "objective": cfg.featurevis.objective,  # what feature vis optimizes (channel, neuron)
                           "versions": json.dumps(versions(), sort_keys=True),
                           "config_name": cfg.path.name if cfg.path else "",
                           "config_toml": cfg.path.read_text(encoding="utf-8") if cfg.path else ""})

@@ -27,24 +27,26 @@ def _px(x: float) -> str:
     return f"{x:.1f}".rstrip("0").rstrip(".")
 
 
-def histogram_svg(counts: tuple[int, ...], lo: float, hi: float, width: int = 360, height: int = 120) -> Markup:
-    """Bar chart of an activation histogram with the range on the axis: the bars are one path (the counts
-    are in the unit's data.json), the tallest bar's count on its left."""
+def histogram_svg(counts: tuple[int, ...], lo: float, hi: float, width: int = 360, height: int = 120,
+                  what: str = "activations", marker: float | None = None) -> Markup:
+    """Bar chart of an activation histogram (or of other `what`) with the range on the axis: the bars are one
+    path (the counts are in the unit's data.json); a dashed line at 0 (or at `marker`) when inside."""
     if not counts or sum(counts) == 0:
         return Markup('<p class="muted">No finite activations to plot.</p>')
     top, n = max(counts), len(counts)
     plot_h = height - 18
     bar_w = width / n
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-             f'aria-label="Histogram of activations from {_num(lo)} to {_num(hi)}">']
+             f'aria-label="Histogram of {what} from {_num(lo)} to {_num(hi)}">']
     bars = "".join(f"M{_px(i * bar_w)} {plot_h}v{_px(-plot_h * c / top)}h{_px(max(bar_w - 1, 0.5))}"
                    f"V{plot_h}Z" for i, c in enumerate(counts) if c)
-    parts.append(f'<path d="{bars}" class="bar"><title>{sum(counts)} sampled activations in {n} bins, '
-                 f'at most {top} in one</title></path>')
+    parts.append(f'<path d="{bars}" class="bar"><title>{sum(counts)} {"sampled " * (what == "activations")}'
+                 f'{what} in {n} bins, at most {top} in one</title></path>')
     parts.append(f'<text x="0" y="{height - 3}" class="axis">{_num(lo)}</text>')
     parts.append(f'<text x="{width}" y="{height - 3}" class="axis" text-anchor="end">{_num(hi)}</text>')
-    if lo < 0 < hi:
-        x0 = width * (0 - lo) / (hi - lo)
+    line = 0.0 if marker is None else marker
+    if lo < line < hi:
+        x0 = width * (line - lo) / (hi - lo)
         parts.append(f'<line x1="{x0:.2f}" x2="{x0:.2f}" y1="0" y2="{plot_h}" class="zero"/>')
     parts.append("</svg>")
     return Markup("".join(parts))

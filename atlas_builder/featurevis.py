@@ -225,6 +225,17 @@ def channel(units: Sequence[int] | torch.Tensor) -> Objective:
     return Objective(lambda a: _unit_values(a, units.to(a.device)).mean(1), "channel")
 
 
+def measured(units: Sequence[int] | torch.Tensor, reduce: str = "max") -> Objective:
+    """Unit units[b]'s value on image b as the scan measures it on dataset examples (its max or mean over
+    positions; a flat unit's value itself), so a feature visualization and the top examples compare."""
+    units = torch.as_tensor(units, dtype=torch.long)
+
+    def fn(a):
+        values = _unit_values(a, units.to(a.device))
+        return values.amax(1) if reduce == "max" else values.mean(1)
+    return Objective(fn, f"{reduce} over positions")
+
+
 def neuron(units: Sequence[int] | torch.Tensor) -> Objective:
     """Activation of unit units[b] at the centre position (centre token), for image b."""
     units = torch.as_tensor(units, dtype=torch.long)
@@ -266,6 +277,7 @@ class RenderResult:
     frame_steps: list[int]
     activation: torch.Tensor  # [B] the objective on the final images, without transforms
     seconds: float
+    measured: torch.Tensor | None = None  # [B] `measure` on the final images, without transforms (if given)
 
 
 def frame_schedule(steps: int, n_frames: int) -> list[int]:
@@ -290,13 +302,19 @@ RELU_WARMUP_FRACTION = 8  # the first 1/8 of the steps optimize a ReLU target's 
 def render(model: nn.Module, layer: str, objective: Objective, param: nn.Module, steps: int = 256,
            lr: float = 0.05, transforms: Transform | None = None,
            normalize: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0, n_frames: int = 16,
-           optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None) -> RenderResult:
+           optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
+           measure: Objective | None = None, take: str = "output") -> RenderResult:
     """Optimize the images of `param` (a parametrization: forward() -> [B, C, H, W] in [0, 1]) to maximize
     `objective` at `layer`, whose b-th entry scores image b.
 
     `seed` drives the random transforms (shared by the batch at each step;
     default `standard_transforms` at the image size);
-    optimizer: params -> torch.optim.Optimizer (default `adam(lr)`). For a
+    optimizer: params -> torch.optim.Optimizer (default `adam(lr)`); measure:
+    a second objective read on the final images (the pages' measure, see
+    `measured`), not optimized, on the layer's output; take="input": the
+    objective scores the layer's input (an activation module's input: the
+    pre-activation, which a negative image can push below zero where the
+    output stops at it), and the measure the layer applied to it. For a
     ReLU target the first 1/RELU_WARMUP_FRACTION of the steps optimize the
     ReLU's input, which has a gradient where the unit is off (as lucid
     redirects the ReLU's gradient early on), so a unit off on the grey start
@@ -313,15 +331,16 @@ def render(model: nn.Module, layer: str, objective: Objective, param: nn.Module,
     schedule = set(frame_schedule(steps, n_frames))
     frames: list[torch.Tensor] = []
     module = dict(model.named_modules()).get(layer)
-    warm = min(steps, max(1, steps // RELU_WARMUP_FRACTION)) if isinstance(module, (nn.ReLU, nn.ReLU6)) else 0
+    warm = min(steps, max(1, steps // RELU_WARMUP_FRACTION)) \
+        if isinstance(module, (nn.ReLU, nn.ReLU6)) and take == "output" else 0
     was_training = model.training
     frozen = [p for p in model.parameters() if p.requires_grad]
     model.eval()
     for p in frozen:
         p.requires_grad_(False)
     try:
-        for take, span in (("input", range(1, warm + 1)), ("output", range(warm + 1, steps + 1))):
-            with Capture(model, [layer], stop=True, grad=True, take=take) as capture:
+        for where, span in (("input", range(1, warm + 1)), (take, range(warm + 1, steps + 1))):
+            with Capture(model, [layer], stop=True, grad=True, take=where) as capture:
                 for step in span:
                     opt.zero_grad(set_to_none=True)
                     capture(normalize(transforms(param(), gen)))
@@ -330,13 +349,16 @@ def render(model: nn.Module, layer: str, objective: Objective, param: nn.Module,
                     if step in schedule:  # the image after `step` updates
                         with torch.no_grad():
                             frames.append(param().cpu())
-        with torch.no_grad(), Capture(model, [layer], stop=True) as capture:
-            final = param()
-            capture(normalize(final))
-            activation = objective(capture.outputs[layer]).cpu()
+        with torch.no_grad():
+            with Capture(model, [layer], stop=True, take=take) as capture:
+                final = param()
+                capture(normalize(final))
+            acts = capture.outputs[layer]
+            activation = objective(acts).cpu()
+            value = None if measure is None else measure(module(acts) if take == "input" else acts).cpu()
     finally:
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)
     return RenderResult(final.detach().cpu(), torch.stack(frames), sorted(schedule), activation,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, value)

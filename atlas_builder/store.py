@@ -65,6 +65,11 @@ ALTER TABLE layers ADD COLUMN IF NOT EXISTS title VARCHAR DEFAULT '';  -- added 
 ALTER TABLE layers ADD COLUMN IF NOT EXISTS fingerprint VARCHAR DEFAULT '';
 -- the fingerprint of the inputs each unit's images were made from (a build resumes at the first unit without)
 ALTER TABLE featurevis ADD COLUMN IF NOT EXISTS fingerprint VARCHAR DEFAULT '';
+-- activation: the unit's value on the image in the scan's measure (as its dataset examples); objective: what the
+-- optimizer reached (the channel mean by default)
+ALTER TABLE featurevis ADD COLUMN IF NOT EXISTS objective DOUBLE;
+-- where the objective was taken: 'output' (the unit) or 'input' (a ReLU-like activation's input, the pre-activation)
+ALTER TABLE featurevis ADD COLUMN IF NOT EXISTS target VARCHAR DEFAULT 'output';
 CREATE TABLE IF NOT EXISTS classes (label INTEGER PRIMARY KEY, name VARCHAR);
 CREATE TABLE IF NOT EXISTS examples (example INTEGER PRIMARY KEY, label INTEGER);
 CREATE TABLE IF NOT EXISTS predictions (model VARCHAR, example INTEGER, predicted INTEGER, confidence DOUBLE);
@@ -116,7 +121,9 @@ class TopKRecord:
 class FeatureVisRecord:
     image: str  # media path of the final image
     animation: str | None  # media path of the optimization animation
-    activation: float  # objective reached on the final image, without transforms
+    activation: float  # the unit's value on the final image, in the scan's measure (as its dataset examples)
+    objective: float | None = None  # what the optimizer reached on it (the channel mean by default) ...
+    target: str = "output"  # ... of the unit, or of its "input" (the pre-activation of a ReLU-like unit)
 
 
 @dataclass(frozen=True)
@@ -366,12 +373,13 @@ class Store:
                        fingerprints: dict[str, str]) -> None:
         """Some units' feature-vis rows (a batch: kept if the build stops later), replacing theirs.
 
-        rows: (layer, unit, kind, activation, image, animation); weights: (layer, unit, image);
+        rows: (layer, unit, kind, activation, image, animation, objective, target); weights: (layer, unit, image);
         fingerprints: {layer: the fingerprint of the inputs its images come from}.
         """
         with self._transaction():
             if rows:
-                self.con.executemany("INSERT OR REPLACE INTO featurevis VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                self.con.executemany("INSERT OR REPLACE INTO featurevis (model, layer, unit, kind, activation, image, "
+                                     "animation, objective, target, fingerprint) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                      [(model, *r, fingerprints[r[0]]) for r in rows])
             if weights:
                 self.con.executemany("INSERT OR REPLACE INTO weights VALUES (?, ?, ?, ?)",
@@ -541,10 +549,10 @@ class Store:
     def visuals(self, model: str, layer: str) -> dict[int, VisualRecord]:
         """Feature visualizations and weight heatmaps of a layer's units, by unit."""
         parts: dict[int, dict] = defaultdict(dict)
-        for unit, kind, activation, image, animation in self.con.execute(
-                "SELECT unit, kind, activation, image, animation FROM featurevis WHERE model = ? AND layer = ?",
-                [model, layer]).fetchall():
-            parts[unit][kind] = FeatureVisRecord(image, animation, activation)
+        for unit, kind, activation, image, animation, objective, target in self.con.execute(
+                "SELECT unit, kind, activation, image, animation, objective, target FROM featurevis "
+                "WHERE model = ? AND layer = ?", [model, layer]).fetchall():
+            parts[unit][kind] = FeatureVisRecord(image, animation, activation, objective, target)
         for unit, image in self.con.execute("SELECT unit, image FROM weights WHERE model = ? AND layer = ?",
                                             [model, layer]).fetchall():
             parts[unit]["weights"] = image

@@ -30,6 +30,7 @@ from .progress import bar as progress_bar
 from . import atomic, featurevis as fv, media, urls
 from .config import FeatureVisSection
 from .hooks import LINEAR_TYPES, layer_sources
+from .scan import nonlinearity
 from .sources import AtlasDataset, LoadedModel
 
 
@@ -73,8 +74,17 @@ def batches_of(layers: dict[str, int], batch_size: int) -> list[tuple[str, list[
 
 def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: FeatureVisSection, seed: int,
         device: torch.device, media_dir: Path, progress: bool = True, part: tuple[int, int] = (0, 1),
-        done: dict[str, set[int]] | None = None, on_batch=None) -> tuple[list[tuple], list[tuple], float]:
+        done: dict[str, set[int]] | None = None, on_batch=None,
+        reduce: str = "max") -> tuple[list[tuple], list[tuple], float]:
     """Render the units of `layers` ({name: n_units}); returns (featurevis rows, weight rows, seconds).
+
+    A row is (layer, unit, kind, activation, image, animation, objective,
+    target): the activation is the unit's value on the image as the scan
+    measures dataset examples (`reduce` over positions: the pages compare the
+    two), the objective what the optimizer maximized (for a negative image,
+    minimized) at its target, "output" or "input". The negative image of a
+    unit after a ReLU-like activation minimizes the activation's input, the
+    pre-activation: its output stops at 0, which any grey image reaches.
 
     Batches whose every unit is in `done` ({layer: units}) are skipped (a
     resumed or extended build). After each batch, `on_batch(rows, weights)`
@@ -118,15 +128,18 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
                 atomic.write_bytes(media_dir / path, media.encode_webp(media.weight_heatmap(maps[unit])))
                 weights.append((probed, unit, path))
             report([], list(weights))
+        modules = dict(net.named_modules())
         for layer, units in mine:
             bar.set_layer(layer)
             batch_rows = []
             for kind, sign in kinds:
+                target = "input" if kind == "negative" and pre_activation(modules[layer]) else "output"
                 seeds = [derived_seed(seed, model.name, layer, u, kind) for u in units]
                 param = fv.FourierImage(len(units), c, h, w, seeds).to(device)
                 result = fv.render(net, layer, objective(units) * sign, param, steps=cfg.steps, lr=cfg.lr,
                                    transforms=transforms, normalize=normalize,
-                                   seed=derived_seed(seed, model.name, layer), n_frames=cfg.frames)
+                                   seed=derived_seed(seed, model.name, layer), n_frames=cfg.frames,
+                                   measure=fv.measured(units, reduce), take=target)
                 for i, unit in enumerate(units):
                     image = urls.featurevis_media(model.name, layer, unit, kind)
                     quality, cap = ((media.POSITIVE_QUALITY, media.POSITIVE_MAX_BYTES) if kind == "positive"
@@ -138,7 +151,8 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
                         animation = urls.featurevis_media(model.name, layer, unit, "animation")
                         frames = [media.tensor_image(f[i]) for f in result.frames]
                         atomic.write_bytes(media_dir / animation, media.encode_animation(frames))
-                    batch_rows.append((layer, unit, kind, float(sign * result.activation[i]), image, animation))
+                    batch_rows.append((layer, unit, kind, float(result.measured[i]), image, animation,
+                                       float(sign * result.activation[i]), target))
                 bar.update(len(units))
             rows.extend(batch_rows)
             report(batch_rows, [])
@@ -146,6 +160,13 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
         bar.close()
         net.to("cpu")
     return rows, weights, time.perf_counter() - start
+
+
+def pre_activation(module: nn.Module) -> bool:
+    """Whether a layer's negative image minimizes its input: an activation of the ReLU and smooth families
+    (ReLU, GELU, SiLU, Softplus, ...), whose output has a floor. Sigmoid, tanh and raw outputs are minimized
+    themselves."""
+    return nonlinearity(module).family in ("relu", "smooth")
 
 
 def clear(media_dir: Path, model: str, layer: str | None = None) -> None:

@@ -41,6 +41,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import jinja2
+import numpy as np
 from .progress import bar as progress_bar
 
 from . import atomic, charts, urls
@@ -99,6 +100,8 @@ class Pages:
         self.css, self.js = css, js
         self.search_js = search_js  # (the search code, the index) as static paths
         self.class_names, self.labels = class_names, labels  # labels: [N] label of every example
+        self.measure = "max"  # a unit's value on an input, over its positions (scan.reduce)
+        self.objective = "channel"  # what feature vis optimized (featurevis.objective)
 
     def common(self, page: str, crumbs: list[tuple[str, str]], description: str = "",
                image: str | None = None) -> dict:
@@ -232,6 +235,9 @@ class Pages:
         return {**self.common(page, [(m.title, urls.model_page(m.model)), (layer.layer, page)]),
                 "model_title": m.title, "units": cells, "prev": prev, "next": nxt,
                 "unit_map": map_views(unit_map, point),
+                "fv_ratio": ratio_summary([featurevis_ratio(visuals.get(u.unit), u.top[0].value if u.top else None)
+                                           for u in units]),
+                "measure": self.measure_text(layer),
                 "up": urls.rel(page, urls.model_page(m.model)),
                 "layer": {"name": layer.layer, "module_type": layer.module_type, "shape": shape_text(layer.shape),
                           "kind": layer_kind(layer), "n_units": layer.n_units, **health_counts(units)}}
@@ -286,12 +292,16 @@ class Pages:
                 "model_title": m.title, "cite": self.citation(uid, title, permalink),
                 "json_href": urls.rel(page, urls.unit_json(uid)),
                 "unit": {"id": str(uid), "unit": u.unit, "layer": layer.layer, "label": u.label, "flags": u.flags,
-                         "kind": layer_kind(layer), "class": cls},
+                         "kind": layer_kind(layer), "class": cls, "module_type": layer.module_type},
                 "stats": stats, "partner": partner,
                 "histogram": charts.histogram_svg(u.hist, u.hist_lo, u.hist_hi),
                 "class_bars": charts.class_bars(u.class_means, self.class_names, u.top_class),
                 "permalink": permalink, "permalink_href": permalink if self.base_url else urls.rel(page, page),
-                "top": examples(u.top), "bottom": examples(u.bottom), "featurevis": visual_context(page, vis),
+                "top": examples(u.top), "bottom": examples(u.bottom),
+                "featurevis": visual_context(page, vis, u.top[0].value if u.top else None),
+                "measure": self.measure_text(layer),
+                "objective": (None if layer.spatial is None else  # flat: the objective is the value itself
+                              "mean over positions" if self.objective == "channel" else "at the centre position"),
                 "neighbours": [{"href": urls.rel(page, urls.unit_page(UnitId(m.model, layer.layer, o.unit))),
                                 "text": f"unit {o.unit}", "label": o.label, "similarity": fmt(sim),
                                 "thumb": self.thumb(page, o, ovis)} for o, sim, ovis in near],
@@ -299,6 +309,12 @@ class Pages:
                 "map_href": urls.rel(page, urls.layer_page(m.model, layer.layer)) + "#unit-map",
                 "prev": sibling(u.unit - 1), "next": sibling(u.unit + 1),
                 "up": urls.rel(page, urls.layer_page(m.model, layer.layer))}
+
+    def measure_text(self, layer: LayerRecord) -> str:
+        """What every activation of a unit's pages is: its max (or mean) over positions, or a flat unit's value."""
+        if layer.spatial is None:
+            return "the unit itself"
+        return f"its {'maximum' if self.measure == 'max' else 'mean'} over positions"
 
     def citation(self, uid: UnitId, title: str, permalink: str) -> dict:
         """BibTeX and plain-text citations of a unit, from the site's citation settings."""
@@ -324,7 +340,7 @@ class Pages:
         def ranked(records):
             return [{"rank": t.rank, "example": t.example, "value": finite(t.value),
                      "label": self.label(int(self.labels[t.example])), "position": t.position} for t in records]
-        visual = visual_context(path, vis) or {}
+        visual = visual_context(path, vis, u.top[0].value if u.top else None) or {}
         return {"id": str(uid), "model": m.model, "model_title": m.title, "layer": layer.layer,
                 "example_images": urls.rel(path, urls.example_image(0)).replace("/0.webp", "/{example}.webp"),
                 "module_type": layer.module_type, "unit": u.unit, "label": u.label, "flags": u.flags,
@@ -342,7 +358,7 @@ class Pages:
                                  "mean": finite(u.class_means[i])} for i in charts.shown_classes(u.class_means)],
                 "classes": len(u.class_means),
                 "top": ranked(u.top), "bottom": ranked(u.bottom),
-                "featurevis": {k: v for k, v in visual.items() if v},
+                "featurevis": {k: v for k, v in visual.items() if v}, "measure": self.measure_text(layer),
                 "neighbours": [{"unit": o.unit, "similarity": finite(sim),
                                 "page": urls.rel(path, urls.unit_page(UnitId(m.model, layer.layer, o.unit)))}
                                for o, sim, _ in near]}
@@ -458,8 +474,9 @@ def source_date_year() -> int:
     return built.year if built else 0
 
 
-def visual_context(page: str, vis: VisualRecord | None) -> dict | None:
-    """Links of a unit's feature visualization, negative image and weight heatmap (None if it has none)."""
+def visual_context(page: str, vis: VisualRecord | None, best: float | None = None) -> dict | None:
+    """Links of a unit's feature visualization, negative image and weight heatmap (None if it has none), with
+    their activations and, given the top dataset example's value `best`, the positive one as a multiple of it."""
     if vis is None:
         return None
     ctx = {"weights": urls.rel(page, urls.media(vis.weights)) if vis.weights else None}
@@ -467,8 +484,34 @@ def visual_context(page: str, vis: VisualRecord | None) -> dict | None:
         ctx[kind] = None if record is None else {
             "image": urls.rel(page, urls.media(record.image)),
             "animation": urls.rel(page, urls.media(record.animation)) if record.animation else None,
-            "activation": fmt(record.activation)}
+            "activation": fmt(record.activation),
+            "objective": fmt(record.objective) if record.objective is not None else None, "ratio": None,
+            "target": record.target}
+    ratio = featurevis_ratio(vis, best)
+    if ctx["positive"] is not None and ratio is not None:
+        ctx["positive"]["ratio"] = f"{ratio:.2g}"
     return ctx
+
+
+def ratio_summary(ratios: list[float | None], bins: int = 20) -> dict | None:
+    """The layer page's distribution of the units' feature-vis / top-example ratios (None where no unit has
+    one): median, how many reach 1, and a histogram with a line at 1."""
+    r = np.array([x for x in ratios if x is not None and math.isfinite(x)], dtype=np.float64)
+    if not len(r):
+        return None
+    lo, hi = float(r.min()), float(r.max())
+    counts = np.histogram(r, bins=bins, range=(lo, hi if hi > lo else lo + 1))[0]
+    return {"median": f"{float(np.median(r)):.2g}", "n": len(r), "above": int((r >= 1).sum()),
+            "chart": charts.histogram_svg(tuple(int(c) for c in counts), lo, hi if hi > lo else lo + 1,
+                                          what="units' ratios", marker=1.0)}
+
+
+def featurevis_ratio(vis: VisualRecord | None, best: float | None) -> float | None:
+    """The feature visualization's activation over the top dataset example's (same measure); None where
+    either is missing or the example's is not positive."""
+    if vis is None or vis.positive is None or best is None or not best > 0 or not math.isfinite(best):
+        return None
+    return vis.positive.activation / best
 
 
 def position_map(unit_map: dict | None, unit: int, page: str, layer_map: str) -> dict | None:
@@ -727,6 +770,7 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
     pages = Pages(site, assets["style.css"][0], class_names, store.labels(), assets["atlas.js"][0],
                   (assets["search.js"][0], assets["search-index.js"][0]))
     meta = store.meta()
+    pages.measure, pages.objective = meta.get("measure", "max"), meta.get("objective", "channel")
     predictions = {m.model: store.predictions(m.model) for m in models}
     inputs = store.input_examples()
     featured = [(why, m, u, visuals[m.model][u.layer].get(u.unit)) for why, m, u in featured_units(flat)]

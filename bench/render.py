@@ -231,8 +231,10 @@ def write_store(folder: Path, n_units: int, seed: int = 0) -> None:
                 for kind, data in (("positive", poster), ("animation", animation), ("negative", poster)):
                     (store.media_dir / fv[kind][unit]).write_bytes(data)
                 act = float(rng.uniform(1, 10))
-                rows.append((info.name, unit, "positive", act, fv["positive"][unit], fv["animation"][unit]))
-                rows.append((info.name, unit, "negative", -act, fv["negative"][unit], None))
+                rows.append((info.name, unit, "positive", act, fv["positive"][unit], fv["animation"][unit], act / 2,
+                             "output"))
+                rows.append((info.name, unit, "negative", -act, fv["negative"][unit], None, -act / 2,
+                             "input" if info.module_type == "ReLU" else "output"))
         first = infos[0]
         for unit in range(first.n_units):
             path = urls.featurevis_media(MODEL, first.name, unit, "weights")

@@ -451,6 +451,49 @@ def test_tensor_image():
     assert rgb.mode == "RGB" and rgb.getpixel((1, 0)) == (128, 0, 255)
 
 
+def test_render_reads_the_pages_measure_on_the_final_images():
+    """`measure` is the unit's value as the scan takes it on dataset examples (max or mean over positions) on
+    the final images, beside the objective the optimizer maximized (the channel mean)."""
+    from atlas_builder.accumulators import unit_values
+    from atlas_builder.hooks import Capture
+
+    model = fixtures_models.tiny_cnn()
+    units = [0, 2, 3]
+    for reduce in ("max", "mean"):
+        result = fv.render(model, "conv", fv.channel(units), image([1, 2, 3], 1, 16, 16), steps=12,
+                           measure=fv.measured(units, reduce))
+        with torch.no_grad(), Capture(model, ["conv"]) as capture:
+            capture(result.images)
+        values = unit_values(capture.outputs["conv"], reduce)[torch.arange(3), torch.tensor(units)]
+        torch.testing.assert_close(result.measured, values)
+        means = capture.outputs["conv"].flatten(2).mean(2)[torch.arange(3), torch.tensor(units)]
+        torch.testing.assert_close(result.activation, means)  # the objective: the channel mean
+    assert fv.render(model, "conv", fv.channel([0]), image([1], 1, 16, 16), steps=2).measured is None
+
+
+def test_negative_image_of_a_post_relu_unit_lowers_its_pre_activation_below_the_dataset_minimum():
+    """A ReLU's output stops at 0, which a grey image reaches; its input (take="input") goes lower than on any
+    dataset example, while the measure stays the ReLU's own output."""
+    from atlas_builder.visualize import pre_activation
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 2)).eval()
+    data = torch.rand(512, 1, 16, 16)
+    with torch.no_grad():
+        dataset_min = model[0](data).flatten(2).mean(2).min(0).values  # each unit's lowest channel mean
+    units = [0, 1, 2, 3]
+    pre = fv.render(model, "1", -fv.channel(units), image([5, 6, 7, 8], 1, 16, 16), steps=48, take="input",
+                    measure=fv.measured(units))
+    assert (-pre.activation < dataset_min).all()  # the pre-activation, below every dataset example's
+    with torch.no_grad():
+        relu_max = model[1](model[0](pre.images)).flatten(2).amax(2)[torch.arange(4), torch.tensor(units)]
+    torch.testing.assert_close(pre.measured, relu_max)  # measured after the ReLU, as the dataset examples
+    out = fv.render(model, "1", -fv.channel(units), image([5, 6, 7, 8], 1, 16, 16), steps=48)
+    assert (-out.activation >= 0).all()  # the unit itself cannot go below its floor
+    assert pre_activation(nn.ReLU()) and pre_activation(nn.GELU()) and pre_activation(nn.Softplus())
+    assert not any(pre_activation(m) for m in (nn.Sigmoid(), nn.Tanh(), nn.Conv2d(1, 1, 1), nn.Linear(1, 1)))
+
+
 def test_lossy_media_are_capped_in_bytes_by_a_lower_quality(monkeypatch):
     rng = np.random.default_rng(0)
     noise = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), "RGB")

@@ -248,7 +248,22 @@ def test_feature_visualizations_on_unit_and_layer_pages(tiny_site):
     with Store(cfg.store_dir, read_only=True) as store:
         vis = store.visuals("tiny-cnn", "conv")
     assert sorted(vis) == [0, 1, 2, 3]
-    assert all(v.positive.activation > v.negative.activation for v in vis.values())
+    assert all(v.positive.objective > v.negative.objective for v in vis.values())  # what the optimizer did
+    with Store(cfg.store_dir, read_only=True) as store:
+        unit = store.units("tiny-cnn", "conv")[2]
+    html = (site / "tiny-cnn/conv/2/index.html").read_text()  # the activation beside the best example's
+    ratio = vis[2].positive.activation / unit.top[0].value
+    assert f'<b class="fv-ratio">{ratio:.2g} ×</b>' in html
+    assert "is its maximum over positions." in html and "(optimized: mean over positions, " in html
+    with Store(cfg.store_dir, read_only=True) as store:  # after a ReLU: the negative minimizes its input
+        relu_vis = store.visuals("tiny-cnn", "relu")
+    assert {v.negative.target for v in relu_vis.values()} == {"input"} and {v.negative.target for v in vis.values()} \
+        == {"output"} and all(v.negative.objective < v.positive.objective for v in relu_vis.values())
+    assert "(optimized: its input before the ReLU, the pre-activation, mean over positions, " in \
+        (site / "tiny-cnn/relu/1/index.html").read_text()
+    layer_html = (site / "tiny-cnn/conv/index.html").read_text()
+    ratios = [vis[u.unit].positive.activation / u.top[0].value for u in store_units(cfg, "tiny-cnn", "conv")]
+    assert f'median <b class="fv-ratio-median">{np.median(ratios):.2g} ×</b> over 4 units' in layer_html
 
 
 def test_rel_equals_posixpath_relpath():
@@ -397,3 +412,8 @@ def test_unit_pages_place_their_dot_on_the_layers_one_dot_map(tiny_site):
         html = (site / f"tiny-cnn/conv/{unit}/index.html").read_text()
         assert '<a class="dot-map" href="../index.html#unit-map"><img src="../units.svg"' in html
         assert f'<i style="left:{100 * x / 220:.1f}%;top:{100 * y / 220:.1f}%"></i>' in html
+
+
+def store_units(cfg, model: str, layer: str):
+    with Store(cfg.store_dir, read_only=True) as store:
+        return store.units(model, layer)
