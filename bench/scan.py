@@ -8,7 +8,7 @@ ratio = examples/s of the scan / examples/s of the bare pass (1.0 = free).
 
 Cases (each bare/scan pair interleaved, medians; a warm-up pass of each first):
 1. torchvision resnet18 (weights=None) over 2,000 synthetic 128-px images,
-   batches of 64, every conv, the stem ReLU and fc (22 layers, 4,800 units: what
+   batches of 64, every conv, the stem ReLU and fc (22 layers, 5,864 units: what
    the default layers were when this figure's target was set; today's default
    rule probes 10 of them, which would flatter it; 3 runs);
 2. torchvision resnet50 (weights=None) over 500 synthetic 224-px images,
