@@ -33,7 +33,7 @@ from .store import ModelRecord, Store
 from .website import build_site
 
 SCAN_VERSION = 5  # bump when scan's output changes meaning (invalidates stored scans)
-FEATUREVIS_VERSION = 6  # likewise for the feature-vis stage
+FEATUREVIS_VERSION = 7  # likewise for the feature-vis stage
 EMBED_VERSION = 2  # and the embed stage
 
 
@@ -246,15 +246,18 @@ class FeatureVisStage(ModelStage):
 
     def run(self, store):
         fps = self.layer_fingerprints()
-        plan = media_dir = done = None
+        plan = media_dir = done = scales = None
         if self.cluster.writer:
             plan, media_dir = self.plan(store), store.media_dir
             for gone in store.keep_featurevis(self.model.name, fps):  # layers no longer probed
                 visualize.clear(store.media_dir, self.model.name, gone)
-            wanted = {"positive", "negative"} if self.cfg.featurevis.negative else {"positive"}
+            wanted = ({"positive", "negative"} if self.cfg.featurevis.negative else {"positive"}) | \
+                {f"diverse{j}" for j in range(self.cfg.featurevis.diversity)}
             done = {layer: {u for u, kinds in store.featurevis_kinds(self.model.name, layer).items()
                             if wanted <= kinds} for layer in plan}
-        plan, media_dir, done = self.cluster.broadcast((plan, media_dir, done))
+            if self.cfg.featurevis.diversity:  # the diversity term's scale: each unit's top dataset activation
+                scales = {layer: np.array([u.max for u in store.units(self.model.name, layer)]) for layer in plan}
+        plan, media_dir, done, scales = self.cluster.broadcast((plan, media_dir, done, scales))
         alone = not self.cluster.distributed
 
         def write_batch(rows, weights):  # kept at once: a build killed later resumes after this batch
@@ -263,7 +266,7 @@ class FeatureVisStage(ModelStage):
         rows, weights, seconds = visualize.run(self.model, plan, self.dataset, self.cfg.featurevis,
                                                self.cfg.atlas.seed, self.device, media_dir, self.progress,
                                                part=(self.cluster.rank, self.cluster.world), done=done,
-                                               on_batch=write_batch, reduce=self.cfg.scan.reduce)
+                                               on_batch=write_batch, reduce=self.cfg.scan.reduce, scales=scales)
         gathered = self.cluster.gather((rows, weights, seconds))
         if not self.cluster.writer:
             return None

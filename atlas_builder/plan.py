@@ -193,7 +193,7 @@ def featurevis_seconds(model, dataset, layers: dict[str, int], cfg: AtlasConfig,
         ends = {shallow: step_seconds(shallow)}
         ends[deep] = step_seconds(deep) if deep != shallow else ends[shallow]
         span = depth[deep] - depth[shallow]
-        kinds = 2 if f.negative else 1
+        kinds = (2 if f.negative else 1) + f.diversity  # a diversity image costs about what one more kind does
         out = {}
         for name, n_units in layers.items():
             t = ends[shallow] if span <= 0 else \
@@ -222,7 +222,9 @@ def media_bytes(cfg: AtlasConfig, shape) -> int:
     if pixels > media.LOSSLESS_MAX_PIXELS:  # lossy media are capped in bytes
         positive, negative = min(positive, media.POSITIVE_MAX_BYTES), min(negative, media.NEGATIVE_MAX_BYTES)
         animation = min(animation, media.ANIMATION_MAX_BYTES)
-    return int(positive + (negative if f.negative else 0) + animation + 300)  # + the files' own overhead
+    diverse = f.diversity * min(visualize.DIVERSE_MAX_BYTES,
+                                rate["positive"] * min(pixels, visualize.DIVERSE_SIDE ** 2))
+    return int(positive + (negative if f.negative else 0) + animation + diverse + 300)  # + the files' overhead
 
 
 def page_bytes(cfg: AtlasConfig, model, layer: str, title: str, shape: tuple[int, ...], n_units: int,

@@ -132,6 +132,7 @@ class VisualRecord:
     positive: FeatureVisRecord | None = None
     negative: FeatureVisRecord | None = None
     weights: str | None = None  # media path of the weight heatmap (first-layer units)
+    diverse: tuple[FeatureVisRecord, ...] = ()  # the diversity row (featurevis.diversity images), in order
 
 
 @dataclass(frozen=True)
@@ -556,7 +557,9 @@ class Store:
         for unit, image in self.con.execute("SELECT unit, image FROM weights WHERE model = ? AND layer = ?",
                                             [model, layer]).fetchall():
             parts[unit]["weights"] = image
-        return {u: VisualRecord(p.get("positive"), p.get("negative"), p.get("weights"))
+        def row(p: dict) -> tuple[FeatureVisRecord, ...]:
+            return tuple(p[k] for k in sorted((k for k in p if k.startswith("diverse")), key=lambda k: int(k[7:])))
+        return {u: VisualRecord(p.get("positive"), p.get("negative"), p.get("weights"), row(p))
                 for u, p in sorted(parts.items())}
 
     def media_files(self) -> list[str]:

@@ -74,8 +74,8 @@ def batches_of(layers: dict[str, int], batch_size: int) -> list[tuple[str, list[
 
 def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: FeatureVisSection, seed: int,
         device: torch.device, media_dir: Path, progress: bool = True, part: tuple[int, int] = (0, 1),
-        done: dict[str, set[int]] | None = None, on_batch=None,
-        reduce: str = "max") -> tuple[list[tuple], list[tuple], float]:
+        done: dict[str, set[int]] | None = None, on_batch=None, reduce: str = "max",
+        scales: dict[str, np.ndarray] | None = None) -> tuple[list[tuple], list[tuple], float]:
     """Render the units of `layers` ({name: n_units}); returns (featurevis rows, weight rows, seconds).
 
     A row is (layer, unit, kind, activation, image, animation, objective,
@@ -85,6 +85,10 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
     minimized) at its target, "output" or "input". The negative image of a
     unit after a ReLU-like activation minimizes the activation's input, the
     pre-activation: its output stops at 0, which any grey image reaches.
+    With `cfg.diversity` = N, each unit also gets N images optimized together
+    with lucid's diversity term (kinds diverse0 ... diverseN-1), weighted by
+    DIVERSITY_WEIGHT times the unit's top dataset activation (`scales`:
+    {layer: [units]}, from the scan), so the term has the unit's own scale.
 
     Batches whose every unit is in `done` ({layer: units}) are skipped (a
     resumed or extended build). After each batch, `on_batch(rows, weights)`
@@ -154,12 +158,56 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
                     batch_rows.append((layer, unit, kind, float(result.measured[i]), image, animation,
                                        float(sign * result.activation[i]), target))
                 bar.update(len(units))
+            if cfg.diversity:
+                scale = (scales or {}).get(layer)
+                batch_rows += diverse_rows(net, layer, units, cfg, seed, model.name, c, h, w, device, transforms,
+                                           normalize, reduce, scale, media_dir)
             rows.extend(batch_rows)
             report(batch_rows, [])
     finally:
         bar.close()
         net.to("cpu")
     return rows, weights, time.perf_counter() - start
+
+
+# the diversity term's weight, times the unit's top dataset activation (measured on the demo CNN's units, 4
+# images each: 0.20-0.26 apart in 1 - cosine of their Gram matrices, 0.83-0.99 of a single image's activation)
+DIVERSITY_WEIGHT = 0.5
+DIVERSE_SIDE, DIVERSE_QUALITY, DIVERSE_MAX_BYTES = 96, 50, 1500  # the row's small images
+
+
+def diversity_objective(units: list[int], n: int, scales, device) -> fv.Objective:
+    """n images per unit (unit-major: units[0]'s n images first): each unit's channel objective plus lucid's
+    diversity term over its n images, weighted DIVERSITY_WEIGHT x its scale (its top dataset activation;
+    1 where unknown or not positive)."""
+    scale = [float(v) if v is not None and np.isfinite(v) and v > 0 else 1.0 for v in (scales or [None] * len(units))]
+    weights = torch.tensor(scale, device=device).repeat_interleave(n) * DIVERSITY_WEIGHT
+    channel, diversity = fv.channel(torch.tensor(units).repeat_interleave(n)), fv.diversity(n)
+    return fv.Objective(lambda a: channel(a) + weights * diversity(a), f"channel + diversity({n})")
+
+
+def diverse_rows(net, layer, units, cfg: FeatureVisSection, seed, model_name, c, h, w, device, transforms,
+                 normalize, reduce, scale, media_dir) -> list[tuple]:
+    """The diversity row of some units: N images each, one batch (unit-major), written as small WebPs."""
+    n = cfg.diversity
+    rows = []
+    per_run = max(1, cfg.batch_size // n)  # units per run: their N images each fill about one batch
+    for lo in range(0, len(units), per_run):
+        chunk = units[lo:lo + per_run]
+        rep = torch.tensor(chunk).repeat_interleave(n)
+        objective = diversity_objective(chunk, n, [scale[u] for u in chunk] if scale is not None else None, device)
+        seeds = [derived_seed(seed, model_name, layer, u, "diverse", j) for u in chunk for j in range(n)]
+        result = fv.render(net, layer, objective, fv.FourierImage(len(seeds), c, h, w, seeds).to(device),
+                           steps=cfg.steps, lr=cfg.lr, transforms=transforms, normalize=normalize,
+                           seed=derived_seed(seed, model_name, layer, "diverse"), n_frames=1,
+                           measure=fv.measured(rep, reduce))
+        for i, unit in enumerate(rep.tolist()):
+            kind = f"diverse{i % n}"
+            path = urls.featurevis_media(model_name, layer, unit, kind)
+            atomic.write_bytes(media_dir / path, media.encode_webp(media.tensor_image(result.images[i]),
+                                                                   DIVERSE_QUALITY, DIVERSE_SIDE, DIVERSE_MAX_BYTES))
+            rows.append((layer, unit, kind, float(result.measured[i]), path, None, None, "output"))
+    return rows
 
 
 def pre_activation(module: nn.Module) -> bool:

@@ -487,6 +487,9 @@ def visual_context(page: str, vis: VisualRecord | None, best: float | None = Non
             "activation": fmt(record.activation),
             "objective": fmt(record.objective) if record.objective is not None else None, "ratio": None,
             "target": record.target}
+    ctx["diverse"] = [{"image": urls.rel(page, urls.media(r.image)), "activation": fmt(r.activation),
+                       "ratio": f"{r.activation / best:.2g}" if best and best > 0 and math.isfinite(best) else None}
+                      for r in vis.diverse]
     ratio = featurevis_ratio(vis, best)
     if ctx["positive"] is not None and ratio is not None:
         ctx["positive"]["ratio"] = f"{ratio:.2g}"

@@ -45,7 +45,23 @@ B. torchvision resnet18 (weights=None), layer layer2.1.conv2 (128 channels),
    unit on 4 units, extrapolated), normalize=None for both, weights drawn
 after torch.manual_seed(0). Info lines only.
 
-If CUDA is available, the CPU run (both cases) goes first in a child process with
+C. quality, in the pages' measure (a unit's max over positions, as its dataset
+   examples are scored; the optimizer still maximizes the channel mean):
+   - FIGURE featurevis_vs_dataset_top_demo: median over the demo CNN's relu1
+     and relu2 (16 units each, 256 steps) of feature-vis activation / the
+     unit's best activation over the 540 demo digits (the median of the two
+     layers' medians); lucent's render_vis on 4 units of each, side by side;
+   - FIGURE featurevis_vs_dataset_top_resnet18: the same on resnet18
+     (weights=None) layer4.1, 16 units, 32 steps, 128 px, against 256
+     synthetic random images; lucent on 2 units;
+   - FIGURE featurevis_diversity: 4 images per unit of the demo's relu1 (16
+     units) optimized with the diversity term as the build does it
+     (visualize.diversity_objective), mean pairwise 1 - cosine of their Gram
+     matrices at the layer (the same seeds without the term printed beside);
+     FIGURE featurevis_diversity_activation: their mean activation / that of
+     a single image per unit.
+
+If CUDA is available, the CPU run (all cases) goes first in a child process with
 CUDA_VISIBLE_DEVICES="" (lucent picks its device at import time), then both
 cases run again on cuda (info lines); the FIGURE lines are always CPU.
 
@@ -207,6 +223,100 @@ def run_case(label, model, layer, units, steps, size, channels, device, per_unit
     return {"speedup": speedup, "over_floor": ours["seconds"] / floor, "activation": act_ratio}
 
 
+def top_of_dataset(model, layer: str, data: torch.Tensor, units: list[int], device) -> torch.Tensor:
+    """Each unit's best dataset activation in the pages' measure (its max over positions), batch by batch."""
+    from atlas_builder.accumulators import unit_values
+
+    best = None
+    with torch.no_grad(), Capture(model, [layer], stop=True) as capture:
+        for chunk in data.split(128):
+            capture(chunk.to(device))
+            v = unit_values(capture.outputs[layer], "max")[:, units].amax(0).cpu()
+            best = v if best is None else torch.maximum(best, v)
+    return best
+
+
+def measured_of(model, layer: str, units: list[int], images: torch.Tensor, device) -> torch.Tensor:
+    """The pages' measure of unit units[i] on images[i]: its max over positions (no transforms)."""
+    with torch.no_grad(), Capture(model, [layer], stop=True) as capture:
+        capture(images.to(device))
+    return fv.measured(units)(capture.outputs[layer]).cpu()
+
+
+def gram_apart(model, layer: str, images: torch.Tensor, n: int, device) -> float:
+    """Mean pairwise 1 - cosine of the images' Gram matrices at the layer, within each unit's n images."""
+    import torch.nn.functional as F
+
+    with torch.no_grad(), Capture(model, [layer], stop=True) as capture:
+        capture(images.to(device))
+    flat = capture.outputs[layer].float().flatten(2)
+    gram = F.normalize(torch.einsum("bcm,bdm->bcd", flat, flat).flatten(1), dim=1)
+    off = ~torch.eye(n, dtype=torch.bool, device=gram.device)
+    return float(torch.stack([(1 - g @ g.T)[off].mean() for g in gram.split(n)]).mean())
+
+
+def quality(label, model, layer, units, data, steps, size, channels, device, lucent_units) -> float:
+    """Median over units of (feature-vis activation / top-1 dataset activation), the pages' measure, for
+    ours and for lucent's render_vis once per unit (on `lucent_units`), side by side."""
+    best = top_of_dataset(model, layer, data, units, device)
+    ours = fv.render(model, layer, fv.channel(units), fv.FourierImage(len(units), channels, size, size,
+                                                                        list(units)).to(device),
+                     steps=steps, n_frames=1, measure=fv.measured(units))
+    ratio = (ours.measured / best.clamp(min=1e-9))[best > 0]
+    lucent = _lucent.lucent_per_unit(model, layer, lucent_units, steps, size, channels)["images"]
+    pick = [units.index(u) for u in lucent_units]
+    theirs = measured_of(model, layer, lucent_units, lucent, device) / best[pick].clamp(min=1e-9)
+    print(f"{label}, {layer}, {steps} steps: feature vis / top dataset example (max over positions), median over "
+          f"{len(ratio)} units: ours {float(ratio.median()):.3f}; on {len(lucent_units)} units ours "
+          f"{float(ratio[pick].median()):.3f}, lucent render_vis {float(theirs.median()):.3f}", flush=True)
+    return float(ratio.median())
+
+
+def run_quality(device: torch.device, quick: bool) -> dict:
+    """The quality figures: act-max against the best dataset example (demo CNN, resnet18) and diversity."""
+    from atlas_builder import visualize
+    from atlas_builder.demo_models import digits_split
+
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cnn, _ = load_builtin("digits-cnn", Path(tmp), seed=0)
+    cnn = cnn.eval().to(device)
+    x, _ = digits_split("test")
+    digits = torch.as_tensor(x, dtype=torch.float32).view(-1, 1, 8, 8)
+    steps = 32 if quick else 256
+    ratios = [quality("demo CNN", cnn, layer, list(range(16)), digits, steps, 8, 1, device, [0, 1, 2, 3])
+              for layer in ("relu1", "relu2")]
+    figures["vs_top_demo"] = statistics.median(ratios)
+
+    import torchvision
+
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(weights=None).eval().to(device)
+    synthetic = torch.rand(64 if quick else 256, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    figures["vs_top_resnet18"] = quality("resnet18 (weights=None)", resnet, "layer4.1",
+                                         list(range(8 if quick else 16)), synthetic, 8 if quick else 32, 128, 3,
+                                         device, [0, 1])
+
+    n, units, layer = 4, list(range(16)), "relu1"  # diversity: the demo CNN, 4 images per unit
+    best = top_of_dataset(cnn, layer, digits, units, device)
+    single = fv.render(cnn, layer, fv.channel(units), fv.FourierImage(16, 1, 8, 8, units).to(device),
+                       steps=steps, n_frames=1, measure=fv.measured(units))
+    rep = torch.tensor(units).repeat_interleave(n)
+    diverse = fv.render(cnn, layer, visualize.diversity_objective(units, n, best.tolist(), device),
+                        fv.FourierImage(16 * n, 1, 8, 8, list(range(100, 100 + 16 * n))).to(device),
+                        steps=steps, n_frames=1, measure=fv.measured(rep))
+    plain = fv.render(cnn, layer, fv.channel(rep),
+                      fv.FourierImage(16 * n, 1, 8, 8, list(range(100, 100 + 16 * n))).to(device),
+                      steps=steps, n_frames=1)  # the same seeds without the term
+    figures["diversity"] = gram_apart(cnn, layer, diverse.images, n, device)
+    figures["diversity_activation"] = float(diverse.measured.view(16, n).mean(1).mean() / single.measured.mean())
+    print(f"diversity, demo CNN {layer}, {n} images a unit, {steps} steps: 1 - cosine of their Gram matrices "
+          f"{figures['diversity']:.3f} (the same seeds without the term: "
+          f"{gram_apart(cnn, layer, plain.images, n, device):.3f}); their activation / a single image's "
+          f"{figures['diversity_activation']:.3f}", flush=True)
+    return figures
+
+
 def run_all(device: torch.device, quick: bool) -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,6 +334,7 @@ def run_all(device: torch.device, quick: bool) -> dict:
     steps_b = 8 if quick else 32
     run_case("B. resnet18 (weights=None)", resnet, "layer2.1.conv2", units_b, steps_b, 128, 3, device,
              units_b[:2 if quick else 4], None, 1 if quick else 3)
+    figures.update(run_quality(device, quick))
     return figures
 
 
@@ -263,6 +374,10 @@ def main() -> None:
     print(f"FIGURE featurevis_speedup_vs_lucent {figures['speedup']:.3f}")
     print(f"FIGURE featurevis_over_floor {figures['over_floor']:.3f}")
     print(f"FIGURE featurevis_activation_vs_lucent {figures['activation']:.3f}")
+    print(f"FIGURE featurevis_vs_dataset_top_demo {figures['vs_top_demo']:.3f}")
+    print(f"FIGURE featurevis_vs_dataset_top_resnet18 {figures['vs_top_resnet18']:.3f}")
+    print(f"FIGURE featurevis_diversity {figures['diversity']:.3f}")
+    print(f"FIGURE featurevis_diversity_activation {figures['diversity_activation']:.3f}")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,8 @@ BAD_CONFIGS = [
      ["scan.reduce 'median' is not allowed", "use one of max, mean"]),
     ("zero-top-k", "[scan]\ntop_k = 0\n" + MODEL, ["scan.top_k must be at least 1, got 0"]),
     ("zero-batch", "[scan]\nbatch_size = 0\n" + MODEL, ["scan.batch_size must be at least 1, got 0"]),
+    ("one-diverse", "[featurevis]\ndiversity = 1\n" + MODEL,
+     ["featurevis.diversity must be 0 (none) or 2 to 8 images per unit, got 1"]),
     ("negative-limit", "[dataset]\nlimit = -1\n" + MODEL, ["dataset.limit must be 0 or more, got -1"]),
     ("mean-std-length", "[dataset]\nmean = [0.5, 0.5, 0.5]\nstd = [0.2]\n" + MODEL,
      ["dataset.mean and dataset.std must have the same length", "got 3 and 1"]),

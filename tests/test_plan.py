@@ -39,3 +39,14 @@ def test_cli_plan_prints_the_table_and_strict_fails_when_over(tmp_path, capsys, 
     assert cli.main(["plan", "--strict", str(path)]) == 1
     assert "over GitHub Pages' 1 GB" in capsys.readouterr().err
     assert cli.main(["plan", str(path)]) == 0  # without --strict only said
+
+
+def test_plan_counts_the_diversity_row_in_the_media_bytes(tmp_path):
+    base = load_config(tiny(tmp_path))
+    (tmp_path / "d").mkdir()
+    diverse = load_config(tiny(tmp_path / "d", "diversity = 4\n"))
+    for shape in ((1, 8, 8), (3, 224, 224)):  # lossless small images; lossy large ones, at most their cap each
+        extra = plan_module.media_bytes(diverse, shape) - plan_module.media_bytes(base, shape)
+        assert 0 < extra <= 4 * plan_module.visualize.DIVERSE_MAX_BYTES
+    assert plan_module.media_bytes(diverse, (3, 224, 224)) - plan_module.media_bytes(base, (3, 224, 224)) == \
+        4 * plan_module.visualize.DIVERSE_MAX_BYTES  # 96 px of a detailed image: the cap
