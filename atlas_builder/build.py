@@ -26,14 +26,14 @@ from .config import AtlasConfig
 from .distributed import Cluster
 from .errors import AtlasError
 from .hooks import Capture, list_layers, resolve_layers
-from .plan import PAGES_LIMIT
+from .plan import PAGES_LIMIT, fit_diversity
 from .scan import finish_scan, scan_part, shard_range
 from .sources import load_dataset, load_model
 from .store import ModelRecord, Store
 from .website import build_site
 
 SCAN_VERSION = 5  # bump when scan's output changes meaning (invalidates stored scans)
-FEATUREVIS_VERSION = 7  # likewise for the feature-vis stage
+FEATUREVIS_VERSION = 8  # likewise for the feature-vis stage
 EMBED_VERSION = 2  # and the embed stage
 
 
@@ -95,9 +95,13 @@ def fingerprint(*parts) -> str:
 
 
 def build(cfg: AtlasConfig, progress: bool = True) -> BuildReport:
-    """Build the atlas of `cfg`; under torchrun, as one rank of a sharded build (rank 0 writes)."""
+    """Build the atlas of `cfg`; under torchrun, as one rank of a sharded build (rank 0 writes). Diversity
+    rows that would take the planned site over GitHub Pages' 1 GB are left out (`plan.fit_diversity`)."""
     device = resolve_device(cfg.atlas.device)
     cluster = distributed.from_environment(device)
+    cfg, note = fit_diversity(cfg)
+    if note and cluster.writer:
+        progress_lines.say(note)
     try:
         return _build(cfg, cluster, cluster.device(device), progress and cluster.writer)
     finally:

@@ -303,7 +303,7 @@ def render(model: nn.Module, layer: str, objective: Objective, param: nn.Module,
            lr: float = 0.05, transforms: Transform | None = None,
            normalize: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0, n_frames: int = 16,
            optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
-           measure: Objective | None = None, take: str = "output") -> RenderResult:
+           measure: Objective | None = None, take: str = "output", call: int = 1) -> RenderResult:
     """Optimize the images of `param` (a parametrization: forward() -> [B, C, H, W] in [0, 1]) to maximize
     `objective` at `layer`, whose b-th entry scores image b.
 
@@ -314,7 +314,9 @@ def render(model: nn.Module, layer: str, objective: Objective, param: nn.Module,
     `measured`), not optimized, on the layer's output; take="input": the
     objective scores the layer's input (an activation module's input: the
     pre-activation, which a negative image can push below zero where the
-    output stops at it), and the measure the layer applied to it. For a
+    output stops at it), and the measure the layer applied to it; call=k:
+    the layer's k-th call of the forward (a module the model reuses, such as
+    the shared `relu` of a ResNet block, whose last call ends the block). For a
     ReLU target the first 1/RELU_WARMUP_FRACTION of the steps optimize the
     ReLU's input, which has a gradient where the unit is off (as lucid
     redirects the ReLU's gradient early on), so a unit off on the grey start
@@ -340,7 +342,7 @@ def render(model: nn.Module, layer: str, objective: Objective, param: nn.Module,
         p.requires_grad_(False)
     try:
         for where, span in (("input", range(1, warm + 1)), (take, range(warm + 1, steps + 1))):
-            with Capture(model, [layer], stop=True, grad=True, take=where) as capture:
+            with Capture(model, [layer], stop=True, grad=True, take=where, call=call) as capture:
                 for step in span:
                     opt.zero_grad(set_to_none=True)
                     capture(normalize(transforms(param(), gen)))
@@ -350,7 +352,7 @@ def render(model: nn.Module, layer: str, objective: Objective, param: nn.Module,
                         with torch.no_grad():
                             frames.append(param().cpu())
         with torch.no_grad():
-            with Capture(model, [layer], stop=True, take=take) as capture:
+            with Capture(model, [layer], stop=True, take=take, call=call) as capture:
                 final = param()
                 capture(normalize(final))
             acts = capture.outputs[layer]

@@ -77,11 +77,14 @@ class Capture:
     grad=True). `shapes[layer]` is its shape for one example (first call).
     strict (default): every layer must give a tensor and run exactly once
     per forward; otherwise `calls` just counts (for `atlas layers`).
+    call=k: a layer reports on its k-th call of each forward, not its first,
+    and may run k times (a reused module: the last `relu` call of a ResNet
+    block takes the block's sum, its pre-activation; see `final_activations`).
     """
 
     def __init__(self, model: nn.Module, layers, *, sink=None, stop: bool = False, grad: bool = False,
-                 take: str = "output", strict: bool = True, model_name: str | None = None):
-        self.model, self.layers, self.sink = model, list(dict.fromkeys(layers)), sink
+                 take: str = "output", strict: bool = True, model_name: str | None = None, call: int = 1):
+        self.model, self.layers, self.sink, self.call = model, list(dict.fromkeys(layers)), sink, call
         self.stop, self.grad, self.take, self.strict = stop, grad, take, strict
         self.what = f"model {model_name!r}" if model_name else f"the model ({type(model).__name__})"
         self.outputs: dict[str, torch.Tensor] = {}
@@ -129,7 +132,7 @@ class Capture:
                 raise
             raise forward_error(self.what, exc, args) from exc
         if self.strict and out is not None:
-            missing = next((name for name, n in self.calls.items() if n == 0), None)
+            missing = next((name for name, n in self.calls.items() if n < self.call), None)
             if missing is not None:
                 raise AtlasError(f"layer {missing!r} of {self.what} is never called in the model's forward pass; "
                                  f"probe layers that the forward uses (`atlas layers CONFIG`)")
@@ -145,8 +148,10 @@ class Capture:
                         raise not_a_tensor(name, module, tensor, self.what)
                     self.shapes.setdefault(name, None)
                     return
-                if self.strict and self.calls[name] > 1:
+                if self.strict and self.calls[name] > self.call:
                     raise reused_layer(name, self.what)
+                if self.calls[name] < self.call:
+                    return
                 self.shapes.setdefault(name, tuple(tensor.shape[1:]))
                 if self.sink is not None:
                     self.sink(name, tensor)
@@ -266,6 +271,36 @@ def list_layers(model: nn.Module, example: torch.Tensor, model_name: str | None 
         if pick is not None and infos[pick].probeable:
             defaults.add(pick)
     return [dataclasses.replace(info, default=info.name in defaults) for info in infos.values()]
+
+
+def final_activations(model: nn.Module, layers, example: torch.Tensor) -> dict[str, tuple[str, int]]:
+    """{block: (activation, k)} for each of `layers` (module paths) that is a block whose output is what the
+    k-th call of an activation module inside it returns, that is a block ending in that activation (a
+    torchvision BasicBlock or Bottleneck ends in the last call of its shared `relu`, on the residual sum).
+    One forward of `example`; tensors are told apart by identity, so an in-place activation counts too."""
+    modules = dict(model.named_modules())
+    inner = {layer: [name for name, m in modules.items() if name.startswith(layer + ".")
+                     and isinstance(m, ACTIVATION_TYPES)] for layer in layers if layer in modules}
+    inner = {layer: names for layer, names in inner.items() if names}
+    if not inner:
+        return {}
+    last: dict[str, tuple[torch.Tensor, int]] = {}
+    counts: dict[str, int] = {}
+
+    def keep(name, tensor):
+        counts[name] = counts.get(name, 0) + 1
+        last[name] = (tensor, counts[name])
+
+    hooked = list(inner) + [name for names in inner.values() for name in names]
+    with Capture(model, hooked, sink=keep, strict=False) as capture, torch.inference_mode():
+        capture(example)
+    found = {}
+    for layer, names in inner.items():
+        out = last.get(layer, (None, 0))[0]
+        for name in names:
+            if out is not None and name in last and last[name][0] is out:
+                found[layer] = (name, last[name][1])
+    return found
 
 
 def resolve_layers(model: nn.Module, requested, model_name: str = "model",

@@ -23,6 +23,7 @@ dataset.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -305,6 +306,23 @@ def shared_bytes(cfg: AtlasConfig, dataset, layer_units: list[list[int]]) -> int
     return int(shown * per_image + model_pages + input_pages + fixed + 12 * units)
 
 
+def fit_diversity(cfg: AtlasConfig) -> tuple[AtlasConfig, str | None]:
+    """`cfg` as the build runs it: with featurevis.diversity = N set and the planned site (bytes only, no
+    calibration) over GitHub Pages' 1 GB, the diversity rows are left out, with a line saying so (None when
+    nothing changed); a site within the budget keeps them."""
+    n = cfg.featurevis.diversity
+    if not n or not cfg.featurevis.enabled:
+        return cfg, None
+    with_rows = make_plan(cfg, calibrate=False)
+    if not with_rows.over:
+        return cfg, None
+    off = dataclasses.replace(cfg, featurevis=dataclasses.replace(cfg.featurevis, diversity=0))
+    without = make_plan(off, calibrate=False)
+    return off, (f"featurevis.diversity = {n} left out: with it the site would be about {with_rows.bytes / 1e6:,.0f} "
+                 f"MB, over GitHub Pages' 1 GB (about {without.bytes / 1e6:,.0f} MB without it); probe fewer layers "
+                 f"or units (layers = [...], units = N) to have it (`atlas plan CONFIG`)")
+
+
 def make_plan(cfg: AtlasConfig, calibrate: bool = True) -> Plan:
     """The plan of a build of `cfg` (models loaded and checked; with `calibrate`, the timing runs)."""
     from .build import load_and_check_models, resolve_device
@@ -335,4 +353,7 @@ def make_plan(cfg: AtlasConfig, calibrate: bool = True) -> Plan:
     plan = Plan(plans, shared_bytes(cfg, dataset, [[l.units for l in p.layers] for p in plans]), str(device))
     if not calibrate:
         plan.notes.append("(times not measured: no calibration run)")
+    if cfg.featurevis.enabled and cfg.featurevis.diversity and plan.over:
+        plan.notes.append(f"featurevis.diversity = {cfg.featurevis.diversity} takes the site over 1 GB: the build "
+                          f"leaves the diversity rows out (probe fewer layers or units to have them)")
     return plan

@@ -123,7 +123,8 @@ class FeatureVisRecord:
     animation: str | None  # media path of the optimization animation
     activation: float  # the unit's value on the final image, in the scan's measure (as its dataset examples)
     objective: float | None = None  # what the optimizer reached on it (the channel mean by default) ...
-    target: str = "output"  # ... of the unit, or of its "input" (the pre-activation of a ReLU-like unit)
+    target: str = "output"  # ... of the unit, its "input" (a ReLU-like unit's pre-activation) or, for a block
+    # ending in one, "input:<activation>" (the input of that activation's last call in the block)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from .progress import bar as progress_bar
 
 from . import atomic, featurevis as fv, media, urls
 from .config import FeatureVisSection
-from .hooks import LINEAR_TYPES, layer_sources
+from .hooks import LINEAR_TYPES, final_activations, layer_sources
 from .scan import nonlinearity
 from .sources import AtlasDataset, LoadedModel
 
@@ -133,17 +133,21 @@ def run(model: LoadedModel, layers: dict[str, int], dataset: AtlasDataset, cfg: 
                 weights.append((probed, unit, path))
             report([], list(weights))
         modules = dict(net.named_modules())
+        negatives = negative_targets(net, [layer for layer, _ in mine], modules, (c, h, w), normalize, device) \
+            if cfg.negative else {}
         for layer, units in mine:
             bar.set_layer(layer)
             batch_rows = []
             for kind, sign in kinds:
-                target = "input" if kind == "negative" and pre_activation(modules[layer]) else "output"
+                where, call, target = negatives.get(layer, (layer, 1, "output")) if kind == "negative" \
+                    else (layer, 1, "output")
                 seeds = [derived_seed(seed, model.name, layer, u, kind) for u in units]
                 param = fv.FourierImage(len(units), c, h, w, seeds).to(device)
-                result = fv.render(net, layer, objective(units) * sign, param, steps=cfg.steps, lr=cfg.lr,
+                result = fv.render(net, where, objective(units) * sign, param, steps=cfg.steps, lr=cfg.lr,
                                    transforms=transforms, normalize=normalize,
                                    seed=derived_seed(seed, model.name, layer), n_frames=cfg.frames,
-                                   measure=fv.measured(units, reduce), take=target)
+                                   measure=fv.measured(units, reduce), take="output" if target == "output"
+                                   else "input", call=call)
                 for i, unit in enumerate(units):
                     image = urls.featurevis_media(model.name, layer, unit, kind)
                     quality, cap = ((media.POSITIVE_QUALITY, media.POSITIVE_MAX_BYTES) if kind == "positive"
@@ -208,6 +212,22 @@ def diverse_rows(net, layer, units, cfg: FeatureVisSection, seed, model_name, c,
                                                                    DIVERSE_QUALITY, DIVERSE_SIDE, DIVERSE_MAX_BYTES))
             rows.append((layer, unit, kind, float(result.measured[i]), path, None, None, "output"))
     return rows
+
+
+def negative_targets(net: nn.Module, layers: list[str], modules: dict, shape: tuple[int, int, int], normalize,
+                     device: torch.device) -> dict[str, tuple[str, int, str]]:
+    """{layer: (module to hook, its call, stored target)} for the layers whose negative image minimizes a
+    pre-activation: an activation of the ReLU/smooth families minimizes its own input (target "input"); a
+    block ending in one (`hooks.final_activations`: a ResNet block's last call of its shared `relu`, on the
+    residual sum) the input of that call (target "input:<activation>"). Other layers are not listed."""
+    found = {layer: (layer, 1, "input") for layer in dict.fromkeys(layers) if pre_activation(modules[layer])}
+    blocks = [layer for layer in dict.fromkeys(layers) if layer not in found and any(modules[layer].children())]
+    if blocks:
+        example = torch.rand(1, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+        ends = final_activations(net, blocks, normalize(example) if normalize else example)
+        found.update({layer: (act, call, f"input:{act}") for layer, (act, call) in ends.items()
+                      if pre_activation(modules[act])})
+    return found
 
 
 def pre_activation(module: nn.Module) -> bool:

@@ -54,6 +54,9 @@ C. quality, in the pages' measure (a unit's max over positions, as its dataset
    - FIGURE featurevis_vs_dataset_top_resnet18: the same on resnet18
      (weights=None) layer4.1, 16 units, 32 steps, 128 px, against 256
      synthetic random images; lucent on 2 units;
+   - info: on the demo's relu1 the exact most any image in the [0, 1] box can
+     reach, over the top dataset example (digits already sit near the box's
+     corners, so this bounds what the first figure can be there);
    - FIGURE featurevis_diversity: 4 images per unit of the demo's relu1 (16
      units) optimized with the diversity term as the build does it
      (visualize.diversity_objective), mean pairwise 1 - cosine of their Gram
@@ -287,6 +290,14 @@ def run_quality(device: torch.device, quick: bool) -> dict:
     ratios = [quality("demo CNN", cnn, layer, list(range(16)), digits, steps, 8, 1, device, [0, 1, 2, 3])
               for layer in ("relu1", "relu2")]
     figures["vs_top_demo"] = statistics.median(ratios)
+    # the most any image can reach on relu1: conv1 is 3x3 on one channel behind a positive-scale
+    # Normalize, so its max over the [0, 1] box is the vertex image holding (weight > 0) in a 3x3 patch
+    units = list(range(16))
+    vertex = torch.zeros(16, 1, 8, 8)
+    vertex[:, 0, 3:6, 3:6] = (cnn.conv1.weight.detach()[units, 0] > 0).float().cpu()
+    bound = measured_of(cnn, "relu1", units, vertex, device) / top_of_dataset(cnn, "relu1", digits, units, device)
+    print(f"demo CNN, relu1: the most any image can reach / top dataset example (exact, the vertex image), median "
+          f"over 16 units {float(bound.median()):.3f}, max {float(bound.max()):.3f}", flush=True)
 
     import torchvision
 

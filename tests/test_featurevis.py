@@ -587,3 +587,43 @@ def test_render_takes_its_parametrization_and_optimizer_and_uses_torch_adam():
     assert not torch.equal(before, param.spectrum.detach())  # the given module's own parameters moved
     adam = fv.adam(0.05)([torch.zeros(3, requires_grad=True)])
     assert type(adam) is torch.optim.Adam and adam.defaults["fused"] and adam.defaults["lr"] == 0.05
+
+
+def test_negative_image_of_a_resnet_block_lowers_the_sum_before_its_final_relu():
+    """A torchvision BasicBlock ends in the second call of its shared `relu`, on the residual sum: that call
+    is found by one forward, Capture(call=2, take="input") takes exactly that sum (checked against the
+    block's own arithmetic), and the negative image pushes it below every dataset example's, which the
+    block's output (stuck at 0) cannot show."""
+    from torchvision.models.resnet import BasicBlock
+
+    from atlas_builder.hooks import Capture, final_activations
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), BasicBlock(4, 4), nn.Flatten(),
+                          nn.Linear(4 * 16 * 16, 2)).eval()
+    data = torch.rand(256, 1, 16, 16)
+    block = model[1]
+    with torch.no_grad():
+        x = model[0](data)
+        summed = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(x))))) + x  # the block's sum
+        with Capture(model, ["1.relu"], take="input", call=2) as capture:
+            capture(data)
+    torch.testing.assert_close(capture.outputs["1.relu"], summed)
+    with pytest.raises(AtlasError, match="runs more than once"), Capture(model, ["1.relu"]) as capture:
+        capture(data)  # the first call only, strictly, still refuses a reused module
+
+    assert final_activations(model, ["1", "0", "3"], data[:1]) == {"1": ("1.relu", 2)}
+    modules = dict(model.named_modules())
+    assert visualize.negative_targets(model, ["1", "0"], modules, (1, 16, 16), None, torch.device("cpu")) == \
+        {"1": ("1.relu", 2, "input:1.relu")}
+    vit_like = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Linear(4, 4)))
+    assert final_activations(vit_like, ["1"], torch.rand(1, 4)) == {}  # ends in a linear: minimized itself
+
+    units = [0, 1, 2, 3]
+    dataset_min = summed.flatten(2).mean(2).min(0).values
+    pre = fv.render(model, "1.relu", -fv.channel(units), image([5, 6, 7, 8], 1, 16, 16), steps=48, take="input",
+                    call=2, measure=fv.measured(units))
+    assert (-pre.activation < dataset_min).all()
+    with torch.no_grad():
+        block_max = model[1](model[0](pre.images)).flatten(2).amax(2)[torch.arange(4), torch.tensor(units)]
+    torch.testing.assert_close(pre.measured, block_max)  # measured on the block's output, as its examples

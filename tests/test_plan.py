@@ -50,3 +50,21 @@ def test_plan_counts_the_diversity_row_in_the_media_bytes(tmp_path):
         assert 0 < extra <= 4 * plan_module.visualize.DIVERSE_MAX_BYTES
     assert plan_module.media_bytes(diverse, (3, 224, 224)) - plan_module.media_bytes(base, (3, 224, 224)) == \
         4 * plan_module.visualize.DIVERSE_MAX_BYTES  # 96 px of a detailed image: the cap
+
+
+def test_build_leaves_diversity_out_where_the_plan_goes_over_the_budget(tmp_path, capsys, monkeypatch):
+    from atlas_builder.store import Store
+
+    path = tiny(tmp_path, "diversity = 2\n")
+    cfg = load_config(path)
+    assert plan_module.fit_diversity(cfg) == (cfg, None)  # a tiny site fits: the rows stay
+    monkeypatch.setattr(plan_module, "PAGES_LIMIT", 1000)  # any site is over 1 KB
+    fitted, note = plan_module.fit_diversity(cfg)
+    assert fitted.featurevis.diversity == 0 and fitted.featurevis.steps == cfg.featurevis.steps
+    assert note.startswith("featurevis.diversity = 2 left out") and "over GitHub Pages' 1 GB" in note
+    assert any("leaves the diversity rows out" in line for line in plan_module.make_plan(cfg, False).table())
+    build(cfg, progress=False)
+    assert "featurevis.diversity = 2 left out" in capsys.readouterr().err
+    with Store(cfg.store_dir, read_only=True) as store:
+        vis = store.visuals("tiny-cnn", "relu")
+        assert vis and all(v.positive is not None and not v.diverse for v in vis.values())
