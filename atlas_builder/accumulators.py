@@ -39,6 +39,7 @@ from .errors import AtlasError
 
 EMPTY = torch.iinfo(torch.int64).min  # the key of an empty top-k slot: below every real entry
 POSITION_SAMPLE = 256  # examples (spread over the sample) on which the fraction of active positions is measured
+ACTIVITY_CHUNK = 8 * 2**20  # bytes of activity rows copied at once: in the cache, twice as fast as larger copies
 COMPACT_WRITES = ("cpu",)  # devices where a top-k update finds its few changed slots by nonzero (no sync to wait on)
 
 
@@ -69,14 +70,16 @@ def unit_values(out: torch.Tensor, reduce: str = "max") -> torch.Tensor:
     return (torch.amax(maps, 2) if reduce == "max" else maps.mean(2)).float()
 
 
-def active_fraction(out: torch.Tensor, threshold: float) -> torch.Tensor:
-    """[B, U] fraction of each unit's positions (0/1 for flat outputs) above `threshold`; NaN is not active."""
+def active_fraction(out: torch.Tensor, threshold: float, scratch: bool = False) -> torch.Tensor:
+    """[B, U] fraction of each unit's positions (0/1 for flat outputs) above `threshold`; NaN is not active.
+    scratch: `out` is the caller's own copy: a float32 one is compared in place (no second copy)."""
     maps = unit_maps(out)
     if maps is None:
         return (out > threshold).float()
     # a float copy compared in place: 1.0 where above, 0.0 elsewhere (NaN too), then its mean; four times
     # faster on the CPU than comparing into booleans and counting them
-    return maps.to(torch.float32, copy=True).gt_(threshold).mean(2)
+    own = scratch and maps.dtype == torch.float32
+    return (maps if own else maps.to(torch.float32, copy=True)).gt_(threshold).mean(2)
 
 
 def tail_fraction(out: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -303,10 +306,11 @@ class Activity(Accumulator):
         if tail is not None:
             self.tail_sum += tail.sum(0, dtype=torch.float64)
 
-    def observe(self, rows: torch.Tensor) -> None:
-        """The position fractions of some whole outputs rows [R, ...] (R of the examples)."""
-        self.add_positions(active_fraction(rows, self.threshold),
-                           tail_fraction(rows, *self.tails) if self.tails else None)
+    def observe(self, rows: torch.Tensor, scratch: bool = False) -> None:
+        """The position fractions of some whole outputs rows [R, ...] (R of the examples); scratch: rows are the
+        caller's own copy, which this may overwrite."""
+        tail = tail_fraction(rows, *self.tails) if self.tails else None  # before active_fraction may overwrite
+        self.add_positions(active_fraction(rows, self.threshold, scratch), tail)
 
     def merge(self, other: "Activity") -> None:
         self.n += other.n
@@ -421,9 +425,11 @@ class LayerAccumulator(Accumulator):
         self.top.enter(top, maps)
         self.bottom.enter(bottom, maps)
         lo, hi = np.searchsorted(self.activity_ids, [first, first + len(values)])
-        if hi > lo:  # row by row: no copy of the rows (they are few: POSITION_SAMPLE in the whole scan)
-            for r in (self.activity_ids[lo:hi] - first).tolist():
-                self.activity.observe(output[r:r + 1])
+        rows = self.activity_ids[lo:hi] - first  # the batch's few activity rows (POSITION_SAMPLE in the scan)
+        per = max(1, ACTIVITY_CHUNK // max(output[0].numel() * output.element_size(), 1))
+        for at in range(0, len(rows), per):  # copied in chunks that stay in the cache
+            chunk = torch.as_tensor(rows[at:at + per], device=output.device)
+            self.activity.observe(output.index_select(0, chunk), scratch=True)
         self._buffer.append((values, labels, first))
         return values.numel() * 4
 

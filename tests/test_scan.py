@@ -289,6 +289,17 @@ def test_scan_model_matches_brute_force_on_tiny_cnn(sample_size, reduce, device)
     assert result.accuracy == pytest.approx(float((outputs[""].argmax(1) == data.labels).float().mean()))
 
 
+def test_position_activity_in_chunks_of_one_row_matches_brute_force(monkeypatch):
+    """Activity rows are copied in cache-sized chunks: a chunk of one row gives the same statistics."""
+    from atlas_builder import accumulators
+    monkeypatch.setattr(accumulators, "ACTIVITY_CHUNK", 1)
+    data = fixtures_models.tiny_dataset()
+    result, model = run_scan(data, sample_size=2000)
+    outputs = outputs_of(model.cpu(), data.images, LAYERS)
+    for layer in result.layers:
+        check_layer(layer, outputs[layer.info.name], data.labels.numpy(), np.arange(40), 4)
+
+
 class TokenNet(nn.Module):
     """A token model (outputs [B, T, D]), as a ViT block's: patches, a linear map, GELU, a head."""
 
