@@ -48,7 +48,7 @@ from . import atomic, charts, urls
 from .config import SiteSection
 from .errors import AtlasError
 from .ids import UnitId
-from .store import LayerRecord, ModelRecord, Store, UnitRecord, VisualRecord
+from .store import FeatureVisRecord, LayerRecord, ModelRecord, Store, UnitRecord, VisualRecord
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 MARKER = ".atlas-site"  # marks a folder as ours, so we never replace a folder we did not write
@@ -487,9 +487,11 @@ def visual_context(page: str, vis: VisualRecord | None, best: float | None = Non
             "activation": fmt(record.activation),
             "objective": fmt(record.objective) if record.objective is not None else None, "ratio": None,
             "target": record.target}
-    ctx["diverse"] = [{"image": urls.rel(page, urls.media(r.image)), "activation": fmt(r.activation),
-                       "ratio": f"{r.activation / best:.2g}" if best and best > 0 and math.isfinite(best) else None}
-                      for r in vis.diverse]
+    ctx["diverse"] = []
+    for r in vis.diverse:
+        ratio = activation_ratio(r, best)
+        ctx["diverse"].append({"image": urls.rel(page, urls.media(r.image)), "activation": fmt(r.activation),
+                               "ratio": f"{ratio:.2g}" if ratio is not None else None})
     ratio = featurevis_ratio(vis, best)
     if ctx["positive"] is not None and ratio is not None:
         ctx["positive"]["ratio"] = f"{ratio:.2g}"
@@ -512,9 +514,15 @@ def ratio_summary(ratios: list[float | None], bins: int = 20) -> dict | None:
 def featurevis_ratio(vis: VisualRecord | None, best: float | None) -> float | None:
     """The feature visualization's activation over the top dataset example's (same measure); None where
     either is missing or the example's is not positive."""
-    if vis is None or vis.positive is None or best is None or not best > 0 or not math.isfinite(best):
+    return activation_ratio(vis.positive if vis is not None else None, best)
+
+
+def activation_ratio(record: FeatureVisRecord | None, best: float | None) -> float | None:
+    """One optimized image's activation over the top dataset example's; None where either is missing or the
+    example's is not positive."""
+    if record is None or best is None or not best > 0 or not math.isfinite(best):
         return None
-    return vis.positive.activation / best
+    return record.activation / best
 
 
 def position_map(unit_map: dict | None, unit: int, page: str, layer_map: str) -> dict | None:
