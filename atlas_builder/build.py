@@ -94,12 +94,13 @@ def fingerprint(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def build(cfg: AtlasConfig, progress: bool = True) -> BuildReport:
+def build(cfg: AtlasConfig, progress: bool = True, plan=None) -> BuildReport:
     """Build the atlas of `cfg`; under torchrun, as one rank of a sharded build (rank 0 writes). Diversity
-    rows that would take the planned site over GitHub Pages' 1 GB are left out (`plan.fit_diversity`)."""
+    rows that would take the planned site over GitHub Pages' 1 GB are left out (`plan.fit_diversity`, from
+    `plan`, the caller's `make_plan(cfg)` when it has one)."""
     device = resolve_device(cfg.atlas.device)
     cluster = distributed.from_environment(device)
-    cfg, note = fit_diversity(cfg)
+    cfg, note = fit_diversity(cfg, plan)
     if note and cluster.writer:
         progress_lines.say(note)
     try:

@@ -115,12 +115,14 @@ def _run(args) -> int:
             return 1
         return 0
     start = time.perf_counter()
+    plan = None
     if not args.quiet:
         from .plan import make_plan
 
-        print(f"atlas: {make_plan(cfg).total_line()}", file=sys.stderr, flush=True)
+        plan = make_plan(cfg)
+        print(f"atlas: {plan.total_line()}", file=sys.stderr, flush=True)
     try:
-        report = build(cfg, progress=not args.quiet)  # bars on a terminal, lines in a log (atlas_builder.progress)
+        report = build(cfg, progress=not args.quiet, plan=plan)  # bars on a terminal, lines in a log (atlas_builder.progress)
     except OSError as exc:
         message = os_error_message(exc, cfg)
         if message is None:  # not one the user can fix by freeing space or permissions: keep the traceback

@@ -306,14 +306,14 @@ def shared_bytes(cfg: AtlasConfig, dataset, layer_units: list[list[int]]) -> int
     return int(shown * per_image + model_pages + input_pages + fixed + 12 * units)
 
 
-def fit_diversity(cfg: AtlasConfig) -> tuple[AtlasConfig, str | None]:
-    """`cfg` as the build runs it: with featurevis.diversity = N set and the planned site (bytes only, no
-    calibration) over GitHub Pages' 1 GB, the diversity rows are left out, with a line saying so (None when
-    nothing changed); a site within the budget keeps them."""
+def fit_diversity(cfg: AtlasConfig, plan: Plan | None = None) -> tuple[AtlasConfig, str | None]:
+    """`cfg` as the build runs it: with featurevis.diversity = N set and the planned site (`plan`, the plan of
+    `cfg`; without it, one of bytes only, no calibration) over GitHub Pages' 1 GB, the diversity rows are left
+    out, with a line saying so (None when nothing changed); a site within the budget keeps them."""
     n = cfg.featurevis.diversity
     if not n or not cfg.featurevis.enabled:
         return cfg, None
-    with_rows = make_plan(cfg, calibrate=False)
+    with_rows = plan or make_plan(cfg, calibrate=False)
     if not with_rows.over:
         return cfg, None
     off = dataclasses.replace(cfg, featurevis=dataclasses.replace(cfg.featurevis, diversity=0))

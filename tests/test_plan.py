@@ -68,3 +68,14 @@ def test_build_leaves_diversity_out_where_the_plan_goes_over_the_budget(tmp_path
     with Store(cfg.store_dir, read_only=True) as store:
         vis = store.visuals("tiny-cnn", "relu")
         assert vis and all(v.positive is not None and not v.diverse for v in vis.values())
+
+
+def test_fit_diversity_uses_the_plan_it_is_given(tmp_path, monkeypatch):
+    """`atlas build` has made the plan already (its first line): the build judges the budget by it, with no
+    second load of the dataset and models."""
+    cfg = load_config(tiny(tmp_path, "diversity = 2\n"))
+    plan = plan_module.make_plan(cfg, calibrate=False)
+    calls = []
+    monkeypatch.setattr(plan_module, "make_plan", lambda *args, **kwargs: calls.append(args) or plan)
+    assert plan_module.fit_diversity(cfg, plan) == (cfg, None) and calls == []
+    assert plan_module.fit_diversity(cfg) == (cfg, None) and len(calls) == 1
