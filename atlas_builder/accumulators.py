@@ -63,11 +63,19 @@ def first_units(out: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def unit_values(out: torch.Tensor, reduce: str = "max") -> torch.Tensor:
-    """[B, U] float32: each unit's value on each example (max or mean over its positions)."""
+    """[B, U] float32: each unit's value on each example (`reduce_positions` of its map)."""
     maps = unit_maps(out)
     if maps is None:  # a copy: an in-place op later in the forward (a ReLU after a Linear) must not reach it
         return out.to(torch.float32, copy=True)
-    return (torch.amax(maps, 2) if reduce == "max" else maps.mean(2)).float()
+    return reduce_positions(maps, reduce, out.dim() == 3).float()
+
+
+def reduce_positions(maps: torch.Tensor, reduce: str, tokens: bool) -> torch.Tensor:
+    """A unit's value from its values over positions (the last dim): their max or mean, or for token outputs
+    under "cls" the first token's (a ViT's class token; conv maps take their max)."""
+    if reduce == "cls" and tokens:
+        return maps[..., 0]
+    return maps.mean(-1) if reduce == "mean" else torch.amax(maps, -1)
 
 
 def active_fraction(out: torch.Tensor, threshold: float, scratch: bool = False) -> torch.Tensor:

@@ -32,9 +32,10 @@ from .sources import load_dataset, load_model
 from .store import ModelRecord, Store
 from .website import build_site
 
-SCAN_VERSION = 5  # bump when scan's output changes meaning (invalidates stored scans)
+SCAN_VERSION = 6  # bump when scan's output changes meaning (invalidates stored scans)
 FEATUREVIS_VERSION = 8  # likewise for the feature-vis stage
 EMBED_VERSION = 2  # and the embed stage
+ARCHITECTURE_VERSION = 1  # and the architecture view's
 
 
 @dataclass
@@ -185,7 +186,8 @@ class ScanStage(ModelStage):
 
     def layer_fingerprints(self) -> dict[str, str]:
         common = (SCAN_VERSION, self.model.fingerprint, self.dataset.fingerprint, self.model.section.units,
-                  self.cfg.scan.__dict__, self.cfg.atlas.seed, self.cfg.site.input_pages)
+                  self.cfg.scan.__dict__, self.cfg.atlas.seed, self.cfg.site.input_pages,
+                  self.cfg.site.attribution_steps, self.cfg.site.unit_attributions)
         return {layer: fingerprint(*common, layer) for layer in self.layers}
 
     def fingerprint(self, store) -> str:
@@ -212,7 +214,8 @@ class ScanStage(ModelStage):
             merged = merged.merge(other)
         try:
             return finish_scan(self.model, self.dataset, todo, self.cfg.scan, merged, self.device,
-                               self.cfg.atlas.seed, self.cfg.site.input_pages, self.model.section.units), fps
+                               self.cfg.atlas.seed, self.cfg.site.input_pages, self.model.section.units,
+                               self.cfg.site.attribution_steps, self.cfg.site.unit_attributions), fps
         finally:
             self.model.module.to("cpu")
 
@@ -316,6 +319,32 @@ class EmbedStage(Stage):
 
 
 @dataclass
+class ArchitectureStage(Stage):
+    """The model page's layer graph (architecture.describe: torch.fx, or the module tree), on one example."""
+    model: object  # sources.LoadedModel
+    dataset: object
+    kind = "architecture"
+
+    @property
+    def name(self) -> str:
+        return f"architecture:{self.model.name}"
+
+    def example(self) -> torch.Tensor:
+        return torch.as_tensor(self.dataset.data[0][0])[None]
+
+    def fingerprint(self, store) -> str:
+        return fingerprint(ARCHITECTURE_VERSION, self.model.fingerprint, list(self.example().shape))
+
+    def run(self, store):
+        from . import architecture
+
+        return architecture.describe(self.model.module, self.example())
+
+    def write(self, store, result, fp) -> None:
+        store.write_architecture(self.model.name, result, fp)
+
+
+@dataclass
 class SiteStage(Stage):
     """The website from the store alone: the build's metadata, the example images, then every page.
 
@@ -365,6 +394,8 @@ def _build(cfg: AtlasConfig, cluster: Cluster, device: torch.device, progress: b
                     accuracy = None  # its outputs are not the dataset's classes (ImageNet weights on 4 folders)
                 store.write_model(ModelRecord(section.name, position, section.display_title, section.source,
                                               model.fingerprint, model.info["parameters"], accuracy, model.info))
+            if len(dataset):
+                run_stage(ArchitectureStage(model, dataset), store, cluster, report)
             if cfg.featurevis.enabled:
                 run_stage(FeatureVisStage(cfg, model, layers, dataset, device, cluster, progress), store, cluster,
                           report)

@@ -137,6 +137,23 @@ HEAT_LEVELS = 16  # opacity steps of the heat overlay: one palette entry each, o
 HEAT_PALETTE = [(255, 40, 0, round(200 * i / (HEAT_LEVELS - 1))) for i in range(HEAT_LEVELS)]  # red, 0..200
 
 
+SIGNED_LEVELS = 14  # opacity steps each side of zero of a signed overlay (attributions)
+SIGNED_PALETTE = ([(30, 90, 255, round(220 * (SIGNED_LEVELS - i) / SIGNED_LEVELS)) for i in range(SIGNED_LEVELS)]
+                  + [(255, 255, 255, 0)]
+                  + [(255, 40, 0, round(220 * i / SIGNED_LEVELS)) for i in range(1, SIGNED_LEVELS + 1)])
+# blue (pushes down) .. transparent (0) .. red (pushes up)
+
+
+def signed_uri(m: np.ndarray) -> str:
+    """A signed map (an attribution: + pushes the output up, - down) as a translucent PNG data URI, red for
+    positive and blue for negative, opacity by |value| over the map's max |value|."""
+    m = np.nan_to_num(np.asarray(m, np.float32))
+    top = float(np.abs(m).max()) if m.size else 0.0
+    scaled = m / top if top > 0 else np.zeros_like(m)
+    return _data_uri(png_palette(np.round(scaled * SIGNED_LEVELS + SIGNED_LEVELS).astype(np.uint8),
+                                 SIGNED_PALETTE))
+
+
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 

@@ -35,7 +35,7 @@ from .errors import AtlasError
 
 SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # used with fullmatch
 DEVICES = ("auto", "cpu", "cuda")
-REDUCTIONS = ("max", "mean")
+REDUCTIONS = ("max", "mean", "cls")
 PRECISIONS = ("float32", "bfloat16", "float16")
 FV_OBJECTIVES = ("channel", "neuron")
 FV_TRANSFORMS = ("standard", "none")
@@ -63,6 +63,9 @@ class SiteSection:
     citation_author: str = ""  # BibTeX author(s) of the atlas, "A and B"; "" = the site title
     citation_year: int = 0  # year in citations; 0 = the year of SOURCE_DATE_EPOCH, else none
     input_pages: int = 50  # inputs (a seeded sample) that get a page of per-layer heatmaps; 0 = none
+    attribution_steps: int = 32  # integrated-gradients steps of the input pages' attributions; 0 = no attributions
+    unit_attributions: bool = False  # unit pages: gradient x input of each top example (a backward pass per
+    # example and unit: minutes on the demo, hours for a whole ResNet-50 on a CPU; `atlas plan` counts its bytes)
     budget_total_mb: int = 1024  # the build fails when the site is larger (GitHub Pages' soft limit: 1 GB)
     budget_file_mb: int = 100  # ... or when any one file is larger (GitHub's hard limit: 100 MB)
     show_timings: bool = False  # stage timings on the about page (then two builds differ in those bytes)
@@ -92,7 +95,7 @@ class DatasetSection:
 class ScanSection:
     top_k: int = 9  # dataset examples kept per unit
     batch_size: int = 128  # examples per forward pass
-    reduce: str = "max"  # spatial reduction of conv channels: max | mean
+    reduce: str = "max"  # a unit's value over positions or tokens: max | mean | cls (a ViT's class token alone)
     active_threshold: float = 0.0  # a unit is active where its activation exceeds this
     histogram_bins: int = 30  # bins of each unit's activation histogram (over the sample)
     sample_size: int = 2000  # seeded sample of examples whose activations are kept (histogram, redundancy, maps)
@@ -336,7 +339,7 @@ def _check(cfg: AtlasConfig, where: str) -> None:
         raise ConfigError(f"{where}featurevis.transforms {fv.transforms!r} is not allowed; use one of "
                           f"{', '.join(FV_TRANSFORMS)}")
     site = cfg.site
-    for key in ("input_pages", "citation_year"):
+    for key in ("input_pages", "citation_year", "attribution_steps"):
         if getattr(site, key) < 0:
             raise ConfigError(f"{where}site.{key} must be 0 or more, got {getattr(site, key)}")
     for key in ("budget_total_mb", "budget_file_mb"):

@@ -78,7 +78,7 @@ def principal_components(x: np.ndarray, dims: int, seed: int) -> np.ndarray:
 
     n, d = x.shape
     k = min(dims, n, d)
-    if n < 2 or k == 0:
+    if n < 2 or k == 0 or not np.any(x != x[0]):  # all rows alike (no variance): every point at the centre
         return np.zeros((n, dims))
     coords = _fix_signs(PCA(n_components=k, svd_solver="full", random_state=seed).fit_transform(x))
     return np.pad(coords, ((0, 0), (0, dims - k)))

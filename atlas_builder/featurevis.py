@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AtlasError
-from .hooks import Capture
+from .accumulators import reduce_positions
+from .hooks import Capture, token_grid
 
 # lucid's colour decorrelation: square root of the ImageNet colour covariance's SVD
 COLOR_CORRELATION_SVD_SQRT = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
@@ -220,9 +221,14 @@ def _unit_values(acts: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
 
 
 def channel(units: Sequence[int] | torch.Tensor) -> Objective:
-    """Mean activation of unit units[b] over all positions, for image b."""
+    """Mean activation of unit units[b] over all positions, for image b; of a token output ([B, T, D]), over
+    its patch tokens (a ViT's class token left out: `hooks.token_grid`)."""
     units = torch.as_tensor(units, dtype=torch.long)
-    return Objective(lambda a: _unit_values(a, units.to(a.device)).mean(1), "channel")
+
+    def fn(a):
+        values = _unit_values(a, units.to(a.device))
+        return values[:, token_grid(a.shape[1])[0]:].mean(1) if a.dim() == 3 else values.mean(1)
+    return Objective(fn, "channel")
 
 
 def measured(units: Sequence[int] | torch.Tensor, reduce: str = "max") -> Objective:
@@ -231,8 +237,7 @@ def measured(units: Sequence[int] | torch.Tensor, reduce: str = "max") -> Object
     units = torch.as_tensor(units, dtype=torch.long)
 
     def fn(a):
-        values = _unit_values(a, units.to(a.device))
-        return values.amax(1) if reduce == "max" else values.mean(1)
+        return reduce_positions(_unit_values(a, units.to(a.device)), reduce, a.dim() == 3)
     return Objective(fn, f"{reduce} over positions")
 
 

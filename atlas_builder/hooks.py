@@ -23,6 +23,7 @@ exceptions of our sinks pass through unchanged. Hooks are removed in
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -53,10 +54,25 @@ class LayerInfo:
 
     @property
     def spatial(self) -> tuple[int, int] | None:
-        """(H, W) of a conv output, (1, T) of a token output, None for a flat output."""
+        """(H, W) of a conv output, the patch grid of a token output (`token_grid`), None for a flat output."""
         if self.shape is None or len(self.shape) == 1:
             return None
-        return (self.shape[1], self.shape[2]) if len(self.shape) == 3 else (1, self.shape[0])
+        return (self.shape[1], self.shape[2]) if len(self.shape) == 3 else token_grid(self.shape[0])[1:]
+
+    @property
+    def prefix(self) -> int:
+        """Leading tokens outside the patch grid (a ViT's class token); 0 for other outputs."""
+        return token_grid(self.shape[0])[0] if self.shape is not None and len(self.shape) == 2 else 0
+
+
+def token_grid(tokens: int) -> tuple[int, int, int]:
+    """(prefix, H, W) of an image model's T tokens: a square grid of patches after one leading token (a ViT's
+    class token) or none; (0, 1, T) when neither fits (a sequence, not laid on the image)."""
+    for prefix in (1, 0):
+        side = math.isqrt(max(tokens - prefix, 0))
+        if side > 1 and side * side == tokens - prefix:
+            return prefix, side, side
+    return 0, 1, tokens
 
 
 def unit_count(shape: tuple[int, ...] | None) -> int:
@@ -93,6 +109,7 @@ class Capture:
         self._handles: list = []
         self._pending = len(self.layers)  # layers still to report in this forward (with stop)
         self._error: BaseException | None = None  # raised by our own hook or sink: passed through as it is
+        self._channels_last: set[str] = set()  # layers whose 4-D maps are [B, H, W, C]: reported as [B, C, H, W]
 
     def __enter__(self) -> "Capture":
         modules = dict(self.model.named_modules())
@@ -102,6 +119,8 @@ class Capture:
                 if name not in modules:
                     raise unknown_layer(name, modules)
                 module = modules[name]
+                if channels_last(module):
+                    self._channels_last.add(name)
                 if self.take == "input":
                     self._handles.append(module.register_forward_pre_hook(self._hook(name, pre=True)))
                 else:
@@ -152,6 +171,8 @@ class Capture:
                     raise reused_layer(name, self.what)
                 if self.calls[name] < self.call:
                     return
+                if name in self._channels_last and tensor.dim() == 4:  # [B, H, W, C] -> a [B, C, H, W] view
+                    tensor = tensor.permute(0, 3, 1, 2)
                 self.shapes.setdefault(name, tuple(tensor.shape[1:]))
                 if self.sink is not None:
                     self.sink(name, tensor)
@@ -165,6 +186,19 @@ class Capture:
                 if self._pending == 0:
                     raise StopForward
         return hook
+
+
+CHANNELS_LAST = ("SwinTransformerBlock", "SwinTransformerBlockV2", "PatchMerging", "PatchMergingV2")
+# torchvision's Swin modules: their outputs are [B, H, W, C] maps
+
+
+def channels_last(module: nn.Module) -> bool:
+    """Whether a module's 4-D output is a channels-last map (a Swin block or patch merging, or a stack of
+    them): `Capture` reports it as [B, C, H, W], so its units are channels like a conv's."""
+    if isinstance(module, STACKS):
+        children = list(module.children())
+        return bool(children) and channels_last(children[-1])
+    return type(module).__name__ in CHANNELS_LAST
 
 
 def not_a_tensor(name: str, module: nn.Module, value, what: str) -> AtlasError:
@@ -199,9 +233,13 @@ def representations(model: nn.Module) -> list[tuple[str, str | None]]:
       ViT encoder block in `encoder.layers`), is probed at its output and
       not looked into (a lone module in one, such as a whole backbone in a
       Sequential, is looked into);
-    - other containers (Sequential stems and heads, custom wrappers) are looked into.
+    - other containers (Sequential stems and heads, custom wrappers) are looked into;
+    - a conv or linear without an activation that comes before the first
+      block is the blocks' input embedding (a ViT's `conv_proj`, whose
+      output the encoder adds a class token and positions to), not probed.
     """
     points: list[tuple[str, str | None]] = []
+    blocks: list[str] = []  # the points that are blocks of a stack
 
     def visit(module: nn.Module, prefix: str) -> None:
         children = list(module.named_children())
@@ -212,6 +250,7 @@ def representations(model: nn.Module) -> list[tuple[str, str | None]]:
             if isinstance(module, STACKS) and not isinstance(child, STACKS) and any(True for _ in child.children()) \
                     and sum(type(c) is type(child) for _, c in children) > 1:
                 points.append((path, None))  # a block of a stack: its output
+                blocks.append(path)
             elif any(True for _ in child.children()):
                 visit(child, path + ".")
             elif isinstance(child, LINEAR_TYPES):
@@ -226,6 +265,10 @@ def representations(model: nn.Module) -> list[tuple[str, str | None]]:
             i += 1
 
     visit(model, "")
+    if blocks:
+        first = next(i for i, (name, _) in enumerate(points) if name == blocks[0])
+        points = [(name, source) for i, (name, source) in enumerate(points)
+                  if i >= first or source is not None or not isinstance(model.get_submodule(name), LINEAR_TYPES)]
     return points
 
 

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import featurevis as fv, media, visualize
+from . import charts, featurevis as fv, media, visualize
 from .config import AtlasConfig
+from .explain import attention_modules
 from .hooks import Capture, describe_layer, unit_count
 
 PAGES_LIMIT = 10**9  # GitHub Pages' published-site limit, in bytes
@@ -232,7 +233,7 @@ def page_bytes(cfg: AtlasConfig, model, layer: str, title: str, shape: tuple[int
                class_names: list[str], seed: int = 0) -> tuple[int, int]:
     """(one unit page + its JSON export, the layer page + its dot map), rendered from stand-in records of this
     shape."""
-    from . import charts, urls, website
+    from . import urls, website
     from .store import FeatureVisRecord, LayerRecord, ModelRecord, TopKRecord, UnitRecord, VisualRecord
 
     rng = np.random.default_rng(seed)
@@ -282,12 +283,38 @@ def page_bytes(cfg: AtlasConfig, model, layer: str, title: str, shape: tuple[int
     return len(html.encode()) + len(export.encode()), len(layer_html.encode()) + dot_map
 
 
-def shared_bytes(cfg: AtlasConfig, dataset, layer_units: list[list[int]]) -> int:
+def explanation_bytes(cfg: AtlasConfig, dataset, listed: int, heads: int) -> int:
+    """An input page's bytes of one model's explanations: attributions of the class and of the `listed` units
+    (site.attribution_steps > 0), the attention of `heads` heads (all layers) and the rollout; each map's
+    data URI measured on noise (PNG's worst case) at the size the build draws it, plus its markup."""
+    from .explain import ATTRIBUTION_SIDE
+
+    rng = np.random.default_rng(0)
+    side = min(ATTRIBUTION_SIDE, max(visualize.input_shape(dataset, cfg.featurevis)[1:]))
+    signed = len(charts.signed_uri(rng.standard_normal((side, side)))) + 150
+    attention = len(charts.heat_uri(rng.random((14, 14)))) + 260  # ViT-B/16's 14 x 14 patch grid
+    attributions = (2 + listed) * signed if cfg.site.attribution_steps else 0
+    return attributions + (heads + 1) * attention if heads else attributions
+
+
+def unit_attribution_bytes(cfg: AtlasConfig, shape) -> int:
+    """A unit page's bytes of its top examples' attributions (site.unit_attributions), measured on noise."""
+    from .explain import TOP_ATTRIBUTION_SIDE
+
+    if not cfg.site.unit_attributions:
+        return 0
+    side = min(TOP_ATTRIBUTION_SIDE, max(shape[1:]))
+    return cfg.scan.top_k * (len(charts.signed_uri(np.random.default_rng(0).standard_normal((side, side)))) + 70)
+
+
+def shared_bytes(cfg: AtlasConfig, dataset, layer_units: list[list[int]], heads: list[int] | None = None) -> int:
     """Dataset images (those pages show, each once), the search index, the model and input pages and the
-    pages every site has; layer_units: each model's layers' unit counts. Per-item bytes measured on built
-    sites (the tiny test site, the demo, ResNet-18)."""
+    pages every site has; layer_units: each model's layers' unit counts; heads: each model's attention heads
+    (all layers) drawn on the input pages. Per-item bytes measured on built sites (the tiny test site, the
+    demo, ResNet-18)."""
     from .website import INPUT_MAP_POINTS, MAX_MAP_POINTS, TEMPLATES
     from .charts import HEATMAP_CELLS
+    from .scan import INPUT_UNITS
 
     n = len(dataset)
     sample = [int(i) for i in np.linspace(0, n - 1, min(n, 8))] if n else []
@@ -301,7 +328,9 @@ def shared_bytes(cfg: AtlasConfig, dataset, layer_units: list[list[int]]) -> int
     model_pages = sum(8000 + 500 * len(ls) + 170 * sum(min(u, HEATMAP_CELLS) for u in ls)
                       + 360 * min(sum(ls), MAX_MAP_POINTS) + 420 * len(ls) * min(n, INPUT_MAP_POINTS)
                       for ls in layer_units) if cfg.embed.enabled else 8000 * len(layer_units)
-    input_pages = inputs * (3500 + 1300 * layers + 400)
+    input_pages = inputs * (3500 + 1300 * layers + 400 + sum(
+        explanation_bytes(cfg, dataset, sum(min(INPUT_UNITS, u) for u in ls), h)
+        for ls, h in zip(layer_units, heads or [0] * len(layer_units))))
     fixed = static + 25_000 + 100 * (units + layers)  # home, search, about, 404; the manifest's line per page
     return int(shown * per_image + model_pages + input_pages + fixed + 12 * units)
 
@@ -333,7 +362,7 @@ def make_plan(cfg: AtlasConfig, calibrate: bool = True) -> Plan:
     dataset = load_dataset(cfg)
     loaded = load_and_check_models(cfg, dataset, Cluster())
     shape = visualize.input_shape(dataset, cfg.featurevis)
-    plans = []
+    plans, heads = [], []
     for section, model, layers in loaded:
         x = torch.as_tensor(dataset.data[0][0])[None]
         with Capture(model.module, layers, sink=lambda name, out: None) as capture, torch.inference_mode():
@@ -348,9 +377,12 @@ def make_plan(cfg: AtlasConfig, calibrate: bool = True) -> Plan:
         for name in layers:
             title = describe_layer(model.module, name, shapes[name])
             unit_b, layer_b = page_bytes(cfg, model, name, title, shapes[name], n_units[name], names)
-            rows.append(LayerPlan(name, title, n_units[name], fv_s[name], unit_b + media_bytes(cfg, shape), layer_b))
+            rows.append(LayerPlan(name, title, n_units[name], fv_s[name],
+                                  unit_b + media_bytes(cfg, shape) + unit_attribution_bytes(cfg, shape), layer_b))
         plans.append(ModelPlan(section.name, rows, scan_s))
-    plan = Plan(plans, shared_bytes(cfg, dataset, [[l.units for l in p.layers] for p in plans]), str(device))
+        readable = set(attention_modules(model.module)[0])
+        heads.append(sum(m.num_heads for name, m in model.module.named_modules() if name in readable))
+    plan = Plan(plans, shared_bytes(cfg, dataset, [[l.units for l in p.layers] for p in plans], heads), str(device))
     if not calibrate:
         plan.notes.append("(times not measured: no calibration run)")
     if cfg.featurevis.enabled and cfg.featurevis.diversity and plan.over:

@@ -29,6 +29,7 @@ from .accumulators import (POSITION_SAMPLE, LayerAccumulator, TopKResult, first_
                            unit_values)
 from .config import ScanSection
 from .errors import AtlasError
+from .explain import Explanations, explain_inputs, top_attributions
 from .hooks import Capture, LayerInfo, describe_layer
 from .sources import AtlasDataset, LoadedModel
 
@@ -47,6 +48,7 @@ class LayerScan:
     sample: np.ndarray  # [S, U] float16 activations of the sampled examples
     title: str = ""  # what the layer is: "Conv2d+ReLU 64×112×112", "Bottleneck 1024×14×14"
     nonlinearity: str = "raw"  # the family its health was judged by (see `Nonlinearity`)
+    top_attributions: np.ndarray | None = None  # [U, k, h, w] gradient x input of each top example (site option)
 
 
 @dataclass
@@ -258,6 +260,7 @@ class InputActivations:
     units: dict[str, np.ndarray]  # layer -> [E, n] unit indices, most active first
     values: dict[str, np.ndarray]  # layer -> [E, n] their activations
     maps: dict[str, np.ndarray | None]  # layer -> [E, n, M] float32 maps (conv/token layers), None for flat
+    explained: Explanations | None = None  # attributions and attention of the same examples (`explain`)
 
 
 def input_examples(n_examples: int, count: int, seed: int) -> np.ndarray:
@@ -266,11 +269,14 @@ def input_examples(n_examples: int, count: int, seed: int) -> np.ndarray:
 
 
 def input_activations(net: torch.nn.Module, dataset: AtlasDataset, layers: list[str], examples: np.ndarray,
-                      reduce: str, device: torch.device, top: int = INPUT_UNITS, limit: int = 0) -> InputActivations:
+                      reduce: str, device: torch.device, top: int = INPUT_UNITS, limit: int = 0,
+                      attribution_steps: int = 0, batch_size: int = 64) -> InputActivations:
     """A second, small pass over `examples`: per layer the `top` units with the highest activation on each
-    (of its first `limit` units; 0: all)."""
+    (of its first `limit` units; 0: all), and their explanations (`explain.explain_inputs`, with
+    `attribution_steps` of integrated gradients; attention for a model with token layers)."""
     units, values, maps = {}, {}, {}
     outputs: dict[str, torch.Tensor] = {}
+    x = None
     if len(examples):
         x = torch.stack([torch.as_tensor(dataset.data[int(i)][0]) for i in examples]).to(device)
         with Capture(net, layers) as capture, torch.inference_mode():
@@ -290,7 +296,11 @@ def input_activations(net: torch.nn.Module, dataset: AtlasDataset, layers: list[
         layer_maps = unit_maps(out)
         maps[name] = None if layer_maps is None else \
             torch.gather(layer_maps, 1, best[:, :, None].expand(-1, -1, layer_maps.shape[2])).numpy()
-    return InputActivations(np.asarray(examples, dtype=np.int64), units, values, maps)
+    explained = None
+    if x is not None:
+        explained = explain_inputs(net, x, units, reduce, attribution_steps, batch_size,
+                                   any(out.dim() == 3 for out in outputs.values()))
+    return InputActivations(np.asarray(examples, dtype=np.int64), units, values, maps, explained)
 
 
 # --- the pass ------------------------------------------------------------------------
@@ -424,8 +434,9 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
 
 def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg: ScanSection,
                 part: ScanPart, device: torch.device, seed: int = 0, input_pages: int = 0,
-                units: int = 0) -> ModelScan:
-    """Summarize a whole-dataset part into what the store keeps (and the input pages' second small pass)."""
+                units: int = 0, attribution_steps: int = 0, unit_attributions: bool = False) -> ModelScan:
+    """Summarize a whole-dataset part into what the store keeps (and the input pages' second small pass;
+    with `unit_attributions`, gradient × input of every unit's top examples)."""
     start = time.perf_counter()
     if (part.start, part.stop) != (0, len(dataset)):
         raise ValueError(f"finish_scan needs the whole dataset, got examples [{part.start}, {part.stop})")
@@ -435,11 +446,20 @@ def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cf
                                nonlinearity(modules[name], cfg.active_threshold),
                                describe_layer(model.module, name, part.shapes[name]))
                      for name in layers if name in part.accs]
+    if unit_attributions:
+        net = model.module.to(device).eval()
+
+        def load(ids):
+            return torch.stack([torch.as_tensor(dataset.data[int(i)][0]) for i in ids])
+        for layer in result_layers:
+            layer.top_attributions = top_attributions(net, layer.info.name, layer.top.ids, layer.top.valid, load,
+                                                      cfg.reduce, cfg.batch_size, device)
+        model.module.to("cpu")
     inputs = None
     if input_pages:
         inputs = input_activations(model.module.to(device), dataset, layers,
                                    input_examples(len(dataset), input_pages, seed), cfg.reduce, device,
-                                   limit=units)
+                                   limit=units, attribution_steps=attribution_steps, batch_size=cfg.batch_size)
         model.module.to("cpu")
     labels = part.labels.numpy().astype(np.int64)
     pred = part.predicted.numpy() if part.predicted is not None else None

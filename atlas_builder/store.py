@@ -70,15 +70,31 @@ ALTER TABLE featurevis ADD COLUMN IF NOT EXISTS fingerprint VARCHAR DEFAULT '';
 ALTER TABLE featurevis ADD COLUMN IF NOT EXISTS objective DOUBLE;
 -- where the objective was taken: 'output' (the unit) or 'input' (a ReLU-like activation's input, the pre-activation)
 ALTER TABLE featurevis ADD COLUMN IF NOT EXISTS target VARCHAR DEFAULT 'output';
+-- token outputs: the leading tokens outside the patch grid spatial_h x spatial_w (a ViT's class token); their
+-- maps and positions index all the tokens
+ALTER TABLE layers ADD COLUMN IF NOT EXISTS prefix_tokens INTEGER DEFAULT 0;
+-- site.unit_attributions: gradient x input of the unit's value on a top example, float16 [h*w] scaled to max |v| 1
+ALTER TABLE topk ADD COLUMN IF NOT EXISTS attribution BLOB;
+ALTER TABLE topk ADD COLUMN IF NOT EXISTS attribution_h INTEGER DEFAULT 0;
+ALTER TABLE topk ADD COLUMN IF NOT EXISTS attribution_w INTEGER DEFAULT 0;
 CREATE TABLE IF NOT EXISTS classes (label INTEGER PRIMARY KEY, name VARCHAR);
 CREATE TABLE IF NOT EXISTS examples (example INTEGER PRIMARY KEY, label INTEGER);
 CREATE TABLE IF NOT EXISTS predictions (model VARCHAR, example INTEGER, predicted INTEGER, confidence DOUBLE);
 -- input pages: each layer's most active units on a few sampled inputs; map: float16 [H*W] bytes (conv units)
 CREATE TABLE IF NOT EXISTS input_units (
     model VARCHAR, example INTEGER, layer VARCHAR, rank INTEGER, unit INTEGER, value DOUBLE, map BLOB);
+-- input pages' explanations (see explain.py), each map float16 [h*w] scaled to max |value| 1: kind 'class'
+-- (name: the attribution method, of the predicted class), 'unit' (name: layer, rank: the unit's place in
+-- input_units), 'attention' (name: attention module, head), 'rollout'; kind 'note' (example -1, name: the text)
+-- the model page's architecture view: architecture.describe's JSON (torch.fx graph or module tree)
+CREATE TABLE IF NOT EXISTS architecture (model VARCHAR PRIMARY KEY, description VARCHAR);
+CREATE TABLE IF NOT EXISTS input_maps (
+    model VARCHAR, example INTEGER, kind VARCHAR, name VARCHAR, rank INTEGER, head INTEGER, h INTEGER,
+    w INTEGER, map BLOB);
 """
 
-MODEL_TABLES = ("layers", "units", "topk", "predictions", "samples", "sample_examples", "input_units")  # the scan's
+MODEL_TABLES = ("layers", "units", "topk", "predictions", "samples", "sample_examples", "input_units",
+                "input_maps")  # the scan's
 LAYER_TABLES = ("layers", "units", "topk", "samples", "input_units")  # ... of which these have rows per layer
 FEATUREVIS_TABLES = ("featurevis", "weights")
 EMBED_TABLES = ("map_points", "maps", "neighbours")  # rows replaced when a model is re-scanned
@@ -106,6 +122,7 @@ class LayerRecord:
     n_units: int
     spatial: tuple[int, int] | None  # (H, W) grid the positions index, None for flat outputs
     title: str = ""  # what it is: "Conv2d+ReLU 64×112×112", "Linear 2048→1000" ("" in stores before titles)
+    prefix: int = 0  # token outputs: leading tokens before the patch grid (a ViT's class token)
 
 
 @dataclass(frozen=True)
@@ -115,6 +132,7 @@ class TopKRecord:
     value: float
     position: int  # flat index into the layer's spatial grid, -1 when flat
     map: np.ndarray | None = None  # [H, W] float32 activation map (top-k of conv units)
+    attribution: np.ndarray | None = None  # [h, w] gradient x input of the unit's value (site.unit_attributions)
 
 
 @dataclass(frozen=True)
@@ -179,6 +197,11 @@ def _object_rows(matrix: np.ndarray) -> np.ndarray:
     out = np.empty(len(matrix), dtype=object)
     out[:] = list(matrix)
     return out
+
+
+def grid_map(blob: bytes, prefix: int, shape: tuple[int, int]) -> np.ndarray:
+    """A stored float16 map as float32 over its grid (a token map without its leading `prefix` tokens)."""
+    return np.frombuffer(blob, dtype=np.float16)[prefix or 0:].astype(np.float32).reshape(shape)
 
 
 def _none_if_nan(value):
@@ -268,10 +291,11 @@ class Store:
         with self._transaction():
             gone = [r[0] for r in self.con.execute("SELECT model FROM models").fetchall() if r[0] not in names]
             for model in gone:
-                for table in ("models",) + MODEL_TABLES + FEATUREVIS_TABLES + EMBED_TABLES:
+                for table in ("models", "architecture") + MODEL_TABLES + FEATUREVIS_TABLES + EMBED_TABLES:
                     self.con.execute(f"DELETE FROM {table} WHERE model = ?", [model])
-                self.con.execute("DELETE FROM stages WHERE stage IN (?, ?, ?)",
-                                 [f"scan:{model}", f"featurevis:{model}", f"embed:{model}"])
+                self.con.execute("DELETE FROM stages WHERE stage IN (?, ?, ?, ?)",
+                                 [f"scan:{model}", f"featurevis:{model}", f"embed:{model}",
+                                  f"architecture:{model}"])
 
     def layer_fingerprints(self, model: str) -> dict[str, str]:
         """layer -> the fingerprint of its stored scan."""
@@ -306,6 +330,9 @@ class Store:
                 if table in LAYER_TABLES:
                     self.con.execute(f"DELETE FROM {table} WHERE model = ? AND (list_contains(?, layer) OR NOT "
                                      f"list_contains(?, layer))", [model, scanned, layers])
+                elif table == "input_maps":  # a kept layer keeps its units' attributions; the rest is rewritten
+                    self.con.execute("DELETE FROM input_maps WHERE model = ? AND (kind <> 'unit' OR "
+                                     "list_contains(?, name) OR NOT list_contains(?, name))", [model, scanned, layers])
                 else:
                     self.con.execute(f"DELETE FROM {table} WHERE model = ?", [model])
             for position, name in enumerate(layers):  # the kept layers take their new places
@@ -313,13 +340,14 @@ class Store:
             for layer in scan.layers:
                 info = layer.info
                 spatial = info.spatial or (0, 0)
-                self.con.execute("INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
+                self.con.execute("INSERT INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [
                     model, info.name, layers.index(info.name), info.module_type, json.dumps(list(info.shape)),
                     info.n_units, spatial[0], spatial[1], getattr(layer, "title", ""),
-                    fingerprints.get(info.name, "")])
+                    fingerprints.get(info.name, ""), info.prefix])
                 self._write_units(model, info.name, layer)
                 for kind, top in (("top", layer.top), ("bottom", layer.bottom)):
-                    self._write_topk(model, info.name, kind, top)
+                    self._write_topk(model, info.name, kind, top,
+                                     getattr(layer, "top_attributions", None) if kind == "top" else None)
                 self.con.execute("INSERT INTO samples VALUES (?, ?, ?, ?, ?)", [
                     model, info.name, layer.sample.shape[1], layer.sample.shape[0],
                     np.ascontiguousarray(layer.sample.T.astype(np.float16)).tobytes()])
@@ -348,6 +376,29 @@ class Store:
                                  blob))
         if rows:
             self.con.executemany("INSERT INTO input_units VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        ex = inputs.explained
+        if ex is None:
+            return
+        rows = [(model, -1, "note", note, 0, 0, 0, 0, None) for note in ex.notes]
+
+        def add(e, kind, name, rank, head, m):
+            m = np.nan_to_num(np.asarray(m, np.float32))
+            top = float(np.abs(m).max()) if m.size else 0.0
+            blob = (m / top if top > 0 else m).astype(np.float16).tobytes()
+            rows.append((model, int(inputs.examples[e]), kind, name, rank, head, m.shape[0], m.shape[1], blob))
+        for e in range(len(inputs.examples)):
+            for method, maps in ex.classes.items():
+                add(e, "class", method, 0, 0, maps[e])
+            for layer, maps in ex.units.items():
+                for rank in range(maps.shape[1]):
+                    add(e, "unit", layer, rank, 0, maps[e, rank])
+            for order, (name, maps) in enumerate(ex.attention.items()):  # rank: the module's forward order
+                for head in range(maps.shape[1]):
+                    add(e, "attention", name, order, head, maps[e, head])
+            if ex.rollout is not None:
+                add(e, "rollout", "", 0, 0, ex.rollout[e])
+        if rows:
+            self.con.executemany("INSERT INTO input_maps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def keep_featurevis(self, model: str, fingerprints: dict[str, str]) -> list[str]:
         """Forget a model's feature-vis rows of layers not in `fingerprints` ({layer: fingerprint}) or made
@@ -391,6 +442,17 @@ class Store:
         """Record that a stage made of separately written parts (feature vis) is complete."""
         with self._transaction():
             self._mark_stage(stage, fingerprint, seconds)
+
+    def write_architecture(self, model: str, description: dict, fingerprint: str) -> None:
+        """architecture.describe's description of a model, replacing the previous one."""
+        with self._transaction():
+            self.con.execute("DELETE FROM architecture WHERE model = ?", [model])
+            self.con.execute("INSERT INTO architecture VALUES (?, ?)", [model, json.dumps(description)])
+            self._mark_stage(f"architecture:{model}", fingerprint, 0.0)
+
+    def architecture(self, model: str) -> dict | None:
+        row = self.con.execute("SELECT description FROM architecture WHERE model = ?", [model]).fetchone()
+        return json.loads(row[0]) if row else None
 
     def write_embedding(self, model: str, emb, sample_ids: np.ndarray, fingerprint: str) -> None:
         """An embed.ModelEmbedding of a model, replacing the previous one."""
@@ -479,7 +541,7 @@ class Store:
         columns["class_means"] = _object_rows(layer.class_means.astype(np.float64))
         self._insert("units", columns)
 
-    def _write_topk(self, model: str, layer_name: str, kind: str, top) -> None:
+    def _write_topk(self, model: str, layer_name: str, kind: str, top, attributions=None) -> None:
         n_units, k = top.values.shape
         keep = top.valid.reshape(-1)
         rows = int(keep.sum())
@@ -487,13 +549,23 @@ class Store:
         if top.maps is not None and kind == "top":  # bottom-k maps would double the size for little
             flat = top.maps.reshape(n_units * k, -1).astype(np.float16)
             maps[:] = [row.tobytes() for row in flat]
+        attr = np.full(n_units * k, None, dtype=object)
+        ah = aw = 0
+        if attributions is not None:  # [U, k, h, w]
+            ah, aw = attributions.shape[2:]
+            flat = np.nan_to_num(attributions.reshape(n_units * k, -1).astype(np.float32))
+            top_abs = np.abs(flat).max(1, keepdims=True)
+            flat = np.divide(flat, top_abs, out=np.zeros_like(flat), where=top_abs > 0).astype(np.float16)
+            attr[:] = [row.tobytes() for row in flat]
         self._insert("topk", {
             "model": np.full(rows, model), "layer": np.full(rows, layer_name),
             "unit": np.repeat(np.arange(n_units, dtype=np.int32), k)[keep], "kind": np.full(rows, kind),
             "rank": np.tile(np.arange(k, dtype=np.int32), n_units)[keep],
             "example": top.ids.reshape(-1).astype(np.int32)[keep],
             "value": top.values.reshape(-1).astype(np.float64)[keep],
-            "position": top.positions.reshape(-1).astype(np.int32)[keep], "map": maps[keep]})
+            "position": top.positions.reshape(-1).astype(np.int32)[keep], "map": maps[keep],
+            "attribution": attr[keep], "attribution_h": np.full(rows, ah, dtype=np.int32),
+            "attribution_w": np.full(rows, aw, dtype=np.int32)})
 
     def _insert(self, table: str, columns: dict[str, np.ndarray]) -> None:
         self.con.register("_rows", columns)
@@ -514,21 +586,24 @@ class Store:
     def layers(self, model: str) -> list[LayerRecord]:
         rows = self.con.execute("SELECT * FROM layers WHERE model = ? ORDER BY position", [model]).fetchall()
         return [LayerRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), r[5],
-                            (r[6], r[7]) if r[6] else None, (r[8] if len(r) > 8 else "") or "") for r in rows]
+                            (r[6], r[7]) if r[6] else None, r[8] or "", r[10] or 0) for r in rows]
 
     def units(self, model: str, layer: str) -> list[UnitRecord]:
         """Every unit of a layer with its statistics and top-/bottom-k examples, in unit order."""
-        spatial = self.con.execute("SELECT spatial_h, spatial_w FROM layers WHERE model = ? AND layer = ?",
-                                   [model, layer]).fetchone()
+        spatial = self.con.execute("SELECT spatial_h, spatial_w, prefix_tokens FROM layers WHERE model = ? AND "
+                                   "layer = ?", [model, layer]).fetchone()
         shape = (spatial[0], spatial[1]) if spatial and spatial[0] else None
+        prefix = spatial[2] if spatial else 0
         ranked: dict[tuple[str, int], list[TopKRecord]] = defaultdict(list)
-        for unit, kind, rank, example, value, position, blob in self.con.execute(
-                "SELECT unit, kind, rank, example, value, position, map FROM topk WHERE model = ? AND layer = ? "
-                "ORDER BY unit, kind, rank", [model, layer]).fetchall():
+        for unit, kind, rank, example, value, position, blob, attr, ah, aw in self.con.execute(
+                "SELECT unit, kind, rank, example, value, position, map, attribution, attribution_h, attribution_w "
+                "FROM topk WHERE model = ? AND layer = ? ORDER BY unit, kind, rank", [model, layer]).fetchall():
             heat = None
             if blob is not None and shape is not None:
-                heat = np.frombuffer(blob, dtype=np.float16).astype(np.float32).reshape(shape)
-            ranked[(kind, unit)].append(TopKRecord(rank, example, value, position, heat))
+                heat = grid_map(blob, prefix, shape)
+            attribution = np.frombuffer(attr, dtype=np.float16).astype(np.float32).reshape(ah, aw) \
+                if attr is not None and ah else None
+            ranked[(kind, unit)].append(TopKRecord(rank, example, value, position, heat, attribution))
         rows = self.con.execute(f"SELECT unit, {UNIT_COLUMNS} FROM units WHERE model = ? AND layer = ? ORDER BY unit",
                                 [model, layer]).fetchall()
         out = []
@@ -595,16 +670,39 @@ class Store:
     def input_units(self, model: str) -> dict[int, dict[str, list[tuple[int, float, np.ndarray | None]]]]:
         """example -> layer -> [(unit, value, map [H, W] or None)], most active first, layers in model order."""
         rows = self.con.execute(
-            "SELECT i.example, i.layer, i.unit, i.value, i.map, l.spatial_h, l.spatial_w FROM input_units i "
+            "SELECT i.example, i.layer, i.unit, i.value, i.map, l.spatial_h, l.spatial_w, l.prefix_tokens "
+            "FROM input_units i "
             "JOIN layers l ON l.model = i.model AND l.layer = i.layer WHERE i.model = ? "
             "ORDER BY i.example, l.position, i.rank", [model]).fetchall()
         out: dict[int, dict[str, list]] = defaultdict(dict)
-        for example, layer, unit, value, blob, h, w in rows:
+        for example, layer, unit, value, blob, h, w, prefix in rows:
             heat = None
             if blob is not None and h:
-                heat = np.frombuffer(blob, dtype=np.float16).astype(np.float32).reshape(h, w)
+                heat = grid_map(blob, prefix, (h, w))
             out[example].setdefault(layer, []).append((unit, _none_if_nan(value), heat))
         return dict(out)
+
+    def input_maps(self, model: str) -> tuple[dict[int, dict], list[str]]:
+        """({example: {"class": {method: map}, "unit": {(layer, rank): map}, "attention": {module: [map per
+        head]}, "rollout": map}}, the notes of what is missing), maps float32 [h, w] scaled to max |value| 1."""
+        out: dict[int, dict] = defaultdict(lambda: {"class": {}, "unit": {}, "attention": {}, "rollout": None})
+        notes = []
+        for example, kind, name, rank, head, h, w, blob in self.con.execute(
+                "SELECT example, kind, name, rank, head, h, w, map FROM input_maps WHERE model = ? "
+                "ORDER BY example, kind, rank, name, head", [model]).fetchall():
+            if kind == "note":
+                notes.append(name)
+                continue
+            m = np.frombuffer(blob, dtype=np.float16).astype(np.float32).reshape(h, w)
+            if kind == "class":
+                out[example]["class"][name] = m
+            elif kind == "unit":
+                out[example]["unit"][(name, rank)] = m
+            elif kind == "attention":
+                out[example]["attention"].setdefault(name, []).append(m)
+            else:
+                out[example]["rollout"] = m
+        return dict(out), notes
 
     def stages(self) -> dict[str, tuple[str, float]]:
         return {s: (f, sec) for s, f, sec in self.con.execute("SELECT * FROM stages ORDER BY stage").fetchall()}

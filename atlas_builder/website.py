@@ -44,7 +44,7 @@ import jinja2
 import numpy as np
 from .progress import bar as progress_bar
 
-from . import atomic, charts, urls
+from . import architecture, atomic, charts, urls
 from .config import SiteSection
 from .errors import AtlasError
 from .ids import UnitId
@@ -163,7 +163,8 @@ class Pages:
 
     def model(self, m: ModelRecord, layers: list[LayerRecord], units: dict[str, list[UnitRecord]],
               all_units_map: dict | None = None, input_maps: dict[str, dict] | None = None,
-              predictions: dict[int, tuple[int, float]] | None = None) -> dict:
+              predictions: dict[int, tuple[int, float]] | None = None,
+              architecture_desc: dict | None = None) -> dict:
         page = urls.model_page(m.model)
         index = {l.layer: i for i, l in enumerate(layers)}
         records = {(name, u.unit): u for name, us in units.items() for u in us}
@@ -199,6 +200,9 @@ class Pages:
                 "model": {"title": m.title, "source": m.source, "parameters": m.parameters,
                           "accuracy": fmt_accuracy(m.accuracy), "facts": facts},
                 "layers": rows, "heatmap": charts.health_heatmap_svg(heat_rows),
+                "architecture": architecture.render(architecture_desc, {
+                    l.layer: urls.rel(page, urls.layer_page(m.model, l.layer)) for l in layers}),
+                "architecture_method": (architecture_desc or {}).get("method"),
                 "unit_map": map_views(all_units_map or {}, unit_point),
                 "input_maps": [{"layer": name, "id": f"in{i}", **map_views(points, input_point, INPUT_MAP_POINTS)}
                                for i, (name, points) in enumerate((input_maps or {}).items()) if points],
@@ -257,7 +261,10 @@ class Pages:
                             "value": fmt(t.value), "value_raw": f"{float(t.value):.7g}",
                             "label": self.label(int(self.labels[t.example])),
                             "predicted": self.predicted(m, pred[0]) if pred else None,
-                            "box": position_box(t.position, layer.spatial), "heat": None})
+                            "box": position_box(t.position - layer.prefix, layer.spatial), "heat": None,
+                            "token": "the class token" if 0 <= t.position < layer.prefix else None,
+                            "grid": layer.spatial if len(layer.shape) == 2 and layer.spatial[0] > 1 else None,
+                            "attr": charts.signed_uri(t.attribution) if t.attribution is not None else None})
             mapped = [i for i, t in enumerate(records) if t.map is not None]
             if not mapped or len({records[i].map.shape for i in mapped}) > 1:
                 return {"cards": out, "heat": None}
@@ -314,7 +321,10 @@ class Pages:
         """What every activation of a unit's pages is: its max (or mean) over positions, or a flat unit's value."""
         if layer.spatial is None:
             return "the unit itself"
-        return f"its {'maximum' if self.measure == 'max' else 'mean'} over positions"
+        over = "tokens" if len(layer.shape) == 2 else "positions"
+        if self.measure == "cls" and len(layer.shape) == 2:
+            return "its value on the class token"
+        return f"its {'mean' if self.measure == 'mean' else 'maximum'} over {over}"
 
     def citation(self, uid: UnitId, title: str, permalink: str) -> dict:
         """BibTeX and plain-text citations of a unit, from the site's citation settings."""
@@ -365,13 +375,18 @@ class Pages:
 
     def input_page(self, example: int, models: list[ModelRecord], layers: dict[str, list[LayerRecord]],
                    per_model: dict[str, dict[str, list]], predictions: dict[str, dict[int, tuple[int, float]]],
-                   neighbours: tuple[int | None, int | None]) -> dict:
-        """One input: its image, label, each model's prediction, and each layer's most active units on it."""
+                   neighbours: tuple[int | None, int | None],
+                   explained: dict[str, tuple[dict, list[str]]] | None = None) -> dict:
+        """One input: its image, label, each model's prediction and its attributions, each layer's most active
+        units on it (with each one's attribution), and a ViT's attention. explained: model -> (this input's
+        maps from `Store.input_maps`, the model's notes)."""
         page = urls.input_page(example)
         label = self.label(int(self.labels[example]))
         sections = []
         for m in models:
             pred = predictions.get(m.model, {}).get(example)
+            maps, notes = (explained or {}).get(m.model, ({}, []))
+            unit_attr = maps.get("unit", {})
             rows = []
             for layer in layers[m.model]:
                 units = per_model.get(m.model, {}).get(layer.layer, [])
@@ -380,12 +395,22 @@ class Pages:
                 rows.append({"layer": layer.layer, "href": urls.rel(page, urls.layer_page(m.model, layer.layer)),
                              "units": [{"unit": unit, "value": fmt(value),
                                         "href": urls.rel(page, urls.unit_page(UnitId(m.model, layer.layer, unit))),
-                                        "heat": charts.heat_uri(heat) if heat is not None else None}
-                                       for unit, value, heat in units]})
+                                        "heat": charts.heat_uri(heat) if heat is not None else None,
+                                        "attr": charts.signed_uri(unit_attr[(layer.layer, rank)])
+                                        if (layer.layer, rank) in unit_attr else None}
+                                       for rank, (unit, value, heat) in enumerate(units)]})
+            predicted = self.predicted(m, pred[0]) if pred else None
             sections.append({"title": m.title, "href": urls.rel(page, urls.model_page(m.model)),
-                             "predicted": self.predicted(m, pred[0]) if pred else None,
-                             "confidence": charts.percent(pred[1]) if pred else None,
-                             "correct": bool(pred and self.predicted(m, pred[0]) == label), "layers": rows})
+                             "predicted": predicted, "confidence": charts.percent(pred[1]) if pred else None,
+                             "correct": bool(pred and predicted == label), "layers": rows,
+                             "id": f"m{len(sections)}", "has_unit_attr": bool(unit_attr),
+                             "why": [{"method": method, "uri": charts.signed_uri(a)}
+                                     for method, a in maps.get("class", {}).items()],
+                             "attention": [{"module": name, "heads": [charts.heat_uri(h) for h in heads]}
+                                           for name, heads in maps.get("attention", {}).items()],
+                             "rollout": charts.heat_uri(maps["rollout"]) if maps.get("rollout") is not None
+                             else None,
+                             "notes": notes})
         prev, nxt = ({"text": f"input {e}", "href": urls.rel(page, urls.input_page(e))} if e is not None else None
                      for e in neighbours)
         image = urls.example_image(example)
@@ -795,7 +820,8 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
         units_of = all_units[m.model]
         input_maps = {layer.layer: store.map_points(m.model, layer.layer, "inputs") for layer in model_layers}
         emit.page(urls.model_page(m.model), "model.html", pages.model(
-            m, model_layers, units_of, store.map_points(m.model, "", "units"), input_maps, predictions[m.model]))
+            m, model_layers, units_of, store.map_points(m.model, "", "units"), input_maps, predictions[m.model],
+            store.architecture(m.model)))
         for i, layer in enumerate(model_layers):
             units = units_of[layer.layer]
             layer_visuals = visuals[m.model][layer.layer]
@@ -811,11 +837,13 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
                               predictions[m.model]))
     unit_pages = render_unit_pages(pages, emit, unit_jobs, progress)
     per_input = {m.model: store.input_units(m.model) for m in models}
+    explained = {m.model: store.input_maps(m.model) for m in models}
     emit.page(urls.INPUTS, "inputs.html", pages.inputs_index(inputs, models, predictions))
     for i, e in enumerate(inputs):
         around = (inputs[i - 1] if i > 0 else None, inputs[i + 1] if i + 1 < len(inputs) else None)
         emit.page(urls.input_page(e), "input.html", pages.input_page(
-            e, models, layers, {m: per_input[m].get(e, {}) for m in per_input}, predictions, around))
+            e, models, layers, {m: per_input[m].get(e, {}) for m in per_input}, predictions, around,
+            {m: (maps.get(e, {}), notes) for m, (maps, notes) in explained.items()}))
     counts = {"models": len(models), "layers": sum(len(v) for v in layers.values()), "units": len(flat),
               "examples": len(pages.labels), "inputs": len(inputs)}
     emit.page(urls.ABOUT, "about.html", pages.about(meta, store.stages(), counts))

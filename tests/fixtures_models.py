@@ -173,3 +173,60 @@ def tiny_rgb_mlp() -> nn.Module:
     """For 3x8x8 inputs (an image folder's images are RGB)."""
     torch.manual_seed(2)
     return nn.Sequential(nn.Flatten(), nn.Linear(192, 5), nn.ReLU(), nn.Linear(5, 2))
+
+
+# --- a tiny ViT (torchvision's VisionTransformer) -----------------------------------------------
+
+PLANTED_PATCH = 5  # tiny_vit's unit 0 of encoder_layer_0 fires on this patch (row 1, column 1 of its 4x4 grid)
+
+
+def tiny_vit() -> nn.Module:
+    """torchvision's VisionTransformer on 3x16x16 inputs: 4x4 patches of 4 px, a class token, 2 blocks of width
+    16 (2 heads), 3 classes. Planted: feature 0 of the token at patch PLANTED_PATCH gets +8 from the position
+    embedding, so unit 0 of `encoder.layers.encoder_layer_0` fires there on every image (the residual carries it)."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(9)
+    model = VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                              num_classes=3)
+    with torch.no_grad():
+        model.encoder.pos_embedding[0, 1 + PLANTED_PATCH, 0] += 8.0
+    return model.eval()
+
+
+def tiny_rgb_dataset() -> Dataset:
+    """40 random 3x16x16 images with labels 0..2."""
+    ds = TinyDataset()
+    g = torch.Generator().manual_seed(10)
+    ds.images = torch.rand(len(ds), 3, 16, 16, generator=g)
+    return ds
+
+
+class HandRolledAttention(nn.Module):
+    """Self-attention that is not a torch.nn.MultiheadAttention: the atlas cannot read its weights."""
+
+    def forward(self, x):
+        weights = torch.softmax(x @ x.transpose(1, 2) / x.shape[-1] ** 0.5, dim=-1)
+        return x + weights @ x
+
+
+class UntraceableTokens(nn.Module):
+    """A token model fx cannot trace (a branch on the data) whose attention is hand-rolled: 3x16x16 inputs ->
+    a 4x4 grid of 8-wide patch tokens -> attention -> 3 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.attention = HandRolledAttention()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)  # [B, 16, 8]
+        if tokens.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            tokens = tokens * 1.0
+        return self.head(self.attention(tokens).mean(1))
+
+
+def untraceable_tokens() -> nn.Module:
+    torch.manual_seed(11)
+    return UntraceableTokens().eval()

@@ -50,7 +50,8 @@ def test_rebuild_skips_scans_and_gives_the_same_pages(demo):
     site = cfg.atlas.site_dir
     before = {p.relative_to(site): p.read_bytes() for p in site.rglob("*.html")}
     again = build(cfg, progress=False)
-    assert sorted(again.skipped) == ["embed:digits-cnn", "embed:digits-mlp", "featurevis:digits-cnn",
+    assert sorted(again.skipped) == ["architecture:digits-cnn", "architecture:digits-mlp",
+                                     "embed:digits-cnn", "embed:digits-mlp", "featurevis:digits-cnn",
                                      "featurevis:digits-mlp", "scan:digits-cnn", "scan:digits-mlp"]
     assert "embed" not in again.seconds
     assert "featurevis" not in again.seconds

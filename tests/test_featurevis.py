@@ -309,8 +309,12 @@ def test_channel_and_neuron_against_brute_force(acts4):
     torch.testing.assert_close(fv.neuron(units)(acts4), expected_neuron)
 
     tokens = torch.randn(3, 5, 4, generator=gen(4))  # [B, T, D]: units index D, positions T
+    # 5 tokens = a class token and a 2 x 2 patch grid: the objective is the mean over the patches alone
     torch.testing.assert_close(fv.channel([3, 1, 0])(tokens),
-                               torch.stack([tokens[i, :, u].mean() for i, u in enumerate([3, 1, 0])]))
+                               torch.stack([tokens[i, 1:, u].mean() for i, u in enumerate([3, 1, 0])]))
+    square = tokens[:, 1:]  # 4 tokens, a 2 x 2 grid with no class token: the mean over all of them
+    torch.testing.assert_close(fv.channel([3, 1, 0])(square),
+                               torch.stack([square[i, :, u].mean() for i, u in enumerate([3, 1, 0])]))
     torch.testing.assert_close(fv.neuron([3, 1, 0])(tokens),
                                torch.stack([tokens[i, 2, u] for i, u in enumerate([3, 1, 0])]))
 

@@ -336,3 +336,28 @@ def test_tuple_output_layer_is_atlas_error_and_hooks_are_removed():
     assert "layer 'pair' (TupleOut) of the model (WithTuple) returns tuple, not a tensor" in message
     assert "submodule" in message
     assert all_hooks(model) == 0
+
+
+def test_channels_last_swin_maps_are_reported_as_conv_maps():
+    """torchvision's Swin blocks return [B, H, W, C]: Capture reports [B, C, H, W] (units are channels)."""
+    from torchvision.models import SwinTransformer
+
+    from atlas_builder.hooks import Capture, channels_last
+
+    torch.manual_seed(0)
+    net = SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=[2, 2],
+                          num_classes=3).eval()
+    x = torch.rand(2, 3, 16, 16)
+    raw = {}
+    handle = net.features[1][0].register_forward_hook(lambda m, a, out: raw.__setitem__("block", out))
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        handle.remove()
+    assert raw["block"].shape == (2, 4, 4, 8)  # channels last
+    assert channels_last(net.features[1]) and channels_last(net.features[2]) and not channels_last(net.head)
+    with Capture(net, ["features.1.0", "features.2", "head"]) as capture, torch.no_grad():
+        capture(x)
+    assert capture.shapes == {"features.1.0": (8, 4, 4), "features.2": (16, 2, 2), "head": (3,)}
+    torch.testing.assert_close(capture.outputs["features.1.0"], raw["block"].permute(0, 3, 1, 2))

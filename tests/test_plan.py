@@ -79,3 +79,34 @@ def test_fit_diversity_uses_the_plan_it_is_given(tmp_path, monkeypatch):
     monkeypatch.setattr(plan_module, "make_plan", lambda *args, **kwargs: calls.append(args) or plan)
     assert plan_module.fit_diversity(cfg, plan) == (cfg, None) and calls == []
     assert plan_module.fit_diversity(cfg) == (cfg, None) and len(calls) == 1
+
+
+def test_vit_b_16_example_config_plans_its_blocks_and_head(tmp_path):
+    """examples/vit_b_16.toml as shipped (random weights, a local folder of images): 12 blocks of 768 token
+    units and the 1,000 logits, within the size budget, its input pages' attention counted in the plan."""
+    import tomllib
+
+    from PIL import Image
+
+    from atlas_builder.config import parse_config
+    from conftest import REPO
+
+    for c in ("cat", "dog"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for i in range(5):  # 10 images: at least scan.top_k = 9
+            Image.new("RGB", (300, 260), (40 * i, 90, 160)).save(tmp_path / "images" / c / f"{i}.png")
+    raw = tomllib.loads((REPO / "examples/vit_b_16.toml").read_text())
+    raw["atlas"].update(data_dir=str(tmp_path / "data"), site_dir=str(tmp_path / "site"))
+    raw["dataset"]["source"] = f"imagefolder:{tmp_path / 'images'}"
+    raw["models"][0]["weights"] = ""
+    cfg = parse_config(raw, base=REPO / "examples")
+    plan = plan_module.make_plan(cfg, calibrate=False)
+    layers = plan.models[0].layers
+    assert [l.layer for l in layers] == [f"encoder.layers.encoder_layer_{i}" for i in range(12)] + ["heads.head"]
+    assert [l.units for l in layers] == [768] * 12 + [1000] and plan.models[0].units == 10_216
+    assert layers[0].title.endswith("197×768")
+    assert not plan.over and plan.bytes / plan.models[0].units < 30_000
+    from atlas_builder.sources import load_dataset
+    dataset = load_dataset(cfg)
+    attention = plan_module.explanation_bytes(cfg, dataset, 13 * 8, 144)
+    assert attention > plan_module.explanation_bytes(cfg, dataset, 13 * 8, 0) + 144 * 300

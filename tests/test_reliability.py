@@ -385,10 +385,11 @@ def tiny(tmp_path_factory) -> Tiny:
                 store_dump(after / "data/tiny"))
 
 
-ALL_STAGES = ["featurevis:tiny-cnn", "featurevis:tiny-mlp", "scan:tiny-cnn", "scan:tiny-mlp"]
+ARCHITECTURES = ["architecture:tiny-cnn", "architecture:tiny-mlp"]  # the models do not change: never re-run
+ALL_STAGES = sorted(ARCHITECTURES + ["featurevis:tiny-cnn", "featurevis:tiny-mlp", "scan:tiny-cnn", "scan:tiny-mlp"])
 KILL_POINTS = {  # where the AFTER build is killed -> the stages its re-run must skip
-    "scan": ["featurevis:tiny-cnn", "scan:tiny-cnn"],  # mid-transaction of tiny-mlp's scan rows
-    "featurevis": ["scan:tiny-cnn"],  # tiny-cnn's feature vis, some images written
+    "scan": sorted(ARCHITECTURES + ["featurevis:tiny-cnn", "scan:tiny-cnn"]),  # mid-transaction of tiny-mlp's scan
+    "featurevis": sorted(ARCHITECTURES + ["scan:tiny-cnn"]),  # tiny-cnn's feature vis, some images written
     "render": ALL_STAGES,  # the new tree beside the site, 5 pages written
     "swap": ALL_STAGES,  # the new tree complete, not yet swapped in
     "mid-swap": ALL_STAGES,  # the old site renamed away, the new one not yet in place

@@ -319,7 +319,8 @@ def test_scan_model_of_token_outputs(device):
     outputs = outputs_of(model.cpu(), data.images, ["proj", "act"])
     for layer in result.layers:
         check_layer(layer, outputs[layer.info.name], data.labels.numpy(), np.arange(40), 4)
-        assert layer.info.spatial == (1, 16) and layer.top.maps.shape == (6, 4, 16)
+        # 16 tokens read as a 4 x 4 patch grid (no class token); the maps keep every token
+        assert layer.info.spatial == (4, 4) and layer.info.prefix == 0 and layer.top.maps.shape == (6, 4, 16)
 
 
 def test_scan_model_same_result_for_any_batch_and_buffer_size():

@@ -1,4 +1,4 @@
-// Neuron Atlas: hover previews on map points (data-thumb). The pages work without it.
+// Neuron Atlas: hover previews on map points (data-thumb); the architecture view opens the module a link names. The pages work without it.
 (function () {
   var tip = null;
   function show(ev) {
@@ -22,4 +22,15 @@
   }
   document.addEventListener('mouseover', show);
   document.addEventListener('mouseout', hide);
+})();
+// The architecture view: a link to a collapsed module's graph (#arch-...) opens it and the modules around it.
+(function () {
+  function open() {
+    var id = decodeURIComponent(location.hash.slice(1));
+    var el = id && document.getElementById(id);
+    for (; el; el = el.parentElement) if (el.tagName === 'DETAILS') el.open = true;
+    if (id && document.getElementById(id)) document.getElementById(id).scrollIntoView();
+  }
+  window.addEventListener('hashchange', open);
+  open();
 })();
