@@ -12,12 +12,16 @@ Measured side by side in one run (torchvision vit_b_16, weights=None, CPU unless
 3. for information: gradient x input of the 8 units an input page lists for each of the 12 blocks
    (96 truncated forward+backward passes per input), seconds per input.
 
+Both passes run under the allocator settings the `atlas` command gives itself (GLIBC_TUNABLES, see
+atlas_builder/cli.py), as in bench/scan.py.
+
 Run: .venv/bin/python bench/vit.py [--quick] [--cuda]   (make bench runs it)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -33,6 +37,7 @@ sys.path.insert(0, str(HERE))
 from scan import LoadedModel, ModelSection, ScanSection, bare_pass, scan_pass, sync, synthetic  # noqa: E402
 
 from atlas_builder import explain  # noqa: E402
+from atlas_builder.cli import with_malloc_tunables  # noqa: E402
 from atlas_builder.scan import INPUT_UNITS  # noqa: E402
 
 
@@ -105,9 +110,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="100 images, 1 run, 2 inputs")
     parser.add_argument("--cuda", action="store_true")
     args = parser.parse_args()
+    with_malloc_tunables([__file__, *sys.argv[1:]])  # the allocator settings `atlas` runs with (see cli.py)
+    print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (as the atlas command sets them); torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     device = torch.device("cuda" if args.cuda else "cpu")
     figures = {}
-    n, repeats = (100, 1) if args.quick else (500, 2)
+    n, repeats = (100, 1) if args.quick else (500, 3)
     figures["scan_vs_forward_vit_b_16" + ("_cuda" if args.cuda else "")] = scan_ratio(n, repeats, device)
     figures.update(attribution_cost(2 if args.quick else 4, device, units=True))
     for name, value in figures.items():
