@@ -44,7 +44,12 @@ def atlas_section(folder: Path, name: str) -> str:
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Path:
     """A fast atlas: import-path tiny CNN + MLP over a 40-example synthetic dataset."""
-    return write_config(tmp_path, atlas_section(tmp_path, "tiny") + """
+    return write_tiny_config(tmp_path)
+
+
+def write_tiny_config(folder: Path) -> Path:
+    """The `tiny_config` atlas, its store and site in `folder`."""
+    return write_config(folder, atlas_section(folder, "tiny") + """
         [site]
         title = "Tiny atlas"
         [dataset]

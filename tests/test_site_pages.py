@@ -194,10 +194,17 @@ def test_about_page_shows_config_versions_seed_and_no_timings(built):
 
 
 def test_home_features_units(built):
+    from atlas_builder.website import featured_units
+
     home = read_page(site_of(built) / urls.HOME)
     featured = [a["href"] for a in home.find("a") if a["href"].count("/") == 3]
     assert featured and all((site_of(built) / h).is_file() for h in featured)
-    assert "Most class-selective" in home.text or "Most active" in home.text
+    picks = featured_units([(m, u) for m, _, u in all_units(built[0])])
+    assert [title for title, _, _ in picks] == ["Most active"]  # this site has no class-selective or dead unit
+    for title, m, u in picks:  # each pick under its title, linked to its unit's page
+        assert title in home.text
+        assert urls.rel(urls.HOME, urls.unit_page(UnitId(m.model, u.layer, u.unit))) in featured
+    assert "Most class-selective" not in home.text and "Dead" not in home.text
 
 
 def test_every_image_has_alt_text_and_headings_are_in_order(built):

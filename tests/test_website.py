@@ -15,13 +15,14 @@ from atlas_builder.errors import AtlasError
 from atlas_builder.ids import UnitId, layer_slug
 from atlas_builder.store import Store
 from atlas_builder.website import position_box, render
-from conftest import atlas_section, write_config
+from conftest import atlas_section, write_config, write_tiny_config
 from sitecheck import broken_links, read_page
 
 
-@pytest.fixture
-def tiny_site(tiny_config):
-    cfg = load_config(tiny_config)
+@pytest.fixture(scope="module")
+def tiny_site(tmp_path_factory):
+    """The tiny atlas, built once for the tests that only read it."""
+    cfg = load_config(write_tiny_config(tmp_path_factory.mktemp("tiny")))
     report = build(cfg, progress=False)
     return cfg, report
 
@@ -128,7 +129,10 @@ def test_hostile_class_names_are_escaped(tmp_path):
         html = page.read_text()
         assert "<script>" not in html and "<img src=x" not in html
     unit = (site / "m/fc2/0/index.html").read_text()
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in unit or "&#34;quoted&#34;" in unit or "../../etc" in unit
+    # each class name, escaped, on the output unit's page (its title and the class bars)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in unit
+    assert "&#34;quoted&#34; &amp; &#39;single&#39;" in unit
+    assert "../../etc" in unit
     assert "&lt;script&gt;alert(&#39;title&#39;)&lt;/script&gt;" in (site / "index.html").read_text()
 
 
