@@ -201,7 +201,7 @@ def redundancy(sample) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.inference_mode()
 def summarize(info: LayerInfo, acc: LayerAccumulator, cfg: ScanSection, class_names: tuple[str, ...],
-              rule: Nonlinearity | None = None, title: str = "") -> LayerScan:
+              rule: Nonlinearity | None = None, title: str = "", example_labels: np.ndarray | None = None) -> LayerScan:
     """Finalize a layer's accumulators into statistics, health flags and labels.
 
     Health flags (thresholds from [scan]):
@@ -211,6 +211,7 @@ def summarize(info: LayerInfo, acc: LayerAccumulator, cfg: ScanSection, class_na
       at least `redundant_correlation` over the sample (the partner is named);
     - non-finite: some activations were NaN or Inf (counted, left out of the
       statistics, never in the top-k).
+    example_labels: every example's label (by id), for the labels' scores (`label_scores`).
     Label: "dead", "saturated", "non-finite" (no finite activation at all),
     "class-selective: <class>" when the selectivity index is at least
     `class_selective`, else "feature-selective (broad)" — the split of the
@@ -244,8 +245,46 @@ def summarize(info: LayerInfo, acc: LayerAccumulator, cfg: ScanSection, class_na
             labels.append(f"class-selective: {class_names[top] if 0 <= top < len(class_names) else top}")
         else:
             labels.append("feature-selective (broad)")
-    return LayerScan(info, acc.top.finalize(), acc.bottom.finalize(), stats, labels, counts, lo, hi,
+    top = acc.top.finalize()
+    sample_labels = example_labels[acc.sample.ids] if example_labels is not None and len(acc.sample.ids) else None
+    stats["label_score"] = label_scores(labels, top_class, acc.sample.matrix.cpu().numpy(), sample_labels, top,
+                                        example_labels)
+    return LayerScan(info, top, acc.bottom.finalize(), stats, labels, counts, lo, hi,
                      class_means, acc.sample.finalize(), title, family)
+
+
+def auroc(values: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """[U] area under the ROC curve of each column of values [S, U] as a score for `positive` [S, U] (ties
+    count a half, as scikit-learn's roc_auc_score); NaN where a column has no positive or no negative."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(values.astype(np.float64), axis=0)
+    n_pos = positive.sum(0)
+    n_neg = len(values) - n_pos
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = ((ranks * positive).sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), out, np.nan)
+
+
+def label_scores(labels: list[str], top_class: np.ndarray, sample: np.ndarray, sample_labels: np.ndarray | None,
+                 top, example_labels: np.ndarray | None) -> np.ndarray:
+    """[U] how well each unit's label predicts it: for "class-selective: c", the AUROC of "the example is of
+    class c" against its activation over the seeded sample; for "feature-selective", the share of its top-k
+    outside their most common class (0: one class, towards 1: many); NaN for the other labels."""
+    out = np.full(len(labels), np.nan)
+    selective = np.array([label.startswith("class-selective") for label in labels], dtype=bool)
+    if selective.any() and sample_labels is not None and len(sample_labels) == len(sample):
+        cols = np.flatnonzero(selective)
+        positive = sample_labels[:, None] == top_class[cols][None, :]
+        out[cols] = auroc(sample[:, cols], positive)
+    broad = np.array([label.startswith("feature-selective") for label in labels], dtype=bool)
+    if broad.any() and example_labels is not None:
+        for u in np.flatnonzero(broad):
+            ids = top.ids[u][top.valid[u]]
+            if len(ids):
+                counts = np.bincount(example_labels[ids].clip(min=0))
+                out[u] = 1 - counts.max() / len(ids)
+    return out
 
 
 # --- input pages --------------------------------------------------------------------
@@ -444,7 +483,7 @@ def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cf
     result_layers = [summarize(LayerInfo(name, type(modules[name]).__name__, part.accs[name].shape, True),
                                part.accs[name], cfg, dataset.class_names,
                                nonlinearity(modules[name], cfg.active_threshold),
-                               describe_layer(model.module, name, part.shapes[name]))
+                               describe_layer(model.module, name, part.shapes[name]), part.labels.numpy())
                      for name in layers if name in part.accs]
     if unit_attributions:
         net = model.module.to(device).eval()

@@ -74,6 +74,8 @@ ALTER TABLE featurevis ADD COLUMN IF NOT EXISTS target VARCHAR DEFAULT 'output';
 -- maps and positions index all the tokens
 ALTER TABLE layers ADD COLUMN IF NOT EXISTS prefix_tokens INTEGER DEFAULT 0;
 -- site.unit_attributions: gradient x input of the unit's value on a top example, float16 [h*w] scaled to max |v| 1
+-- how well the unit's label predicts it: AUROC (class-selective) or the top-k's share outside one class (broad)
+ALTER TABLE units ADD COLUMN IF NOT EXISTS label_score DOUBLE;
 ALTER TABLE topk ADD COLUMN IF NOT EXISTS attribution BLOB;
 ALTER TABLE topk ADD COLUMN IF NOT EXISTS attribution_h INTEGER DEFAULT 0;
 ALTER TABLE topk ADD COLUMN IF NOT EXISTS attribution_w INTEGER DEFAULT 0;
@@ -180,6 +182,7 @@ class UnitRecord:
     class_means: tuple[float | None, ...]
     top: tuple[TopKRecord, ...]
     bottom: tuple[TopKRecord, ...]
+    label_score: float | None = None  # how well the label predicts the unit (scan.label_scores), None: no score
 
     @property
     def flags(self) -> list[str]:
@@ -536,6 +539,7 @@ class Store:
         columns["redundant_with"] = st["redundant_with"].astype(np.int32)
         columns["redundant_corr"] = st["redundant_corr"].astype(np.float64)
         columns["label"] = np.array(layer.labels, dtype=object)
+        columns["label_score"] = np.asarray(st.get("label_score", np.full(n, np.nan)), dtype=np.float64)
         columns["hist_lo"], columns["hist_hi"] = layer.hist_lo.astype(np.float64), layer.hist_hi.astype(np.float64)
         columns["hist"] = _object_rows(layer.hist_counts.astype(np.int32))
         columns["class_means"] = _object_rows(layer.class_means.astype(np.float64))
@@ -604,14 +608,16 @@ class Store:
             attribution = np.frombuffer(attr, dtype=np.float16).astype(np.float32).reshape(ah, aw) \
                 if attr is not None and ah else None
             ranked[(kind, unit)].append(TopKRecord(rank, example, value, position, heat, attribution))
-        rows = self.con.execute(f"SELECT unit, {UNIT_COLUMNS} FROM units WHERE model = ? AND layer = ? ORDER BY unit",
+        rows = self.con.execute(f"SELECT unit, {UNIT_COLUMNS}, label_score FROM units WHERE model = ? AND layer = ? "
+                                "ORDER BY unit",
                                 [model, layer]).fetchall()
         out = []
         for r in rows:
-            unit, values = r[0], [_none_if_nan(v) for v in r[1:]]
+            unit, values = r[0], [_none_if_nan(v) for v in r[1:-1]]
             values[17] = tuple(values[17] or ())
             values[18] = tuple(_none_if_nan(v) for v in (values[18] or ()))
-            out.append(UnitRecord(model, layer, unit, *values, top=tuple(ranked[("top", unit)]),
+            out.append(UnitRecord(model, layer, unit, *values, label_score=_none_if_nan(r[-1]),
+                                  top=tuple(ranked[("top", unit)]),
                                   bottom=tuple(ranked[("bottom", unit)])))
         return out
 

@@ -299,6 +299,7 @@ class Pages:
                 "model_title": m.title, "cite": self.citation(uid, title, permalink),
                 "json_href": urls.rel(page, urls.unit_json(uid)),
                 "unit": {"id": str(uid), "unit": u.unit, "layer": layer.layer, "label": u.label, "flags": u.flags,
+                         "label_score": label_score_text(u),
                          "kind": layer_kind(layer), "class": cls, "module_type": layer.module_type},
                 "stats": stats, "partner": partner,
                 "histogram": charts.histogram_svg(u.hist, u.hist_lo, u.hist_hi),
@@ -354,6 +355,7 @@ class Pages:
         return {"id": str(uid), "model": m.model, "model_title": m.title, "layer": layer.layer,
                 "example_images": urls.rel(path, urls.example_image(0)).replace("/0.webp", "/{example}.webp"),
                 "module_type": layer.module_type, "unit": u.unit, "label": u.label, "flags": u.flags,
+                "label_score": finite(u.label_score),
                 "permalink": urls.permalink(self.base_url, uid), "page": urls.rel(path, urls.unit_page(uid)),
                 "stats": {k: finite(getattr(u, k)) for k in ("count", "nonfinite", "mean", "std", "min", "max",
                                                              "frac_active", "position_activity", "selectivity")},
@@ -636,13 +638,27 @@ def featured_units(units: list[tuple[ModelRecord, UnitRecord]]) -> list[tuple[st
     return picks
 
 
+def label_score_text(u: UnitRecord) -> dict | None:
+    """The label's score as the unit page shows it: {"text", "title"}, or None when it has none."""
+    if u.label_score is None:
+        return None
+    if u.label.startswith("class-selective"):
+        return {"text": f"AUROC {u.label_score:.2f}",
+                "title": "how well its activation tells this class from the others over the sampled examples "
+                         "(area under the ROC curve: 0.5 chance, 1 perfect)"}
+    return {"text": f"{100 * u.label_score:.0f}% of its top examples outside one class",
+            "title": "the share of its top examples that are not of their most common class (0: one class)"}
+
+
 def search_rows(units: list[tuple[ModelRecord, UnitRecord]], class_names: list[str]) -> list[list]:
-    """The search index: one row per unit, [model, layer, unit, label, top class, flags, model title, url]."""
+    """The search index: one row per unit, [model, layer, unit, label, top class, flags, model title, url,
+    label score (2 decimals) or None]."""
     rows = []
     for m, u in units:
         top = class_names[u.top_class] if 0 <= u.top_class < len(class_names) else ""
         rows.append([m.model, u.layer, u.unit, u.label, top, " ".join(u.flags), m.title,
-                     urls.unit_dir(UnitId(m.model, u.layer, u.unit)) + "/index.html"])
+                     urls.unit_dir(UnitId(m.model, u.layer, u.unit)) + "/index.html",
+                     round(u.label_score, 2) if u.label_score is not None else None])
     return rows
 
 
@@ -650,7 +666,7 @@ def search_index(rows: list[list]) -> str:
     """The search index as the site ships it (search-index.js): the rows of `search_rows`, columnar.
 
     `window.ATLAS_SEARCH = {"models": [[model, title]...], "labels": [...], "classes": [...], "flags": [...],
-    "layers": [[model code, layer, layer folder, units, label codes, class codes, flag codes]...]};`
+    "layers": [[model code, layer, layer folder, units, label codes, class codes, flag codes, label scores]...]};`
     One entry of "layers" per run of consecutive rows of one layer; `units` is n when the run is units
     0..n-1 (the usual case), else their list; the codes index the string tables. A unit's page is
     `<layer folder>/<unit>/index.html` (static/search.js rebuilds the rows and their URLs), so ~30k units
@@ -658,15 +674,16 @@ def search_index(rows: list[list]) -> str:
     """
     tables: dict[str, dict] = {"models": {}, "labels": {}, "classes": {}, "flags": {}}
     runs: list[list] = []
-    for model, layer, unit, label, top, flags, title, url in rows:
+    for model, layer, unit, label, top, flags, title, url, score in rows:
         folder, unit_text, page = url.rsplit("/", 2)
         if (unit_text, page) != (str(unit), "index.html"):
             raise ValueError(f"search row of {model}/{layer}/{unit} has an unexpected url {url!r}")
         m = tables["models"].setdefault((model, title), len(tables["models"]))
         if not runs or runs[-1][:3] != [m, layer, folder]:
-            runs.append([m, layer, folder, [], [], [], []])
+            runs.append([m, layer, folder, [], [], [], [], []])
         run = runs[-1]
         run[3].append(unit)
+        run[7].append(score)
         for column, table, value in ((4, "labels", label), (5, "classes", top), (6, "flags", flags)):
             run[column].append(tables[table].setdefault(value, len(tables[table])))
     for run in runs:

@@ -320,11 +320,12 @@ def test_search_from_home_by_label_and_by_unit_id(page, server, units):
 
     # open a result labelled with exactly that label: its unit page shows the label
     hit = page.locator("#search-results li").filter(
-        has=page.locator("span.muted", has_text=re.compile(rf"— {re.escape(label)}$"))).first
+        has=page.locator("span.muted", has_text=re.compile(rf"— {re.escape(label)} \(score [0-9.]+\)$"))).first
     target = click_through(page, hit.locator("a"), server)
     assert target.removeprefix(server.base) in expected
     assert re.match(r"Unit \d+ |\S+ \d+ · ", h1(page)), h1(page)  # output units are titled by their class
     assert page.locator(".unit-label .label-text").inner_text() == label
+    assert re.fullmatch(r"AUROC [01]\.\d\d", page.locator(".unit-label .label-score").inner_text())
 
     # a unit id in the search page's own box (the form runs the search in place, no reload)
     click_through(page, page.locator("nav.site-nav a", has_text="Search"), server)
@@ -336,6 +337,22 @@ def test_search_from_home_by_label_and_by_unit_id(page, server, units):
     click_through(page, first, server)
     assert page.url == server.base + "digits-cnn/relu1/3/index.html"
     assert h1(page).startswith("Unit 3 of relu1")
+
+
+def test_search_by_label_score(page, server, demo):
+    """score:>0.9 finds exactly the units whose label scores above 0.9 (to the index's 2 decimals)."""
+    with Store(demo.store_dir, read_only=True) as store:
+        scores = {f"{m.model}/{u.layer}/{u.unit}/index.html": u.label_score
+                  for m in store.models() for l in store.layers(m.model) for u in store.units(m.model, l.layer)}
+    expected = {url for url, score in scores.items() if score is not None and round(score, 2) > 0.9}
+    assert expected and len(expected) < len(scores)
+    page.goto(server.base + "search/index.html?q=" + "score%3A%3E0.9")
+    expect(page.locator("#search-status")).to_have_text(f"{len(expected)} unit{'s' if len(expected) > 1 else ''}."
+                                                        if len(expected) <= 200 else re.compile(r"^\d+ units"))
+    hrefs = {a.evaluate("a => a.href").removeprefix(server.base) for a in page.locator("#search-results a").all()}
+    assert hrefs == expected if len(expected) <= 200 else hrefs <= expected
+    for note in page.locator("#search-results li span.muted").all_inner_texts():
+        assert float(re.search(r"\(score ([0-9.]+)\)", note).group(1)) > 0.9
 
 
 def _clickable_point(page, svg) -> int:

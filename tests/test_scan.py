@@ -602,3 +602,43 @@ def test_a_block_that_ends_in_a_relu_is_judged_as_relu():
                        model=net)
     by_name = {layer.info.name: layer for layer in scan.layers}
     assert by_name["block"].nonlinearity == "relu" and by_name["conv"].nonlinearity == "raw"
+
+
+def test_label_scores_match_scikit_learn():
+    """Planted: unit c of `fc` answers pixel (0, c), made bright in the images of class c (class-selective:
+    c); unit 3 answers a pixel no class owns (broad). Scores: scikit-learn's roc_auc_score over the sample,
+    and the top-k's share outside their most common class."""
+    from sklearn.metrics import roc_auc_score
+
+    from atlas_builder.scan import auroc
+
+    data = fixtures_models.TinyDataset(n=60)
+    g = torch.Generator().manual_seed(7)
+    for i in range(len(data)):
+        data.images[i, 0, 0, int(data.labels[i])] += 1.0 + torch.rand(1, generator=g).item()
+    fc = nn.Linear(64, 4)
+    with torch.no_grad():
+        fc.weight.zero_()
+        fc.bias.zero_()
+        for c in range(3):
+            fc.weight[c, c] = 1.0  # pixel (0, c), less 1: negative off its class (not saturated)
+        fc.weight[3, 63] = 1.0  # a pixel of no class, less a half: active about half the time
+        fc.bias[:] = torch.tensor([-1.0, -1.0, -1.0, -0.5])
+    model = nn.Sequential(OrderedDict([("flatten", nn.Flatten()), ("fc", fc)]))
+    result, _ = run_scan(data, layers=["fc"], model=model)
+    layer = result.layers[0]
+    assert layer.labels == ["class-selective: zero", "class-selective: one", "class-selective: two",
+                            "feature-selective (broad)"]
+    sample_labels = data.labels.numpy()[result.sample_ids]
+    for c in range(3):
+        expected = roc_auc_score(sample_labels == c, layer.sample[:, c].astype(np.float64))
+        assert layer.stats["label_score"][c] == pytest.approx(expected, abs=1e-12)
+        assert expected > 0.9
+    ids = layer.top.ids[3][layer.top.valid[3]]
+    counts = np.bincount(data.labels.numpy()[ids])
+    assert layer.stats["label_score"][3] == pytest.approx(1 - counts.max() / len(ids))
+    # ties count a half, as in scikit-learn
+    values = np.array([[1.0, 0.0], [1.0, 0.0], [2.0, 0.0], [0.5, 0.0]])
+    positive = np.array([[True, True], [False, False], [True, False], [False, False]])
+    np.testing.assert_allclose(auroc(values, positive)[:1], [roc_auc_score(positive[:, 0], values[:, 0])])
+    assert auroc(values, positive)[1] == pytest.approx(roc_auc_score(positive[:, 1], values[:, 1]))

@@ -98,11 +98,11 @@ def decode(index_js: str) -> list[list]:
     """The rows a search-index.js holds, as static/search.js rebuilds them (URLs from the layer folders)."""
     index = json.loads(re.fullmatch(r"window\.ATLAS_SEARCH = (.*);\n", index_js, re.S).group(1))
     rows = []
-    for m, layer, folder, units, labels, classes, flags in index["layers"]:
+    for m, layer, folder, units, labels, classes, flags, scores in index["layers"]:
         model, title = index["models"][m]
         for k, unit in enumerate(range(units) if isinstance(units, int) else units):
             rows.append([model, layer, unit, index["labels"][labels[k]], index["classes"][classes[k]],
-                         index["flags"][flags[k]], title, f"{folder}/{unit}/index.html"])
+                         index["flags"][flags[k]], title, f"{folder}/{unit}/index.html", scores[k]])
     return rows
 
 
@@ -126,11 +126,11 @@ def test_index_keeps_odd_layers_unit_lists_and_hostile_text():
     m = SimpleNamespace(model="m", title="<script>alert('t')</script>")
     other = SimpleNamespace(model="n", title="N \u2028 \"quoted\"")
 
-    def unit(layer, i, label="feature-selective (broad)", top=0, **flags):
-        return SimpleNamespace(layer=layer, unit=i, label=label, top_class=top,
+    def unit(layer, i, label="feature-selective (broad)", top=0, score=None, **flags):
+        return SimpleNamespace(layer=layer, unit=i, label=label, top_class=top, label_score=score,
                                flags=[name for name in ("dead", "saturated") if flags.get(name)])
     flat = [(m, unit("conv", 0)), (m, unit("conv", 1, "dead", dead=True)), (m, unit("a/b", 0, "</script>", 5)),
-            (m, unit("fc", 3)), (m, unit("fc", 1, "class-selective: b", 1)), (m, unit("conv", 2, saturated=True)),
+            (m, unit("fc", 3)), (m, unit("fc", 1, "class-selective: b", 1, 0.9371)), (m, unit("conv", 2, saturated=True)),
             (other, unit("conv", 0, "dead", -1, dead=True, saturated=True))]
     rows = website.search_rows(flat, ["a", "b"])
     index = website.search_index(rows)
@@ -142,8 +142,9 @@ def test_index_keeps_odd_layers_unit_lists_and_hostile_text():
         [0, "conv", "m/conv", 2], [0, "a/b", rows[2][7].rsplit("/", 2)[0], 1], [0, "fc", "m/fc", [3, 1]],
         [0, "conv", "m/conv", [2]], [1, "conv", "n/conv", 1]]
     assert data["classes"] == ["a", "", "b"] and data["flags"] == ["", "dead", "saturated", "dead saturated"]
+    assert data["layers"][2][7] == [None, 0.94]  # label scores, to 2 decimals
     with pytest.raises(ValueError, match="unexpected url"):
-        website.search_index([["m", "l", 1, "x", "", "", "M", "m/l/2/index.html"]])
+        website.search_index([["m", "l", 1, "x", "", "", "M", "m/l/2/index.html", None]])
 
 
 # ---------------------------------------------------------------- a 2,048-unit layer page

@@ -1,7 +1,8 @@
 // Neuron Atlas search: client-side, over window.ATLAS_SEARCH (written by the build as a script, so it
 // works from file:// and from any subpath). The index is columnar (website.search_index): string tables
 // models [[model, title]], labels, classes, flags, and one run per layer,
-// [model code, layer, layer folder, units (n for 0..n-1, or their list), label codes, class codes, flag codes].
+// [model code, layer, layer folder, units (n for 0..n-1, or their list), label codes, class codes, flag codes,
+// label scores (null: none)].
 // A unit's page is <layer folder>/<unit>/index.html from the site root.
 // Each query word is matched once per distinct string (per run, label, class, flag), then per unit by code,
 // so tens of thousands of units take a few milliseconds.
@@ -22,18 +23,19 @@
   var runs = index.layers.map(function (l) {
     var model = index.models[l[0]], units = typeof l[3] === 'number' ? null : l[3];
     var run = {model: model[0], title: model[1], layer: l[1], dir: l[2], units: units, n: units ? units.length : l[3],
-               label: l[4], cls: l[5], flag: l[6], first: total};
+               label: l[4], cls: l[5], flag: l[6], score: l[7] || [], first: total};
     run.modelLow = lower(run.model); run.layerLow = lower(run.layer); run.titleLow = lower(run.title);
     run.idPrefix = lower(run.model + '/' + run.layer + '/');
     total += run.n;
     return run;
   });
-  var FIELDS = {model: 0, layer: 1, unit: 2, label: 3, 'class': 4, flag: 5};
+  var FIELDS = {model: 0, layer: 1, unit: 2, label: 3, 'class': 4, flag: 5, score: 6};
 
   function has(table, test) { return table.map(test); }
 
   // One query word as a scorer: scorer.run(run) gives f(k, unit) -> its score for the run's k-th unit, 0 if it
-  // does not match. Fields: model:, layer:, unit: and class: must be equal, label: and flag: contained (3 each);
+  // does not match. Fields: model:, layer:, unit: and class: must be equal, label: and flag: contained, score:
+  // compared (>, >=, <, <=, =) with the label's score (3 each);
   // model/layer/unit opens that unit (100); a number is a unit index, a class, or a whole word of the label;
   // any other word must occur in the model, layer, unit, label, class, flags or model title.
   function scorer(tok) {
@@ -44,6 +46,14 @@
       var ok = field === 'label' ? has(labelsLow, function (h) { return h.indexOf(want) >= 0; })
         : field === 'flag' ? has(flagsLow, function (h) { return h.indexOf(want) >= 0; })
         : field === 'class' ? has(classesLow, function (h) { return h === want; }) : null;
+      if (field === 'score') {  // score:>0.9, score:<=0.5, score:0.75 (equal, to its 2 decimals)
+        var m = want.match(/^(>=|<=|>|<|=)?(-?[0-9]*\.?[0-9]+)$/), op = m ? (m[1] || '=') : null, x = m ? +m[2] : 0;
+        var test = function (v) {
+          return v !== null && v !== undefined && (op === '>' ? v > x : op === '>=' ? v >= x : op === '<' ? v < x
+            : op === '<=' ? v <= x : op === '=' ? Math.abs(v - x) < 1e-9 : false);
+        };
+        return {run: function (r) { return function (k) { return test(r.score[k]) ? 3 : 0; }; }};
+      }
       return {run: function (r) {
         if (field === 'model' || field === 'layer') {
           var pass = (field === 'model' ? r.modelLow : r.layerLow) === want ? 3 : 0;
@@ -116,7 +126,9 @@
       a.textContent = r.title + ' · ' + r.layer + ' · unit ' + u;
       var note = document.createElement('span');
       note.className = 'muted';
-      note.textContent = ' — ' + labels[r.label[k]] + (f ? ' [' + f + ']' : '');
+      var sc = r.score[k];
+      note.textContent = ' — ' + labels[r.label[k]] + (sc !== null && sc !== undefined ? ' (score ' + sc + ')' : '')
+        + (f ? ' [' + f + ']' : '');
       li.appendChild(a); li.appendChild(note); frag.appendChild(li);
     });
     list.appendChild(frag);
