@@ -446,6 +446,36 @@ class Store:
         with self._transaction():
             self._mark_stage(stage, fingerprint, seconds)
 
+    OPEN_DATA = {  # site/data/<name>.parquet: what the atlas publishes, one query each (no media blobs)
+        "models": "SELECT model, position, title, source, parameters, accuracy FROM models ORDER BY position",
+        "layers": "SELECT model, layer, position, module_type, shape_json, n_units, spatial_h, spatial_w, title, "
+                  "prefix_tokens FROM layers ORDER BY model, position",
+        "units": f"SELECT model, layer, unit, {UNIT_COLUMNS}, label_score FROM units ORDER BY model, layer, unit",
+        "examples": "SELECT model, layer, unit, kind, rank, example, value, position FROM topk "
+                    "ORDER BY model, layer, unit, kind, rank",
+        "embeddings": "SELECT model, map_layer, kind, method, layer, point, x, y FROM map_points "
+                      "ORDER BY model, map_layer, kind, method, layer, point",
+        "classes": "SELECT label, name FROM classes ORDER BY label",
+        "labels": "SELECT example, label FROM examples ORDER BY example",
+    }
+
+    def open_data(self) -> dict[str, bytes]:
+        """The atlas as Parquet files ({file name: bytes}, `OPEN_DATA`), written by DuckDB's COPY ... TO."""
+        import tempfile
+
+        out = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, query in self.OPEN_DATA.items():
+                path = Path(tmp) / f"{name}.parquet"
+                self.con.execute(f"COPY ({query}) TO '{path}' (FORMAT parquet, COMPRESSION zstd)")
+                out[path.name] = path.read_bytes()
+        return out
+
+    def open_data_schema(self) -> dict[str, list[tuple[str, str]]]:
+        """{file name: [(column, DuckDB type)]} of `open_data`'s files."""
+        return {f"{name}.parquet": [(r[0], r[1]) for r in self.con.execute(f"DESCRIBE {query}").fetchall()]
+                for name, query in self.OPEN_DATA.items()}
+
     def write_architecture(self, model: str, description: dict, fingerprint: str) -> None:
         """architecture.describe's description of a model, replacing the previous one."""
         with self._transaction():

@@ -21,6 +21,11 @@ ABOUT = "about/index.html"
 INPUTS = "inputs/index.html"
 NOT_FOUND = "404.html"  # GitHub Pages serves it for any missing path, at any depth
 SITEMAP = "sitemap.xml"
+DATA = "data"  # the open data: <DATA>/<table>.parquet
+
+
+def open_data(file: str) -> str:
+    return f"{DATA}/{file}"
 
 
 def model_dir(model: str) -> str:

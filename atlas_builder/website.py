@@ -438,8 +438,10 @@ class Pages:
         return {**self.common(page, [("Search", page)], "Find a unit by model, layer, index, label or class."),
                 "search_js": urls.rel(page, self.search_js[0]), "index_js": urls.rel(page, self.search_js[1])}
 
-    def about(self, meta: dict[str, str], stages: dict[str, tuple[str, float]], counts: dict[str, int]) -> dict:
-        """How the atlas was built: config, versions, seeds, stage fingerprints (timings only when asked)."""
+    def about(self, meta: dict[str, str], stages: dict[str, tuple[str, float]], counts: dict[str, int],
+              open_data: dict[str, list[tuple[str, str]]] | None = None) -> dict:
+        """How the atlas was built: config, versions, seeds, stage fingerprints (timings only when asked),
+        and the open data's files with their columns (`Store.open_data_schema`)."""
         page = urls.ABOUT
         versions = json.loads(meta.get("versions", "{}"))
         built = source_date()
@@ -451,7 +453,10 @@ class Pages:
                 "stages": [{"stage": name, "fingerprint": fp,
                             "seconds": f"{sec:.1f} s" if self.site.show_timings and sec is not None else None}
                            for name, (fp, sec) in stages.items()],
-                "show_timings": self.site.show_timings}
+                "show_timings": self.site.show_timings,
+                "open_data": [{"file": name, "href": urls.rel(page, urls.open_data(name)),
+                               "columns": [{"name": c, "type": t} for c, t in columns]}
+                              for name, columns in (open_data or {}).items()]}
 
     def not_found(self) -> dict:
         """The 404 page: GitHub Pages serves it at any depth, so its links are absolute when they can be.
@@ -863,9 +868,11 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
             {m: (maps.get(e, {}), notes) for m, (maps, notes) in explained.items()}))
     counts = {"models": len(models), "layers": sum(len(v) for v in layers.values()), "units": len(flat),
               "examples": len(pages.labels), "inputs": len(inputs)}
-    emit.page(urls.ABOUT, "about.html", pages.about(meta, store.stages(), counts))
+    emit.page(urls.ABOUT, "about.html", pages.about(meta, store.stages(), counts, store.open_data_schema()))
     for path, data in assets.values():
         emit.data(path, data)
+    for name, data in store.open_data().items():  # site/data/*.parquet (the about page documents them)
+        emit.data(urls.open_data(name), data)
     emit.data(".nojekyll", b"")
     emit.data(MARKER, b"Built by Neuron Atlas; this folder is replaced on every build.\n")
     if site.base_url:

@@ -289,3 +289,25 @@ def test_parallel_render_writes_the_same_site(built, tmp_path, monkeypatch):
     assert [k for k in parallel if parallel[k] != sequential[k] and k != manifest] == []
     assert json.loads(parallel[manifest]).keys() == json.loads(sequential[manifest]).keys()
     assert summary.rendered == summary.pages
+
+
+def test_open_data_parquet_files_hold_the_store_and_the_about_page_documents_them(built):
+    import duckdb
+
+    cfg, _ = built
+    data = site_of(built) / urls.DATA
+    assert sorted(p.name for p in data.iterdir()) == sorted(f"{n}.parquet" for n in Store.OPEN_DATA)
+    con = duckdb.connect()
+    units = con.execute(f"SELECT model, layer, unit, label, label_score, mean FROM '{data}/units.parquet' "
+                        "ORDER BY model, layer, unit").fetchall()
+    with Store(cfg.store_dir, read_only=True) as store:
+        expected = sorted((m.model, u.layer, u.unit, u.label, u.label_score, u.mean) for m, _, u in all_units(cfg))
+        top = [(m.model, u.layer, u.unit, t.rank, t.example) for m, _, u in all_units(cfg) for t in u.top]
+    assert sorted(units, key=lambda r: r[:3]) == sorted(expected, key=lambda r: r[:3])
+    got = con.execute(f"SELECT model, layer, unit, rank, example FROM '{data}/examples.parquet' WHERE kind = 'top'"
+                      ).fetchall()
+    assert sorted(got) == sorted(top)
+    about = read_page(site_of(built) / urls.ABOUT)
+    hrefs = {a["href"] for a in about.find("a")}
+    assert {f"../data/{n}.parquet" for n in Store.OPEN_DATA} <= hrefs
+    assert "label_score" in about.text and "Open data" in about.text
