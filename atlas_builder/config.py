@@ -62,6 +62,7 @@ class SiteSection:
     base_url: str = ""  # public URL of the site root (permalinks, citations, sitemap.xml); "" = unknown
     citation_author: str = ""  # BibTeX author(s) of the atlas, "A and B"; "" = the site title
     citation_year: int = 0  # year in citations; 0 = the year of SOURCE_DATE_EPOCH, else none
+    version: str = ""  # the atlas's version, in citations ("1.0"); "" = none
     input_pages: int = 50  # inputs (a seeded sample) that get a page of per-layer heatmaps; 0 = none
     attribution_steps: int = 32  # integrated-gradients steps of the input pages' attributions; 0 = no attributions
     unit_attributions: bool = False  # unit pages: gradient x input of each top example (a backward pass per

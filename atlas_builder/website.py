@@ -333,14 +333,24 @@ class Pages:
         year = self.site.citation_year or source_date_year()
         key = re.sub(r"[^A-Za-z0-9]+", "-", f"atlas-{uid.model}-{uid.layer}-{uid.unit}").strip("-")
         safe = bibtex_safe
+        version, built = self.site.version, source_date()
+        built_text = built.strftime("%Y-%m-%d") if built else ""
         fields = [("title", safe(title)), ("author", safe(author)),
                   ("howpublished", f"{safe(self.site_title)}, \\url{{{safe(permalink)}}}")]
         if year:
             fields.append(("year", str(year)))
-        fields.append(("note", safe(f"Neuron Atlas unit {uid}")))
+        if version:
+            fields.append(("version", safe(version)))
+        fields.append(("note", safe(f"Neuron Atlas unit {uid}" + (f", built {built_text}" if built_text else ""))))
         bibtex = "@misc{" + key + ",\n" + ",\n".join(f"  {k} = {{{v}}}" for k, v in fields) + "\n}"
-        plain = f"{author}{f' ({year})' if year else ''}. {title}. {self.site_title}. {permalink}"
-        return {"bibtex": bibtex, "plain": plain}
+        # the atlas named once: by its author(s) when there are some, else by its title alone
+        atlas = self.site_title + (f", version {version}" if version else "") + (
+            f", built {built_text}" if built_text else "")
+        if self.site.citation_author:
+            plain = f"{author}{f' ({year})' if year else ''}. {title}. {atlas}. {permalink}"
+        else:
+            plain = f"{title}. {atlas}{f' ({year})' if year else ''}. {permalink}"
+        return {"bibtex": bibtex, "plain": plain, "relative": not self.base_url}
 
     def unit_export(self, m: ModelRecord, layer: LayerRecord, u: UnitRecord, vis: VisualRecord | None,
                     near: list[tuple[UnitRecord, float, VisualRecord | None]]) -> dict:
@@ -470,6 +480,22 @@ class Pages:
         return {**self.common(page, [("Not found", page)]), "home": link(urls.HOME), "search": link(urls.SEARCH),
                 "nav": [], "breadcrumbs": [], "css": link(self.css), "js": "",
                 "inline_css": (TEMPLATES / "static" / "style.css").read_text(encoding="utf-8")}
+
+
+def gone_page(pages: "Pages", path: str, uid: UnitId, layers: dict[str, list[LayerRecord]],
+              models: list[ModelRecord]) -> dict:
+    """The page left at a unit's old address when a rebuild no longer has it: pointing to its layer's page,
+    else its model's, else home."""
+    titles = {m.model: m.title for m in models}
+    if any(l.layer == uid.layer for l in layers.get(uid.model, [])):
+        target, what, text = urls.layer_page(uid.model, uid.layer), "its layer's page", f"{uid.layer} in {titles[uid.model]}"
+    elif uid.model in titles:
+        target, what, text = urls.model_page(uid.model), "its model's page", titles[uid.model]
+    else:
+        target, what, text = urls.HOME, "the home page", "home"
+    return {**pages.common(path, [("No longer here", path)], f"{uid} is no longer in this atlas."),
+            "unit_id": str(uid), "unit": uid.unit, "layer": uid.layer,
+            "target": {"href": urls.rel(path, target), "what": what, "text": text}}
 
 
 def thumb_path(u: UnitRecord, vis: VisualRecord | None) -> str | None:
@@ -703,6 +729,19 @@ def search_index(rows: list[list]) -> str:
 # --- building the site ---------------------------------------------------------
 
 MANIFEST = ".atlas-manifest.json"  # path -> key of every file of the last build (incremental rendering)
+PERMALINKS = ".atlas-permalinks.json"  # path -> [model, layer, unit] of every unit page any build published
+
+
+def previous_permalinks(previous: Path | None) -> dict[str, list]:
+    """The unit addresses the previous site (and the builds before it) published; {} without one."""
+    path = previous / PERMALINKS if previous is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, list) and len(v) == 3}
 
 
 @lru_cache(maxsize=4)
@@ -882,6 +921,13 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
         if not src.is_file():
             raise AtlasError(f"the store lacks the media file {path} ({src}); rebuild with `atlas build`")
         _link_or_copy(src, emit.target(urls.media(path)))
+    # permalinks that last: every unit address any build published; one this build lacks gets a page there
+    published = {urls.unit_page(UnitId(m.model, u.layer, u.unit)): [m.model, u.layer, u.unit] for m, u in flat}
+    earlier = previous_permalinks(previous)
+    for path, (model, layer, unit) in sorted(earlier.items()):
+        if path not in published and path not in emit.keys:
+            emit.page(path, "gone.html", gone_page(pages, path, UnitId(model, layer, unit), layers, models))
+    emit.data(PERMALINKS, json.dumps({**earlier, **published}, sort_keys=True, indent=0).encode())
     emit.finish()
     sizes = _sizes(out)
     summary = SiteSummary(emit.pages, unit_pages, len(sizes), sum(sizes.values()), out, emit.rendered)

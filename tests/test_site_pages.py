@@ -27,6 +27,7 @@ title = "Tiny <atlas>"
 base_url = "{BASE}"
 citation_author = "Ada Lovelace and Alan Turing"
 citation_year = 2026
+version = "1.0"
 input_pages = 6
 [dataset]
 source = "fixtures_models:tiny_dataset"
@@ -165,8 +166,12 @@ def test_unit_page_permalink_citation_and_open_graph(built):
     assert f"\\url{{{permalink}}}" in bibtex
     assert "Tiny &lt;atlas&gt;" in html and "Tiny <atlas>" not in html  # the title is escaped everywhere
     assert bibtex.count("{") == bibtex.count("}")
-    plain = read_page(site / urls.unit_page(uid)).find("p", cls="cite-plain")
-    assert plain
+    assert "version = {1.0}" in bibtex
+    plain = re.search(r'<p class="cite-plain">(.*?)</p>', html, re.S).group(1)
+    # the atlas named once, with its version; the absolute permalink (no note asking for site.base_url)
+    assert plain == ("Ada Lovelace and Alan Turing (2026). Unit 2 of conv in tiny-cnn. Tiny &lt;atlas&gt;, "
+                     f"version 1.0. {permalink}")
+    assert "set <code>site.base_url</code>" not in html
 
 
 def test_sitemap_lists_every_page_by_its_public_url(built):

@@ -421,3 +421,41 @@ def test_unit_pages_place_their_dot_on_the_layers_one_dot_map(tiny_site):
 def store_units(cfg, model: str, layer: str):
     with Store(cfg.store_dir, read_only=True) as store:
         return store.units(model, layer)
+
+
+def test_a_rebuild_that_drops_units_leaves_a_page_at_each_old_address(tmp_path):
+    """Permalinks that last: units no longer probed (a layer dropped, `units` lowered) keep a page at their
+    address pointing to their layer's page (or model's); a later build keeps them."""
+    body = atlas_section(tmp_path, "links") + """
+        [dataset]
+        source = "fixtures_models:tiny_dataset"
+        [featurevis]
+        enabled = false
+        [[models]]
+        name = "tiny-cnn"
+        source = "fixtures_models:tiny_cnn"
+        """
+    build(load_config(write_config(tmp_path, body + 'layers = ["conv", "relu", "fc"]\n')), progress=False)
+    site = tmp_path / "site"
+    assert (site / "tiny-cnn/relu/2/index.html").is_file()
+    cfg = load_config(write_config(tmp_path, body + 'layers = ["conv", "fc"]\nunits = 2\n'))
+    build(cfg, progress=False)
+    for unit in range(4):  # relu: its layer is gone -> the model page
+        page = read_page(site / f"tiny-cnn/relu/{unit}/index.html")
+        assert "is no longer in this atlas" in page.text and "../../index.html" in page.links
+    for unit in (2, 3):  # conv units beyond units = 2 -> the layer page
+        page = read_page(site / f"tiny-cnn/conv/{unit}/index.html")
+        assert "../index.html" in page.links and "tiny-cnn/conv/" + str(unit) in page.text
+    assert "Unit 0 of" in read_page(site / "tiny-cnn/conv/0/index.html").text  # kept units keep their pages
+    assert broken_links(site) == []
+    build(cfg, progress=False)  # a third build: the old addresses are still answered
+    assert "is no longer in this atlas" in read_page(site / "tiny-cnn/relu/1/index.html").text
+
+
+def test_citation_without_author_or_base_url_names_the_atlas_once(tiny_site):
+    cfg, _ = tiny_site
+    html = (cfg.atlas.site_dir / "tiny-cnn/conv/2/index.html").read_text()
+    plain = re.search(r'<p class="cite-plain">(.*?)</p>', html, re.S).group(1)
+    assert plain == "Unit 2 of conv in tiny-cnn. Tiny atlas. tiny-cnn/conv/2/"
+    assert plain.count("Tiny atlas") == 1
+    assert "set <code>site.base_url</code>" in html  # the page says how to get an absolute permalink
