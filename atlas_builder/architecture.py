@@ -100,17 +100,18 @@ def describe(net: nn.Module, x: torch.Tensor) -> dict:
         for source in node.all_input_nodes:
             if source.name in keep:
                 edges.append([source.name, node.name])
-    groups = {path: type(modules[path]).__name__ for path in {n["group"] for n in nodes} | _parents(nodes)
-              if path in modules and path}
+    groups = {path: type(modules[path]).__name__ for path in module_paths(nodes) if path in modules}
     return {"method": "torch.fx", "note": note, "nodes": nodes, "edges": edges, "groups": groups}
 
 
-def _parents(nodes: list[dict]) -> set[str]:
-    out = set()
+def module_paths(nodes: list[dict]) -> list[str]:
+    """Every module that holds a node, and the modules above it, in first-seen (forward) order; "" left out."""
+    seen: dict[str, None] = {}
     for n in nodes:
         parts = n["group"].split(".") if n["group"] else []
-        out.update(".".join(parts[:i]) for i in range(1, len(parts)))
-    return out
+        for i in range(1, len(parts) + 1):
+            seen.setdefault(".".join(parts[:i]))
+    return list(seen)
 
 
 def module_tree(net: nn.Module, note: str) -> dict:
@@ -279,16 +280,11 @@ def render(desc: dict | None, links: dict[str, str]) -> Markup:
     method = html.escape(desc["method"])
     if desc["method"] != "torch.fx":
         return Markup(f'<div class="architecture" data-method="{method}">{note}{_tree_html(desc, links)}</div>')
-    children = defaultdict(list)  # group -> its submodules that have a graph of their own, in forward order
-    seen = set()
-    for n in desc["nodes"]:
-        parts = n["group"].split(".") if n["group"] else []
-        for i in range(1, len(parts) + 1):
-            path = ".".join(parts[:i])
-            if path not in seen:
-                seen.add(path)
-                children[".".join(parts[:i - 1])].append(path)
-    expandable = set(seen)
+    paths = module_paths(desc["nodes"])  # the modules that have a graph of their own
+    children = defaultdict(list)  # module -> its submodules among them, in forward order
+    for path in paths:
+        children[path.rpartition(".")[0]].append(path)
+    expandable = set(paths)
 
     def section(group: str) -> str:
         level = _Level(group, desc)

@@ -437,7 +437,7 @@ def load_and_check_models(cfg: AtlasConfig, dataset, cluster: Cluster) -> list[t
         if cluster.writer:
             cluster.barrier()
         if len(dataset):
-            x = torch.stack([torch.as_tensor(dataset.data[i][0]) for i in range(min(2, len(dataset)))])
+            x = dataset.inputs(range(min(2, len(dataset))))
             seen: dict[str, torch.Tensor] = {}
             if section.layers:  # the requested layers: each must give a tensor, once per forward
                 layers = resolve_layers(model.module, section.layers, section.name)

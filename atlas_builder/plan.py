@@ -283,16 +283,20 @@ def page_bytes(cfg: AtlasConfig, model, layer: str, title: str, shape: tuple[int
     return len(html.encode()) + len(export.encode()), len(layer_html.encode()) + dot_map
 
 
+def signed_bytes(side: int) -> int:
+    """The data URI of a side x side signed overlay (`charts.signed_uri`), measured on noise (PNG's worst case)."""
+    return len(charts.signed_uri(np.random.default_rng(0).standard_normal((side, side))))
+
+
 def explanation_bytes(cfg: AtlasConfig, dataset, listed: int, heads: int) -> int:
     """An input page's bytes of one model's explanations: attributions of the class and of the `listed` units
     (site.attribution_steps > 0), the attention of `heads` heads (all layers) and the rollout; each map's
     data URI measured on noise (PNG's worst case) at the size the build draws it, plus its markup."""
     from .explain import ATTRIBUTION_SIDE
 
-    rng = np.random.default_rng(0)
     side = min(ATTRIBUTION_SIDE, max(visualize.input_shape(dataset, cfg.featurevis)[1:]))
-    signed = len(charts.signed_uri(rng.standard_normal((side, side)))) + 150
-    attention = len(charts.heat_uri(rng.random((14, 14)))) + 260  # ViT-B/16's 14 x 14 patch grid
+    signed = signed_bytes(side) + 150
+    attention = len(charts.heat_uri(np.random.default_rng(0).random((14, 14)))) + 260  # ViT-B/16's 14 x 14 grid
     attributions = (2 + listed) * signed if cfg.site.attribution_steps else 0
     return attributions + (heads + 1) * attention if heads else attributions
 
@@ -304,7 +308,7 @@ def unit_attribution_bytes(cfg: AtlasConfig, shape) -> int:
     if not cfg.site.unit_attributions:
         return 0
     side = min(TOP_ATTRIBUTION_SIDE, max(shape[1:]))
-    return cfg.scan.top_k * (len(charts.signed_uri(np.random.default_rng(0).standard_normal((side, side)))) + 70)
+    return cfg.scan.top_k * (signed_bytes(side) + 70)
 
 
 def shared_bytes(cfg: AtlasConfig, dataset, layer_units: list[list[int]], heads: list[int] | None = None) -> int:

@@ -245,12 +245,10 @@ def summarize(info: LayerInfo, acc: LayerAccumulator, cfg: ScanSection, class_na
             labels.append(f"class-selective: {class_names[top] if 0 <= top < len(class_names) else top}")
         else:
             labels.append("feature-selective (broad)")
-    top = acc.top.finalize()
-    sample_labels = example_labels[acc.sample.ids] if example_labels is not None and len(acc.sample.ids) else None
-    stats["label_score"] = label_scores(labels, top_class, acc.sample.matrix.cpu().numpy(), sample_labels, top,
-                                        example_labels)
+    top, sample = acc.top.finalize(), acc.sample.finalize()
+    stats["label_score"] = label_scores(labels, top_class, sample, acc.sample.ids, top, example_labels)
     return LayerScan(info, top, acc.bottom.finalize(), stats, labels, counts, lo, hi,
-                     class_means, acc.sample.finalize(), title, family)
+                     class_means, sample, title, family)
 
 
 def auroc(values: np.ndarray, positive: np.ndarray) -> np.ndarray:
@@ -266,19 +264,22 @@ def auroc(values: np.ndarray, positive: np.ndarray) -> np.ndarray:
     return np.where((n_pos > 0) & (n_neg > 0), out, np.nan)
 
 
-def label_scores(labels: list[str], top_class: np.ndarray, sample: np.ndarray, sample_labels: np.ndarray | None,
-                 top, example_labels: np.ndarray | None) -> np.ndarray:
+def label_scores(labels: list[str], top_class: np.ndarray, sample: np.ndarray, sample_ids: np.ndarray, top,
+                 example_labels: np.ndarray | None) -> np.ndarray:
     """[U] how well each unit's label predicts it: for "class-selective: c", the AUROC of "the example is of
-    class c" against its activation over the seeded sample; for "feature-selective", the share of its top-k
-    outside their most common class (0: one class, towards 1: many); NaN for the other labels."""
+    class c" against its activation over the seeded sample (sample [S, U] of examples sample_ids [S]); for
+    "feature-selective", the share of its top-k outside their most common class (0: one class, towards 1:
+    many); NaN for the other labels. example_labels: every example's label (by id); None: no scores."""
     out = np.full(len(labels), np.nan)
+    if example_labels is None:
+        return out
     selective = np.array([label.startswith("class-selective") for label in labels], dtype=bool)
-    if selective.any() and sample_labels is not None and len(sample_labels) == len(sample):
+    if selective.any() and len(sample_ids):
         cols = np.flatnonzero(selective)
-        positive = sample_labels[:, None] == top_class[cols][None, :]
+        positive = example_labels[sample_ids][:, None] == top_class[cols][None, :]
         out[cols] = auroc(sample[:, cols], positive)
     broad = np.array([label.startswith("feature-selective") for label in labels], dtype=bool)
-    if broad.any() and example_labels is not None:
+    if broad.any():
         for u in np.flatnonzero(broad):
             ids = top.ids[u][top.valid[u]]
             if len(ids):
@@ -317,7 +318,7 @@ def input_activations(net: torch.nn.Module, dataset: AtlasDataset, layers: list[
     outputs: dict[str, torch.Tensor] = {}
     x = None
     if len(examples):
-        x = torch.stack([torch.as_tensor(dataset.data[int(i)][0]) for i in examples]).to(device)
+        x = dataset.inputs(examples).to(device)
         with Capture(net, layers) as capture, torch.inference_mode():
             capture(x)
         outputs = capture.outputs
@@ -487,12 +488,9 @@ def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cf
                      for name in layers if name in part.accs]
     if unit_attributions:
         net = model.module.to(device).eval()
-
-        def load(ids):
-            return torch.stack([torch.as_tensor(dataset.data[int(i)][0]) for i in ids])
         for layer in result_layers:
-            layer.top_attributions = top_attributions(net, layer.info.name, layer.top.ids, layer.top.valid, load,
-                                                      cfg.reduce, cfg.batch_size, device)
+            layer.top_attributions = top_attributions(net, layer.info.name, layer.top.ids, layer.top.valid,
+                                                      dataset.inputs, cfg.reduce, cfg.batch_size, device)
         model.module.to("cpu")
     inputs = None
     if input_pages:

@@ -195,6 +195,10 @@ class AtlasDataset:
     def __len__(self) -> int:
         return len(self.data)
 
+    def inputs(self, ids) -> torch.Tensor:
+        """The model inputs of examples `ids`, stacked [n, ...]."""
+        return torch.stack([torch.as_tensor(self.data[int(i)][0]) for i in ids])
+
     def to_image(self, x: torch.Tensor) -> Image.Image:
         """A model input [C, H, W] back to a displayable image (normalization undone)."""
         x = x.detach().float().cpu()

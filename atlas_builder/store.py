@@ -73,9 +73,9 @@ ALTER TABLE featurevis ADD COLUMN IF NOT EXISTS target VARCHAR DEFAULT 'output';
 -- token outputs: the leading tokens outside the patch grid spatial_h x spatial_w (a ViT's class token); their
 -- maps and positions index all the tokens
 ALTER TABLE layers ADD COLUMN IF NOT EXISTS prefix_tokens INTEGER DEFAULT 0;
--- site.unit_attributions: gradient x input of the unit's value on a top example, float16 [h*w] scaled to max |v| 1
 -- how well the unit's label predicts it: AUROC (class-selective) or the top-k's share outside one class (broad)
 ALTER TABLE units ADD COLUMN IF NOT EXISTS label_score DOUBLE;
+-- site.unit_attributions: gradient x input of the unit's value on a top example, float16 [h*w] scaled to max |v| 1
 ALTER TABLE topk ADD COLUMN IF NOT EXISTS attribution BLOB;
 ALTER TABLE topk ADD COLUMN IF NOT EXISTS attribution_h INTEGER DEFAULT 0;
 ALTER TABLE topk ADD COLUMN IF NOT EXISTS attribution_w INTEGER DEFAULT 0;
@@ -85,11 +85,12 @@ CREATE TABLE IF NOT EXISTS predictions (model VARCHAR, example INTEGER, predicte
 -- input pages: each layer's most active units on a few sampled inputs; map: float16 [H*W] bytes (conv units)
 CREATE TABLE IF NOT EXISTS input_units (
     model VARCHAR, example INTEGER, layer VARCHAR, rank INTEGER, unit INTEGER, value DOUBLE, map BLOB);
--- input pages' explanations (see explain.py), each map float16 [h*w] scaled to max |value| 1: kind 'class'
--- (name: the attribution method, of the predicted class), 'unit' (name: layer, rank: the unit's place in
--- input_units), 'attention' (name: attention module, head), 'rollout'; kind 'note' (example -1, name: the text)
 -- the model page's architecture view: architecture.describe's JSON (torch.fx graph or module tree)
 CREATE TABLE IF NOT EXISTS architecture (model VARCHAR PRIMARY KEY, description VARCHAR);
+-- input pages' explanations (see explain.py), each map float16 [h*w] scaled to max |value| 1: kind 'class'
+-- (name: the attribution method, of the predicted class), 'unit' (name: layer, rank: the unit's place in
+-- input_units), 'attention' (name: attention module, rank: its forward order, head),
+-- 'rollout'; kind 'note' (example -1, name: the text)
 CREATE TABLE IF NOT EXISTS input_maps (
     model VARCHAR, example INTEGER, kind VARCHAR, name VARCHAR, rank INTEGER, head INTEGER, h INTEGER,
     w INTEGER, map BLOB);

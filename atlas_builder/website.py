@@ -415,7 +415,7 @@ class Pages:
             sections.append({"title": m.title, "href": urls.rel(page, urls.model_page(m.model)),
                              "predicted": predicted, "confidence": charts.percent(pred[1]) if pred else None,
                              "correct": bool(pred and predicted == label), "layers": rows,
-                             "id": f"m{len(sections)}", "has_unit_attr": bool(unit_attr),
+                             "has_unit_attr": bool(unit_attr),
                              "why": [{"method": method, "uri": charts.signed_uri(a)}
                                      for method, a in maps.get("class", {}).items()],
                              "attention": [{"module": name, "heads": [charts.heat_uri(h) for h in heads]}
