@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 CONFIG ?= examples/demo.toml
 PORT ?= 8000
 STAMP := $(VENV)/.installed
+NPM_STAMP := web/node_modules/.installed
 
 .PHONY: site test serve bench clean install
 
@@ -18,10 +19,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-site: $(STAMP)
+# The SQL page's engine (DuckDB-WASM, parquet-wasm) and axe-core, as web/package-lock.json pins them. Without
+# npm, or without the registry, the site is built all the same: its SQL page says the engine is not bundled.
+$(NPM_STAMP): web/package.json web/package-lock.json
+	@if ! command -v npm >/dev/null 2>&1; then \
+	  echo "npm not found: the SQL page will lack its query engine (install Node.js and npm, then run make again)"; \
+	elif npm ci --prefix web --no-audit --no-fund --loglevel=error; then touch $(NPM_STAMP); \
+	else echo "npm ci --prefix web failed: the SQL page will lack its query engine (run make again with the npm registry reachable)"; fi
+
+site: $(STAMP) $(NPM_STAMP)
 	$(BIN)/atlas build $(CONFIG)
 
-test: $(STAMP)
+test: $(STAMP) $(NPM_STAMP)
 	$(BIN)/python -m pytest -q
 
 serve:

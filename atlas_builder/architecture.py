@@ -227,7 +227,7 @@ def _level_svg(level: _Level, desc: dict, links: dict[str, str], expandable: set
         return offset + c * (BOX_W + GAP_X) + GAP_X / 2, 5 + r * (BOX_H + GAP_Y)
 
     parts = [f'<svg class="arch" viewBox="0 0 {width:.0f} {height:.0f}" width="{width:.0f}" height="{height:.0f}" '
-             f'role="img" aria-label="Graph of {html.escape(level.group or "the model")}">']
+             f'role="group" aria-label="Graph of {html.escape(level.group or "the model")}">']  # its boxes link
     for a, b in level.edges:
         (xa, ya), (xb, yb) = box_xy(a), box_xy(b)
         x1, y1, x2, y2 = xa + BOX_W / 2, ya + BOX_H, xb + BOX_W / 2, yb

@@ -28,20 +28,28 @@ def _px(x: float) -> str:
 
 
 def histogram_svg(counts: tuple[int, ...], lo: float, hi: float, width: int = 360, height: int = 120,
-                  what: str = "activations", marker: float | None = None) -> Markup:
+                  what: str = "activations", marker: float | None = None, marks: tuple[float, ...] = (),
+                  counts_attr: bool = False) -> Markup:
     """Bar chart of an activation histogram (or of other `what`) with the range on the axis: the bars are one
-    path (the counts are in the unit's data.json); a dashed line at 0 (or at `marker`) when inside."""
+    path (the counts are in the unit's data.json); a dashed line at 0 (or at `marker`) when inside. marks:
+    values ticked under the bars (the edges of the activation-range rows); counts_attr: the counts on the SVG
+    (data-counts), from which atlas.js draws the log-scale view (a second SVG would cost a page 1.3 KB)."""
     if not counts or sum(counts) == 0:
         return Markup('<p class="muted">No finite activations to plot.</p>')
     top, n = max(counts), len(counts)
     plot_h = height - 18
     bar_w = width / n
+    data = f' data-counts="{",".join(map(str, counts))}"' if counts_attr else ""
     parts = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-             f'aria-label="Histogram of {what} from {_num(lo)} to {_num(hi)}">']
+             f'aria-label="Histogram of {what} from {_num(lo)} to {_num(hi)}"{data}>']
     bars = "".join(f"M{_px(i * bar_w)} {plot_h}v{_px(-plot_h * c / top)}h{_px(max(bar_w - 1, 0.5))}"
                    f"V{plot_h}Z" for i, c in enumerate(counts) if c)
     parts.append(f'<path d="{bars}" class="bar"><title>{sum(counts)} {"sampled " * (what == "activations")}'
                  f'{what} in {n} bins, at most {top} in one</title></path>')
+    ticks = "".join(f"M{_px(width * (v - lo) / (hi - lo))} {plot_h}v5" for v in marks
+                    if hi > lo and lo <= v <= hi)
+    if ticks:
+        parts.append(f'<path d="{ticks}" class="mark"><title>edges of the activation-range rows</title></path>')
     parts.append(f'<text x="0" y="{height - 3}" class="axis">{_num(lo)}</text>')
     parts.append(f'<text x="{width}" y="{height - 3}" class="axis" text-anchor="end">{_num(hi)}</text>')
     line = 0.0 if marker is None else marker
@@ -90,6 +98,24 @@ def class_bars(class_means: tuple[float | None, ...], class_names: list[str], to
             if len(shown) < len(class_means) else "")
     return Markup(f'<ol class="bars" style="--zero:{zero:.1f}%" aria-label="Mean activation per class">'
                   + "".join(rows) + "</ol>" + note)
+
+
+def effect_bars(up: list[tuple[str, float]], down: list[tuple[str, float]]) -> Markup:
+    """± bars of the classes a unit pushes up (red, right of the middle) and down (blue, left), on one scale:
+    an HTML list like `class_bars`."""
+    rows = [*up, *down]
+    if not rows:
+        return Markup('<p class="muted">No effect on any class.</p>')
+    span = max(abs(v) for _, v in rows) or 1.0
+    out = []
+    for name, v in rows:
+        text = escape(name)
+        a, b = sorted((50.0, 50 + 50 * v / span))
+        full = f' title="{text}"' if len(name) > 18 else ""
+        out.append(f'<li class="{"up" if v > 0 else "down"}"><span{full}>{text}</span>'
+                   f'<b><i style="left:{a:.1f}%;width:{b - a:.1f}%"></i></b>{_num(v)}</li>')
+    return Markup('<ol class="bars effects" style="--zero:50%" aria-label="Effect on each class\'s logit">'
+                  + "".join(out) + "</ol>")
 
 
 HEAT_MAX_SIDE = 12  # a larger map is max-pooled to at most this many cells a side: where, not every pixel
@@ -217,7 +243,7 @@ def health_heatmap_svg(rows: list[dict], width: int = 900, max_cells: int = HEAT
     plot_w = width - label_w
     height = row_h * len(rows) + 4
     parts = [f'<svg class="chart heatmap" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-             f'role="img" aria-label="Activity of every unit of every layer">']
+             f'role="group" aria-label="Activity of every unit of every layer">']  # a group: its cells are links
     for i, r in enumerate(rows):
         y = 2 + i * row_h
         parts.append(f'<a href="{escape(r["href"])}"><text x="{label_w - 6}" y="{y + 13}" class="axis" '
@@ -290,7 +316,8 @@ def scatter_svg(points: list[dict], method: str, size: int = 420, radius: float 
     pad = 10
     inner = size - 2 * pad
     parts = [f'<svg class="chart scatter" data-method="{method}" viewBox="0 0 {size} {size}" width="{size}" '
-             f'height="{size}" role="img" aria-label="{escape(method.upper())} map of {len(points)} points">']
+             f'height="{size}" role="{"group" if any(p.get("href") for p in points) else "img"}" '  # links: a group
+             f'aria-label="{escape(method.upper())} map of {len(points)} points">']
     ordered = sorted(points, key=lambda p: bool(p.get("highlight")))  # highlighted point drawn last, on top
     for p in ordered:
         cx = pad + inner * (p["x"] - lo_x) / span_x

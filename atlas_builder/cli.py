@@ -1,4 +1,4 @@
-"""Command line: `atlas build CONFIG`, `atlas layers CONFIG`, `atlas plan CONFIG`.
+"""Command line: `atlas build CONFIG`, `atlas layers CONFIG`, `atlas plan CONFIG`, `atlas publish CONFIG`.
 
 Owns argument parsing and how errors reach the user: an AtlasError is one
 line on stderr (`atlas: error: ...`) and exit status 2, with the traceback
@@ -70,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     p_plan = sub.add_parser("plan", help="estimate a build's time and site size before running it")
     p_plan.add_argument("config", help="atlas TOML file")
     p_plan.add_argument("--strict", action="store_true", help="exit non-zero when the site would exceed 1 GB")
+    p_publish = sub.add_parser("publish", help="commit the built site onto a gh-pages branch, ready to push")
+    p_publish.add_argument("config", help="atlas TOML file")
+    p_publish.add_argument("--branch", default="gh-pages", help="branch to commit the site to (default gh-pages)")
+    p_publish.add_argument("--cname", help="custom domain to write to CNAME, e.g. atlas.example.org")
+    p_publish.add_argument("--message", help="commit message (default: 'Publish Neuron Atlas site: <site.title>')")
     args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings():
@@ -88,10 +93,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from .build import build, layer_table
     from .config import load_config
 
     cfg = load_config(args.config)
+    if args.command == "publish":
+        from .publish import publish
+
+        print(f"atlas: {publish(cfg, branch=args.branch, cname=args.cname, message=args.message)}")
+        return 0
+    from .build import build, layer_table
+
     if args.command == "layers":
         for model, layers in layer_table(cfg):
             print(f"{model}:")

@@ -34,6 +34,7 @@ from typing import Any
 from .errors import AtlasError
 
 SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # used with fullmatch
+SITE_FOLDERS = {"about", "data", "inputs", "media", "search", "sql", "static"}  # a model's folder must not be one
 DEVICES = ("auto", "cpu", "cuda")
 REDUCTIONS = ("max", "mean", "cls")
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -100,6 +101,11 @@ class ScanSection:
     active_threshold: float = 0.0  # a unit is active where its activation exceeds this
     histogram_bins: int = 30  # bins of each unit's activation histogram (over the sample)
     sample_size: int = 2000  # seeded sample of examples whose activations are kept (histogram, redundancy, maps)
+    range_bins: int = 10  # activation quantiles (of the sample) a unit page shows examples from, 0 = none
+    range_examples: int = 3  # examples shown from each quantile, a seeded pick of the sample rows in it
+    # labelled examples of each class (a seeded pick) whose activation x gradient estimates each unit's effect on
+    # that class's logit (one forward and backward pass per batch; 0 = none): 4 x 1,000 ImageNet classes = 4,000
+    effect_per_class: int = 4
     saturated_fraction: float = 0.99  # active on at least this fraction of positions of all inputs: saturated
     redundant_correlation: float = 0.95  # correlation with another unit of the layer from which it is redundant
     class_selective: float = 0.6  # selectivity index from which a unit is labelled class-selective
@@ -358,8 +364,10 @@ def _check(cfg: AtlasConfig, where: str) -> None:
         raise ConfigError(f"{where}scan.precision {s.precision!r} is not allowed; use one of {', '.join(PRECISIONS)}")
     if s.workers < 0:
         raise ConfigError(f"{where}scan.workers must be 0 or more, got {s.workers}")
-    if s.sample_size < 0:
-        raise ConfigError(f"{where}scan.sample_size must be 0 or more, got {s.sample_size}")
+    for key, most in (("sample_size", None), ("range_bins", 100), ("range_examples", 20), ("effect_per_class", None)):
+        if getattr(s, key) < 0 or (most is not None and getattr(s, key) > most):
+            raise ConfigError(f"{where}scan.{key} must be 0 or more{f' and at most {most}' if most else ''}, "
+                              f"got {getattr(s, key)}")
     for key in ("saturated_fraction", "class_selective"):
         if not 0 <= getattr(s, key) <= 1:
             raise ConfigError(f"{where}scan.{key} must be between 0 and 1, got {getattr(s, key)}")
@@ -393,6 +401,9 @@ def _check(cfg: AtlasConfig, where: str) -> None:
         if not SLUG.fullmatch(m.name):
             raise ConfigError(f"{where}models[{i}].name {m.name!r} must be a slug: lowercase letters, digits, "
                               f"'-' or '_' (it becomes part of the URL)")
+        if m.name in SITE_FOLDERS:
+            raise ConfigError(f"{where}models[{i}].name {m.name!r} is the name of one of the site's own folders "
+                              f"({', '.join(sorted(SITE_FOLDERS))}); choose another name")
         if m.name in names:
             raise ConfigError(f"{where}models[{i}].name {m.name!r} is used twice; model names must be unique")
         names.add(m.name)

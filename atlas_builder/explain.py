@@ -17,6 +17,23 @@ Owns, for a few inputs (the input pages' examples):
 Baselines: integrated gradients start from the all-zero input, that is the
 dataset's mean colour when the inputs are normalized. Writes nothing; the
 scan hands the result to the store with the input pages' other maps.
+
+Also owns each unit's effect on the output (`class_effects`, over the
+seeded per-class sample of `effect_examples`; `top_effects` picks the
+classes a unit pushes up and down most): per class c, the mean over the
+class-c examples of the sum over the unit's positions of activation ×
+∂logit_c/∂activation, the first-order estimate of what logit c loses when
+the unit's whole map is zeroed. One forward and one backward pass per batch
+serve every layer, each example's gradient taken of its own class's logit.
+A unit is what the scan calls one (a conv channel, a token layer's feature,
+a channels-last Swin map's channel, as `hooks.Capture` reads it). A layer
+whose output is exactly the input of the final nn.Linear (flattened) gets
+that Linear's weights instead: entry (u, c) is W[c, u], logit c's change
+per unit of activation, exact, the same for every example and so given for
+every class. Not activation × weight: for such a unit the estimate is
+already exact, the class's mean activation times the weight, which mixes
+what the unit does with how much class c's examples use it. The output
+layer itself, whose units are the logits, gets none.
 """
 
 from __future__ import annotations
@@ -28,9 +45,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .accumulators import reduce_positions, unit_maps
-from .hooks import Capture, token_grid
+from .hooks import Capture, channels_last, token_grid, unknown_layer
 
 ATTRIBUTION_SIDE = 32  # attribution maps are pooled to at most this many pixels a side (the pages draw 96 px)
 
@@ -240,3 +258,156 @@ def _attributions(ex: Explanations, net: nn.Module, x: torch.Tensor, layers: dic
                      for i in range(0, len(rows), batch_size)]
             maps = pooled(torch.cat(parts))
             ex.units[layer] = maps.reshape(e, n, *maps.shape[1:])
+
+
+# --- effect on the output -------------------------------------------------------------------
+
+def effect_examples(labels: np.ndarray, n_classes: int, per_class: int, seed: int) -> np.ndarray:
+    """Example ids (ascending): a seeded sample of up to `per_class` examples of each class 0..n_classes-1
+    (all of a class's examples when it has fewer), from every example's label by id (`labels` [N]; labels
+    outside 0..n_classes-1, such as -1 for unknown, are skipped)."""
+    labels = np.asarray(labels).reshape(-1)
+    rng = np.random.default_rng(seed)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(n_classes + 1))
+    picked = []
+    for c in range(n_classes):
+        ids = order[bounds[c]:bounds[c + 1]]
+        picked.append(ids if len(ids) <= per_class else rng.choice(ids, size=max(per_class, 0), replace=False))
+    return np.sort(np.concatenate(picked)).astype(np.int64) if picked else np.zeros(0, np.int64)
+
+
+def _linear_input(net: nn.Module, linear: str, x: torch.Tensor) -> torch.Tensor:
+    """The input of module `linear` on the batch x, by a forward that stops there."""
+    with Capture(net, [linear], take="input", stop=True) as capture, torch.no_grad():
+        capture(x)
+    return capture.outputs[linear]
+
+
+def _fits(value: torch.Tensor, in_features: int) -> bool:
+    """Whether a layer's output (as Capture reads it) has one position a unit and a unit per Linear input."""
+    return (value.shape[-1] if value.dim() == 3 else value.shape[1]) == in_features == value[0].numel()
+
+
+def _batch_effects(net: nn.Module, layers: list[str], last: dict[str, bool], x: torch.Tensor, y: torch.Tensor,
+                   n_classes: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """({layer: [B, U] each unit's effect on each example's own logit (classes y [B])}, {layer: its output as
+    Capture reads it}) by one forward and one backward.
+
+    The gradient is taken at each output's place in the graph when the hook saw it (its GradientEdge; of the
+    map itself where Capture hands on a channels-last map's permuted view), and the activation is a copy
+    taken then, so a later in-place op of the model (a ReLU(inplace=True)) changes neither."""
+    values: dict[str, torch.Tensor] = {}
+    edges: dict[str, GradientEdge] = {}
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        values[name] = tensor.detach().clone()
+        if tensor.requires_grad:
+            permuted = last[name] and tensor.dim() == 4
+            edges[name] = GradientEdge(*tensor.grad_fn.next_functions[0]) if permuted else get_gradient_edge(tensor)
+
+    with Capture(net, layers, sink=keep) as capture:
+        out = capture(x.clone().requires_grad_(True) if x.is_floating_point() else x)  # a graph to every layer
+    if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape == (len(x), n_classes)):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"effects on the output need the model to return logits [batch, {n_classes}]; it "
+                         f"returned {got}")
+    loss = out.gather(1, y[:, None]).sum()
+    wants = list(edges) if loss.requires_grad else []
+    grads = dict(zip(wants, torch.autograd.grad(loss, [edges[n] for n in wants], allow_unused=True))) if wants else {}
+    effects = {}
+    for name in layers:
+        value, grad = values[name].float(), grads.get(name)
+        if grad is None:  # the logits do not depend on it
+            prod = torch.zeros_like(value)
+        else:
+            prod = value * (grad.permute(0, 3, 1, 2) if last[name] and grad.dim() == 4 else grad).float()
+        maps = unit_maps(prod)
+        effects[name] = prod if maps is None else maps.sum(-1)
+    return effects, values
+
+
+def class_effects(net: nn.Module, layers: list[str], load, examples: np.ndarray, labels: np.ndarray,
+                  n_classes: int, batch_size: int, device, output_layer: str | None = None,
+                  weight_rows: set | None = None) -> dict[str, np.ndarray]:
+    """{layer: [U, n_classes] float32}: entry (u, c) the mean over the examples of class c among `examples`
+    (ids; `labels` [N] is every example's label by id, those outside 0..n_classes-1 skipped) of unit u's
+    summed activation × ∂logit_c/∂activation; NaN for a class with no example. load(ids) -> inputs [B, ...].
+
+    One forward and one backward (torch.autograd.grad of the sum of each example's own logit, so no
+    parameter's .grad is touched) per batch of `batch_size`, the net in eval mode (its mode restored after);
+    sums and counts per class accumulate on `device` ([U, C] per layer). output_layer: the module path of the
+    final nn.Linear; a layer whose output equals its input on the first batch (one forward more, stopped at
+    the Linear, when a layer's shape fits) gets its weights (W.T, see the module docstring) and its name is
+    added to `weight_rows` when given; the output layer is left out. The model must return logits
+    [B, n_classes] (else ValueError). No examples: {}."""
+    modules = dict(net.named_modules())
+    modules.pop("", None)
+    for name in list(layers) + ([output_layer] if output_layer is not None else []):
+        if name not in modules:
+            raise unknown_layer(name, modules)
+    linear = modules[output_layer] if output_layer is not None else None
+    if linear is not None and not (isinstance(linear, nn.Linear) and linear.out_features == n_classes):
+        raise ValueError(f"output_layer {output_layer!r} is not an nn.Linear with {n_classes} outputs "
+                         f"({type(linear).__name__}); name the model's final Linear, or None")
+    probed = [name for name in dict.fromkeys(layers) if name != output_layer]
+    last = {name: channels_last(modules[name]) for name in probed}
+    examples = np.asarray(examples, dtype=np.int64).reshape(-1)
+    classes = np.asarray(labels).reshape(-1)[examples]
+    keep = (classes >= 0) & (classes < n_classes)
+    examples, classes = examples[keep], classes[keep].astype(np.int64)
+    sums: dict[str, torch.Tensor] = {}
+    counts = torch.zeros(n_classes, dtype=torch.float64, device=device)
+    exact: dict[str, np.ndarray] = {}
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for start in range(0, len(examples), batch_size):
+                estimated = [name for name in probed if name not in exact]
+                if not estimated:
+                    break  # every layer feeds the classifier: its weights say it all
+                y = torch.as_tensor(classes[start:start + batch_size], device=device)
+                x = load(examples[start:start + batch_size]).to(device)
+                effects, values = _batch_effects(net, estimated, last, x, y, n_classes)
+                if start == 0 and linear is not None:
+                    fits = [name for name in estimated if _fits(values[name], linear.in_features)]
+                    fed = _linear_input(net, output_layer, x) if fits else None  # a forward more, once, if needed
+                    for name in fits:
+                        if torch.equal(values[name].flatten(1), fed):
+                            exact[name] = linear.weight.detach().T.float().cpu().numpy().copy()
+                del values
+                for name, effect in effects.items():
+                    if name in exact:
+                        continue
+                    if name not in sums:
+                        sums[name] = torch.zeros(effect.shape[1], n_classes, dtype=torch.float64, device=device)
+                    sums[name].index_add_(1, y, effect.T.double())
+                counts.index_add_(0, y, torch.ones(len(y), dtype=torch.float64, device=device))
+    finally:
+        net.train(was_training)
+    if weight_rows is not None:
+        weight_rows.update(exact)
+    return {name: exact[name] if name in exact else (sums[name] / counts).float().cpu().numpy()  # 0/0: NaN
+            for name in probed if name in exact or name in sums}
+
+
+def top_effects(effects: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(up_classes [U, k], up_values [U, k], down_classes [U, k], down_values [U, k]) of effects [U, C]: per
+    unit the k classes of largest effect > 0 (largest first) and of smallest effect < 0 (most negative
+    first), ties by class index; NaN is neither; -1 / NaN pad where fewer exist."""
+    e = np.asarray(effects, dtype=np.float32)
+
+    def pick(ok: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(np.where(ok, score, np.inf), axis=1, kind="stable")[:, :k]
+        real = np.take_along_axis(ok, order, 1)
+        cls = np.full((len(e), k), -1, dtype=np.int64)
+        val = np.full((len(e), k), np.nan, dtype=np.float32)
+        n = order.shape[1]
+        cls[:, :n] = np.where(real, order, -1)
+        val[:, :n] = np.where(real, np.take_along_axis(e, order, 1), np.nan)
+        return cls, val
+
+    with np.errstate(invalid="ignore"):
+        up, down = e > 0, e < 0
+    return (*pick(up, -e), *pick(down, e))

@@ -24,6 +24,7 @@ dataset.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -231,10 +232,11 @@ def media_bytes(cfg: AtlasConfig, shape) -> int:
 
 def page_bytes(cfg: AtlasConfig, model, layer: str, title: str, shape: tuple[int, ...], n_units: int,
                class_names: list[str], seed: int = 0) -> tuple[int, int]:
-    """(one unit page + its JSON export, the layer page + its dot map), rendered from stand-in records of this
-    shape."""
+    """(one unit page + its embed card + its JSON export, the layer page + its dot map), rendered from stand-in
+    records of this shape."""
     from . import urls, website
-    from .store import FeatureVisRecord, LayerRecord, ModelRecord, TopKRecord, UnitRecord, VisualRecord
+    from .store import (EffectsRecord, FeatureVisRecord, LayerRecord, ModelRecord, RangeRecord, TopKRecord, UnitRecord,
+                        VisualRecord)
 
     rng = np.random.default_rng(seed)
     k, n_classes = cfg.scan.top_k, max(len(class_names), 1)
@@ -259,7 +261,14 @@ def page_bytes(cfg: AtlasConfig, model, layer: str, title: str, shape: tuple[int
                           0.123, int(rng.integers(0, n_classes)), False, False, -1, None,
                           "feature-selective (broad)", -1.2345, 7.6543,
                           tuple(int(v) for v in rng.integers(0, 200, cfg.scan.histogram_bins)),
-                          tuple(float(v) for v in rng.normal(size=n_classes)), top, bottom)
+                          tuple(float(v) for v in rng.normal(size=n_classes)), top, bottom,
+                          ranges=tuple(RangeRecord(b, float(b), b + 0.5, tuple(
+                              TopKRecord(r, int(rng.integers(0, 50000)), float(rng.normal(b, 0.1)), -1)
+                              for r in range(cfg.scan.range_examples)))
+                              for b in range(cfg.scan.range_bins if cfg.scan.range_examples else 0)),
+                          effects=EffectsRecord(tuple((int(c), float(rng.random())) for c in range(min(5, n_classes))),
+                                                tuple((int(c), -float(rng.random())) for c in range(min(5, n_classes))),
+                                                False) if cfg.scan.effect_per_class and n_classes > 1 else None)
     units = [unit(i) for i in range(min(n_units, 64))]
     vis = VisualRecord(FeatureVisRecord(urls.featurevis_media(model.name, layer, 0, "positive"),
                                         urls.featurevis_media(model.name, layer, 0, "animation"), 1.2345),
@@ -273,8 +282,10 @@ def page_bytes(cfg: AtlasConfig, model, layer: str, title: str, shape: tuple[int
     unit_map = {"umap": points, "pca": points, "umap_ran": True, "note": "UMAP"} if cfg.embed.enabled else {}
     predictions = {t.example: (1, 0.9) for u in units[:1] for t in u.top + u.bottom}
     u = units[0]
-    html = website.render("unit.html", pages.unit(m, rec, u, n_units, predictions, vis, near, unit_map))
-    export = website.json.dumps(pages.unit_export(m, rec, u, vis, near), sort_keys=True, separators=(",", ":"))
+    sample = (rng.normal(size=min(cfg.scan.sample_size, 64)).astype(np.float32), np.arange(min(cfg.scan.sample_size, 64)))
+    model_page = pages.unit(m, rec, u, n_units, predictions, vis, near, unit_map, sample)
+    html = website.render("unit.html", model_page.html) + website.render("embed.html", model_page.embed)
+    export = json.dumps(model_page.export, sort_keys=True, separators=(",", ":"))
     layer_units = [units[i % len(units)] for i in range(n_units)]
     layer_html = website.render("layer.html", pages.layer(m, rec, [
         UnitRecord(**{**x.__dict__, "unit": i}) for i, x in enumerate(layer_units)], (rec, rec),
@@ -316,6 +327,7 @@ def shared_bytes(cfg: AtlasConfig, dataset, layer_units: list[list[int]], heads:
     pages every site has; layer_units: each model's layers' unit counts; heads: each model's attention heads
     (all layers) drawn on the input pages. Per-item bytes measured on built sites (the tiny test site, the
     demo, ResNet-18)."""
+    from . import sql_engine
     from .website import INPUT_MAP_POINTS, MAX_MAP_POINTS, TEMPLATES
     from .charts import HEATMAP_CELLS
     from .scan import INPUT_UNITS
@@ -326,8 +338,10 @@ def shared_bytes(cfg: AtlasConfig, dataset, layer_units: list[list[int]], heads:
         if sample else 0
     units = sum(map(sum, layer_units))
     layers = sum(map(len, layer_units))
-    shown = min(n, 2 * cfg.scan.top_k * units + cfg.site.input_pages)  # examples some page shows
+    ranged = min(cfg.scan.sample_size, cfg.scan.range_bins * cfg.scan.range_examples * units)  # from the sample
+    shown = min(n, 2 * cfg.scan.top_k * units + cfg.site.input_pages + ranged)  # examples some page shows
     static = sum(p.stat().st_size for p in (TEMPLATES / "static").glob("*") if p.is_file())
+    static += sum(p.stat().st_size for p in sql_engine.engine_files().values())  # the SQL page's DuckDB-WASM
     inputs = min(cfg.site.input_pages, n)
     model_pages = sum(8000 + 500 * len(ls) + 170 * sum(min(u, HEATMAP_CELLS) for u in ls)
                       + 360 * min(sum(ls), MAX_MAP_POINTS) + 420 * len(ls) * min(n, INPUT_MAP_POINTS)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -28,8 +29,8 @@ from .progress import bar as progress_bar
 from .accumulators import (POSITION_SAMPLE, LayerAccumulator, TopKResult, first_units, sample_ids, unit_maps,
                            unit_values)
 from .config import ScanSection
-from .errors import AtlasError
-from .explain import Explanations, explain_inputs, top_attributions
+from .errors import AtlasError, AtlasWarning
+from .explain import Explanations, class_effects, effect_examples, explain_inputs, top_attributions, top_effects
 from .hooks import Capture, LayerInfo, describe_layer
 from .sources import AtlasDataset, LoadedModel
 
@@ -49,6 +50,9 @@ class LayerScan:
     title: str = ""  # what the layer is: "Conv2d+ReLU 64×112×112", "Bottleneck 1024×14×14"
     nonlinearity: str = "raw"  # the family its health was judged by (see `Nonlinearity`)
     top_attributions: np.ndarray | None = None  # [U, k, h, w] gradient x input of each top example (site option)
+    ranges: "ActivationRanges | None" = None  # examples across the activation range (`range_examples`)
+    # effect on the output (`unit_effects`): (up classes [U, k], up values, down classes, down values, exact)
+    effects: tuple | None = None
 
 
 @dataclass
@@ -201,7 +205,8 @@ def redundancy(sample) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.inference_mode()
 def summarize(info: LayerInfo, acc: LayerAccumulator, cfg: ScanSection, class_names: tuple[str, ...],
-              rule: Nonlinearity | None = None, title: str = "", example_labels: np.ndarray | None = None) -> LayerScan:
+              rule: Nonlinearity | None = None, title: str = "", example_labels: np.ndarray | None = None,
+              seed: int = 0) -> LayerScan:
     """Finalize a layer's accumulators into statistics, health flags and labels.
 
     Health flags (thresholds from [scan]):
@@ -211,7 +216,8 @@ def summarize(info: LayerInfo, acc: LayerAccumulator, cfg: ScanSection, class_na
       at least `redundant_correlation` over the sample (the partner is named);
     - non-finite: some activations were NaN or Inf (counted, left out of the
       statistics, never in the top-k).
-    example_labels: every example's label (by id), for the labels' scores (`label_scores`).
+    example_labels: every example's label (by id), for the labels' scores (`label_scores`); seed: of the
+    examples picked across the activation range (`range_examples`).
     Label: "dead", "saturated", "non-finite" (no finite activation at all),
     "class-selective: <class>" when the selectivity index is at least
     `class_selective`, else "feature-selective (broad)" — the split of the
@@ -247,8 +253,62 @@ def summarize(info: LayerInfo, acc: LayerAccumulator, cfg: ScanSection, class_na
             labels.append("feature-selective (broad)")
     top, sample = acc.top.finalize(), acc.sample.finalize()
     stats["label_score"] = label_scores(labels, top_class, sample, acc.sample.ids, top, example_labels)
+    ranges = range_examples(sample, acc.sample.ids, cfg.range_bins, cfg.range_examples, seed) \
+        if cfg.range_bins and cfg.range_examples and len(sample) else None
     return LayerScan(info, top, acc.bottom.finalize(), stats, labels, counts, lo, hi,
-                     class_means, sample, title, family)
+                     class_means, sample, title, family, ranges=ranges)
+
+
+@dataclass
+class ActivationRanges:
+    """Examples across each unit's activation range: per unit, `bins` quantile bins of its sampled values and a
+    few examples of each (`range_examples`). Bins a unit has too few finite values for are empty (count 0)."""
+    lo: np.ndarray  # [U, bins] lowest sampled value in the bin
+    hi: np.ndarray  # [U, bins] highest
+    examples: np.ndarray  # [U, bins, k] example ids, highest value first; -1 where the bin has fewer than k
+    values: np.ndarray  # [U, bins, k] their values (NaN where no example)
+
+
+def range_examples(sample: np.ndarray, ids: np.ndarray, bins: int, k: int, seed: int) -> ActivationRanges:
+    """Examples across the activation range, from the seeded sample (sample [S, U] of examples ids [S]).
+
+    A unit's finite sampled values, ranked, fall in `bins` bins of equal count (bin of rank r = r * bins // n,
+    so ties are split by rank and each bin holds a tenth of the sample for bins = 10: quantiles, not equal
+    widths); each bin's k examples are a seeded uniform pick among its rows (the rows with the k smallest of a
+    seeded random key per sample row and unit), shown highest first. The sample is a uniform seeded subset
+    of the dataset taken in the one pass, so the bins are the dataset's quantiles up to sampling error and
+    the pick is what a reservoir per bin over every example would give in distribution; memory is the
+    sample's (already kept).
+    """
+    x = np.asarray(sample, dtype=np.float64)
+    s, n_units = x.shape
+    finite = np.isfinite(x)
+    n = finite.sum(0)  # [U]
+    order = np.argsort(np.where(finite, x, np.inf), axis=0, kind="stable")  # rows by value, non-finite last
+    rank = np.arange(s)[:, None]
+    bin_of = np.where(rank < n, rank * bins // np.maximum(n, 1), bins)  # [S, U] bin of each ranked row
+    keys = np.random.default_rng(seed).random((s, n_units))
+    ranked_keys = np.take_along_axis(keys, order, 0)
+    within = np.argsort(bin_of + ranked_keys, axis=0, kind="stable")  # by bin, then by key within it
+    rows = np.take_along_axis(order, within, 0)  # sample rows: bin by bin, each bin's rows in key order
+    starts = -(-np.arange(bins + 1)[:, None] * n[None, :] // bins)  # [bins + 1, U] first rank of each bin
+    lo = np.full((n_units, bins), np.nan)
+    hi = np.full((n_units, bins), np.nan)
+    examples = np.full((n_units, bins, k), -1, dtype=np.int64)
+    values = np.full((n_units, bins, k), np.nan)
+    cols = np.arange(n_units)
+    for b in range(bins):
+        start, stop = starts[b], starts[b + 1]
+        filled = stop > start
+        lo[filled, b] = x[order[start[filled], cols[filled]], cols[filled]]
+        hi[filled, b] = x[order[stop[filled] - 1, cols[filled]], cols[filled]]
+        for j in range(k):
+            ok = start + j < stop
+            r = rows[np.minimum(start + j, s - 1), cols]
+            examples[ok, b, j] = np.asarray(ids)[r[ok]]
+            values[ok, b, j] = x[r[ok], cols[ok]]
+    by_value = np.argsort(np.where(np.isnan(values), np.inf, -values), axis=2, kind="stable")  # missing last
+    return ActivationRanges(lo, hi, np.take_along_axis(examples, by_value, 2), np.take_along_axis(values, by_value, 2))
 
 
 def auroc(values: np.ndarray, positive: np.ndarray) -> np.ndarray:
@@ -484,8 +544,9 @@ def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cf
     result_layers = [summarize(LayerInfo(name, type(modules[name]).__name__, part.accs[name].shape, True),
                                part.accs[name], cfg, dataset.class_names,
                                nonlinearity(modules[name], cfg.active_threshold),
-                               describe_layer(model.module, name, part.shapes[name]), part.labels.numpy())
+                               describe_layer(model.module, name, part.shapes[name]), part.labels.numpy(), seed)
                      for name in layers if name in part.accs]
+    unit_effects(model, dataset, result_layers, cfg, device, seed, part.labels.numpy())
     if unit_attributions:
         net = model.module.to(device).eval()
         for layer in result_layers:
@@ -508,6 +569,40 @@ def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cf
             accuracy = float((pred[valid] == labels[valid]).mean())
     return ModelScan(model.name, result_layers, labels, pred, conf, part.stop, part.seconds +
                      time.perf_counter() - start, accuracy, sample_ids(len(dataset), cfg.sample_size, seed), inputs)
+
+
+def final_linear(net: nn.Module, n_outputs: int) -> str | None:
+    """The module path of a model's classifier: its last nn.Linear with `n_outputs` outputs, None if none."""
+    names = [name for name, m in net.named_modules() if isinstance(m, nn.Linear) and m.out_features == n_outputs]
+    return names[-1] if names else None
+
+
+def unit_effects(model: LoadedModel, dataset: AtlasDataset, layers: list[LayerScan], cfg: ScanSection,
+                 device: torch.device, seed: int, labels: np.ndarray) -> None:
+    """Each layer's `effects`: the 5 classes each unit pushes up and down most (explain.class_effects over
+    `scan.effect_per_class` seeded examples of each class, by one forward and backward per batch; the weights
+    for a layer that feeds the classifier directly). Only where the model's outputs are the dataset's classes
+    (so a label indexes a logit); the output layer itself gets none (its units are the logits)."""
+    n = model.info.get("outputs")
+    if not cfg.effect_per_class or n is None or n != len(dataset.class_names) or n < 2:
+        return
+    examples = effect_examples(labels, n, cfg.effect_per_class, seed)
+    names = [layer.info.name for layer in layers if layer.info.name != model.info.get("output_layer")]
+    if not len(examples) or not names:
+        return
+    exact: set[str] = set()
+    try:
+        effects = class_effects(model.module.to(device), names, dataset.inputs, examples, labels, n,
+                                cfg.batch_size, device, final_linear(model.module, n), exact)
+    except RuntimeError as exc:  # autograd cannot go back through the model: its pages go without effects
+        warnings.warn(AtlasWarning(f"{model.name}: no effects on the output (the gradient of its logits with "
+                                   f"respect to its layers could not be taken: {str(exc).splitlines()[0]})"))
+        return
+    finally:
+        model.module.to("cpu")
+    for layer in layers:
+        if layer.info.name in effects:
+            layer.effects = (*top_effects(effects[layer.info.name][:layer.info.n_units]), layer.info.name in exact)
 
 
 def scan_model(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg: ScanSection,

@@ -11,6 +11,7 @@ It does not compute anything and does not render.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -79,6 +80,17 @@ ALTER TABLE units ADD COLUMN IF NOT EXISTS label_score DOUBLE;
 ALTER TABLE topk ADD COLUMN IF NOT EXISTS attribution BLOB;
 ALTER TABLE topk ADD COLUMN IF NOT EXISTS attribution_h INTEGER DEFAULT 0;
 ALTER TABLE topk ADD COLUMN IF NOT EXISTS attribution_w INTEGER DEFAULT 0;
+-- examples across a unit's activation range: quantile bin `bin` of the sampled values spans [lo, hi]; rank 0
+-- is its example of the highest value (scan.range_examples)
+CREATE TABLE IF NOT EXISTS ranges (
+    model VARCHAR, layer VARCHAR, unit INTEGER, bin INTEGER, lo DOUBLE, hi DOUBLE, rank INTEGER, example INTEGER,
+    value DOUBLE);
+-- effect on the output: the classes a unit pushes up ('up', effect > 0) and down ('down', < 0) most; effect =
+-- mean over a seeded sample of class-c examples of activation x d logit_c / d unit, or exact = true: the
+-- weight from the unit to logit c (a unit feeding the classifier directly)
+CREATE TABLE IF NOT EXISTS effects (
+    model VARCHAR, layer VARCHAR, unit INTEGER, direction VARCHAR, rank INTEGER, class INTEGER, effect DOUBLE,
+    exact BOOLEAN);
 CREATE TABLE IF NOT EXISTS classes (label INTEGER PRIMARY KEY, name VARCHAR);
 CREATE TABLE IF NOT EXISTS examples (example INTEGER PRIMARY KEY, label INTEGER);
 CREATE TABLE IF NOT EXISTS predictions (model VARCHAR, example INTEGER, predicted INTEGER, confidence DOUBLE);
@@ -96,9 +108,9 @@ CREATE TABLE IF NOT EXISTS input_maps (
     w INTEGER, map BLOB);
 """
 
-MODEL_TABLES = ("layers", "units", "topk", "predictions", "samples", "sample_examples", "input_units",
-                "input_maps")  # the scan's
-LAYER_TABLES = ("layers", "units", "topk", "samples", "input_units")  # ... of which these have rows per layer
+MODEL_TABLES = ("layers", "units", "topk", "ranges", "effects", "predictions", "samples", "sample_examples",
+                "input_units", "input_maps")  # the scan's
+LAYER_TABLES = ("layers", "units", "topk", "ranges", "effects", "samples", "input_units")  # ... with rows per layer
 FEATUREVIS_TABLES = ("featurevis", "weights")
 EMBED_TABLES = ("map_points", "maps", "neighbours")  # rows replaced when a model is re-scanned
 
@@ -158,6 +170,21 @@ class VisualRecord:
 
 
 @dataclass(frozen=True)
+class RangeRecord:
+    bin: int  # quantile bin of the sampled values, 0 = lowest
+    lo: float
+    hi: float
+    examples: tuple[TopKRecord, ...]  # highest value first (position -1: not recorded)
+
+
+@dataclass(frozen=True)
+class EffectsRecord:
+    up: tuple[tuple[int, float], ...]  # (class, effect > 0), largest first
+    down: tuple[tuple[int, float], ...]  # (class, effect < 0), most negative first
+    exact: bool  # the weights to the logits (a unit feeding the classifier), not an estimate
+
+
+@dataclass(frozen=True)
 class UnitRecord:
     model: str
     layer: str
@@ -184,6 +211,8 @@ class UnitRecord:
     top: tuple[TopKRecord, ...]
     bottom: tuple[TopKRecord, ...]
     label_score: float | None = None  # how well the label predicts the unit (scan.label_scores), None: no score
+    ranges: tuple["RangeRecord", ...] = ()  # examples across the activation range, lowest bin first
+    effects: "EffectsRecord | None" = None  # the classes it pushes up and down most, None: not computed
 
     @property
     def flags(self) -> list[str]:
@@ -194,6 +223,32 @@ class UnitRecord:
 
 UNIT_COLUMNS = ("count, nonfinite, mean, std, min, max, frac_active, position_activity, selectivity, top_class, "
                 "dead, saturated, redundant_with, redundant_corr, label, hist_lo, hist_hi, hist, class_means")
+
+
+DATABASE_ID = slice(124, 140)  # the random 16-byte database identifier in a DuckDB file's main header
+HEADER = 4096  # the main header block: an 8-byte checksum, then its contents
+
+
+def duckdb_checksum(data: bytes) -> int:
+    """DuckDB's block checksum (duckdb/src/common/checksum.cpp) of a multiple of 8 bytes: 5381 xor-folded with
+    each little-endian 64-bit word times 0xbf58476d1ce4e5b9 (mod 2^64)."""
+    words = np.frombuffer(data, dtype="<u8")
+    with np.errstate(over="ignore"):
+        return int(np.bitwise_xor.reduce(words * np.uint64(0xBF58476D1CE4E5B9), initial=np.uint64(5381)))
+
+
+def reproducible_database(data: bytes, content: bytes) -> bytes:
+    """A DuckDB file with its random database identifier replaced by one derived from `content` (the data it
+    holds) and its header's checksum redone, so two builds of the same data give the same bytes. Checked: the
+    identifier is the only difference between two such files, and DuckDB opens the result read-only and
+    read-write (`test_store`)."""
+    out = bytearray(data)
+    if out[8:12] != b"DUCK" or len(out) < HEADER:
+        raise AtlasError("DuckDB wrote a database file of a layout this version of Neuron Atlas does not know; "
+                         "pin the duckdb package to the version in its tests, or report it")
+    out[DATABASE_ID] = hashlib.sha1(content).digest()[:16]
+    out[:8] = duckdb_checksum(bytes(out[8:HEADER])).to_bytes(8, "little")
+    return bytes(out)
 
 
 def _object_rows(matrix: np.ndarray) -> np.ndarray:
@@ -352,6 +407,10 @@ class Store:
                 for kind, top in (("top", layer.top), ("bottom", layer.bottom)):
                     self._write_topk(model, info.name, kind, top,
                                      getattr(layer, "top_attributions", None) if kind == "top" else None)
+                if getattr(layer, "ranges", None) is not None:
+                    self._write_ranges(model, info.name, layer.ranges)
+                if getattr(layer, "effects", None) is not None:
+                    self._write_effects(model, info.name, layer.effects)
                 self.con.execute("INSERT INTO samples VALUES (?, ?, ?, ?, ?)", [
                     model, info.name, layer.sample.shape[1], layer.sample.shape[0],
                     np.ascontiguousarray(layer.sample.T.astype(np.float16)).tobytes()])
@@ -447,21 +506,33 @@ class Store:
         with self._transaction():
             self._mark_stage(stage, fingerprint, seconds)
 
-    OPEN_DATA = {  # site/data/<name>.parquet: what the atlas publishes, one query each (no media blobs)
+    # site/data/<name>.parquet: what the atlas publishes, one query each (no media blobs); map coordinates and
+    # the sampled values behind the range rows (float16 in the scan) as 4-byte floats: half the bytes
+    OPEN_DATA = {
         "models": "SELECT model, position, title, source, parameters, accuracy FROM models ORDER BY position",
         "layers": "SELECT model, layer, position, module_type, shape_json, n_units, spatial_h, spatial_w, title, "
                   "prefix_tokens FROM layers ORDER BY model, position",
         "units": f"SELECT model, layer, unit, {UNIT_COLUMNS}, label_score FROM units ORDER BY model, layer, unit",
         "examples": "SELECT model, layer, unit, kind, rank, example, value, position FROM topk "
                     "ORDER BY model, layer, unit, kind, rank",
-        "embeddings": "SELECT model, map_layer, kind, method, layer, point, x, y FROM map_points "
+        "embeddings": "SELECT model, map_layer, kind, method, layer, point, x::FLOAT AS x, y::FLOAT AS y FROM map_points "
                       "ORDER BY model, map_layer, kind, method, layer, point",
+        "ranges": "SELECT model, layer, unit, bin, lo::FLOAT AS lo, hi::FLOAT AS hi, rank, example, value::FLOAT AS value "
+                  "FROM ranges "
+                  "ORDER BY model, layer, unit, bin, rank",
+        "effects": "SELECT model, layer, unit, direction, rank, class, effect, exact FROM effects "
+                   "ORDER BY model, layer, unit, direction, rank",
         "classes": "SELECT label, name FROM classes ORDER BY label",
         "labels": "SELECT example, label FROM examples ORDER BY example",
     }
 
+    OPEN_DATABASE = "atlas.duckdb"  # the same tables in one DuckDB file, beside the Parquet files
+
     def open_data(self) -> dict[str, bytes]:
-        """The atlas as Parquet files ({file name: bytes}, `OPEN_DATA`), written by DuckDB's COPY ... TO."""
+        """The atlas as Parquet files ({file name: bytes}, `OPEN_DATA`), written by DuckDB's COPY ... TO, and
+        the same tables as one DuckDB database (`OPEN_DATABASE`, 16 KB blocks: DuckDB's default 256 KB
+        blocks would make a small atlas's file several times its Parquet), made reproducible by
+        `reproducible_database`."""
         import tempfile
 
         out = {}
@@ -470,6 +541,17 @@ class Store:
                 path = Path(tmp) / f"{name}.parquet"
                 self.con.execute(f"COPY ({query}) TO '{path}' (FORMAT parquet, COMPRESSION zstd)")
                 out[path.name] = path.read_bytes()
+            database = Path(tmp) / self.OPEN_DATABASE
+            con = duckdb.connect()
+            try:
+                con.execute(f"ATTACH '{database}' AS atlas (BLOCK_SIZE 16384)")
+                for name in self.OPEN_DATA:
+                    con.execute(f"CREATE TABLE atlas.{name} AS SELECT * FROM read_parquet('{Path(tmp) / name}.parquet')")
+                con.execute("DETACH atlas")
+            finally:
+                con.close()
+            out[database.name] = reproducible_database(database.read_bytes(),
+                                                       b"".join(out[f"{name}.parquet"] for name in self.OPEN_DATA))
         return out
 
     def open_data_schema(self) -> dict[str, list[tuple[str, str]]]:
@@ -602,6 +684,32 @@ class Store:
             "attribution": attr[keep], "attribution_h": np.full(rows, ah, dtype=np.int32),
             "attribution_w": np.full(rows, aw, dtype=np.int32)})
 
+    def _write_ranges(self, model: str, layer_name: str, ranges) -> None:
+        n_units, bins, k = ranges.examples.shape
+        keep = (ranges.examples >= 0).reshape(-1)
+        rows = int(keep.sum())
+        grid = np.indices((n_units, bins, k)).reshape(3, -1)
+        self._insert("ranges", {
+            "model": np.full(rows, model), "layer": np.full(rows, layer_name),
+            "unit": grid[0].astype(np.int32)[keep], "bin": grid[1].astype(np.int32)[keep],
+            "lo": np.repeat(ranges.lo.reshape(-1), k)[keep], "hi": np.repeat(ranges.hi.reshape(-1), k)[keep],
+            "rank": grid[2].astype(np.int32)[keep], "example": ranges.examples.reshape(-1).astype(np.int32)[keep],
+            "value": ranges.values.reshape(-1).astype(np.float64)[keep]})
+
+    def _write_effects(self, model: str, layer_name: str, effects) -> None:
+        """effects: (up classes [U, k], up values, down classes, down values, exact) of explain.top_effects."""
+        up_c, up_v, down_c, down_v, exact = effects
+        for direction, classes, values in (("up", up_c, up_v), ("down", down_c, down_v)):
+            n_units, k = classes.shape
+            keep = (classes >= 0).reshape(-1)
+            rows = int(keep.sum())
+            self._insert("effects", {
+                "model": np.full(rows, model), "layer": np.full(rows, layer_name),
+                "unit": np.repeat(np.arange(n_units, dtype=np.int32), k)[keep], "direction": np.full(rows, direction),
+                "rank": np.tile(np.arange(k, dtype=np.int32), n_units)[keep],
+                "class": classes.reshape(-1).astype(np.int32)[keep],
+                "effect": values.reshape(-1).astype(np.float64)[keep], "exact": np.full(rows, bool(exact))})
+
     def _insert(self, table: str, columns: dict[str, np.ndarray]) -> None:
         self.con.register("_rows", columns)
         try:
@@ -639,6 +747,17 @@ class Store:
             attribution = np.frombuffer(attr, dtype=np.float16).astype(np.float32).reshape(ah, aw) \
                 if attr is not None and ah else None
             ranked[(kind, unit)].append(TopKRecord(rank, example, value, position, heat, attribution))
+        bins: dict[int, dict[int, list]] = defaultdict(dict)
+        for unit, b, lo, hi, rank, example, value in self.con.execute(
+                "SELECT unit, bin, lo, hi, rank, example, value FROM ranges WHERE model = ? AND layer = ? "
+                "ORDER BY unit, bin, rank", [model, layer]).fetchall():
+            bins[unit].setdefault(b, [lo, hi, []])[2].append(TopKRecord(rank, example, value, -1))
+        effects: dict[int, dict] = defaultdict(lambda: {"up": [], "down": [], "exact": False})
+        for unit, direction, cls, effect, exact in self.con.execute(
+                "SELECT unit, direction, class, effect, exact FROM effects WHERE model = ? AND layer = ? "
+                "ORDER BY unit, direction, rank", [model, layer]).fetchall():
+            effects[unit][direction].append((cls, effect))
+            effects[unit]["exact"] = exact
         rows = self.con.execute(f"SELECT unit, {UNIT_COLUMNS}, label_score FROM units WHERE model = ? AND layer = ? "
                                 "ORDER BY unit",
                                 [model, layer]).fetchall()
@@ -649,13 +768,19 @@ class Store:
             values[18] = tuple(_none_if_nan(v) for v in (values[18] or ()))
             out.append(UnitRecord(model, layer, unit, *values, label_score=_none_if_nan(r[-1]),
                                   top=tuple(ranked[("top", unit)]),
-                                  bottom=tuple(ranked[("bottom", unit)])))
+                                  bottom=tuple(ranked[("bottom", unit)]),
+                                  ranges=tuple(RangeRecord(b, lo, hi, tuple(ex))
+                                               for b, (lo, hi, ex) in sorted(bins.get(unit, {}).items())),
+                                  effects=EffectsRecord(tuple(effects[unit]["up"]), tuple(effects[unit]["down"]),
+                                                        effects[unit]["exact"]) if unit in effects else None))
         return out
 
     def sample(self, model: str, layer: str) -> tuple[np.ndarray, np.ndarray]:
-        """The layer's sampled activations [U, S] (float16) and the example ids of its columns."""
+        """The layer's sampled activations [U, S] (float16) and the example ids of its columns ([U, 0] without)."""
         row = self.con.execute("SELECT n_units, n_examples, matrix FROM samples WHERE model = ? AND layer = ?",
                                [model, layer]).fetchone()
+        if row is None:
+            return np.zeros((0, 0), dtype=np.float16), np.zeros(0, dtype=np.int64)
         ids = self.con.execute("SELECT example FROM sample_examples WHERE model = ? ORDER BY position",
                                [model]).fetchnumpy()["example"]
         return np.frombuffer(row[2], dtype=np.float16).reshape(row[0], row[1]), ids
@@ -695,9 +820,10 @@ class Store:
         return {e: (p, c) for e, p, c in rows}
 
     def referenced_examples(self) -> list[int]:
-        """Examples some page shows (top- and bottom-k, input pages, input maps' hover images), ascending."""
+        """Examples some page shows (top- and bottom-k, activation ranges, input pages, input maps' hover images),
+        ascending."""
         return [r[0] for r in self.con.execute(
-            "SELECT example FROM topk UNION SELECT example FROM input_units "
+            "SELECT example FROM topk UNION SELECT example FROM ranges UNION SELECT example FROM input_units "
             "UNION SELECT point FROM map_points WHERE kind = 'inputs' ORDER BY 1").fetchall()]
 
     def input_examples(self) -> list[int]:

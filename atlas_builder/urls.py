@@ -20,6 +20,8 @@ SEARCH = "search/index.html"
 ABOUT = "about/index.html"
 INPUTS = "inputs/index.html"
 NOT_FOUND = "404.html"  # GitHub Pages serves it for any missing path, at any depth
+SQL = "sql/index.html"  # SQL in the browser over the open data (DuckDB-WASM)
+LISTS = "lists.html"  # units side by side, taken from the URL fragment (lists.html#model/layer/unit,...)
 SITEMAP = "sitemap.xml"
 DATA = "data"  # the open data: <DATA>/<table>.parquet
 
@@ -60,6 +62,16 @@ def unit_page(uid: UnitId) -> str:
 def unit_json(uid: UnitId) -> str:
     """The unit's JSON export: every number its page shows, and its media paths."""
     return f"{unit_dir(uid)}/data.json"
+
+
+def unit_embed(uid: UnitId) -> str:
+    """The unit's embeddable card (for an iframe): beside its page, so the two share every relative link."""
+    return f"{unit_dir(uid)}/embed.html"
+
+
+def sql_engine(name: str) -> str:
+    """A file of the vendored DuckDB-WASM that the SQL page loads."""
+    return f"static/duckdb/{name}"
 
 
 def input_page(example: int) -> str:

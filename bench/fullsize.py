@@ -9,7 +9,8 @@ Prints, with the site's bytes by kind:
   unit's page, JSON and media, its share of the layer, model and search pages, and of the fixed pages,
   which a 128-unit site overstates), plus its share of the input pages of the whole ResNet-50: an input
   page holds a row per layer, so its bytes grow with the layers (18 by default), not with the units
-  (16,168), and 50 of them over 128 units would count each unit's share 100 times over;
+  (16,168), and 50 of them over 128 units would count each unit's share 100 times over; likewise the SQL
+  page's engine (DuckDB-WASM, ~40 MB, the same files for any atlas) counts at its share of the full ResNet-50;
 - FIGURE plan_bytes_error, plan_time_error: |estimate - actual| / actual, for the whole site's bytes and
   for the scan + feature-vis time (the plan's calibration run first, then the build);
 - FIGURE featurevis_s_per_unit_resnet50: the feature-vis stage's seconds per unit image (it renders each
@@ -71,6 +72,8 @@ units = {units}
 def kind_of(path: str) -> str:
     if path.startswith("media/examples/"):
         return "dataset images"
+    if path.startswith("static/duckdb/"):
+        return "SQL engine (DuckDB-WASM)"
     if path.startswith("media/fv/"):
         return "feature-vis " + path.rsplit(".", 2)[-2]
     parts = path.split("/")
@@ -135,12 +138,16 @@ def main() -> None:
     print(f"feature vis at {args.steps} steps, 224 px, on {device}: ours {ours:.3f} s a unit image, "
           f"lucent render_vis {lucent:.3f} s a unit (one unit of each layer)")
     inputs = by_kind.get("input pages", 0)
-    own = (report.site_bytes - by_kind.get("dataset images", 0) - inputs) / units
+    engine = by_kind.get("SQL engine (DuckDB-WASM)", 0)
+    own = (report.site_bytes - by_kind.get("dataset images", 0) - inputs - engine) / units
     full_inputs = inputs * FULL_LAYERS / len(LAYERS) / FULL_UNITS
+    full_engine = engine / FULL_UNITS  # the same files for any atlas: its share at the full ResNet-50
+    print(f"the SQL page's engine, once per site: {engine:,} bytes, {full_engine:,.0f} bytes a unit at the full "
+          f"ResNet-50")
     print(f"all-in on this {units}-unit site, dataset images left out: "
           f"{(report.site_bytes - by_kind.get('dataset images', 0)) / units:,.0f} bytes a unit; input pages' "
           f"share at the full ResNet-50: {full_inputs:,.0f} bytes a unit")
-    print(f"FIGURE bytes_per_unit_resnet50 {own + full_inputs:.0f}")
+    print(f"FIGURE bytes_per_unit_resnet50 {own + full_inputs + full_engine:.0f}")
     print(f"FIGURE plan_bytes_error {abs(plan.bytes - report.site_bytes) / report.site_bytes:.3f}")
     print(f"FIGURE plan_time_error {abs(estimated_s - actual_s) / actual_s:.3f}")
     print(f"FIGURE featurevis_s_per_unit_resnet50 {ours:.3f}")

@@ -318,21 +318,20 @@ STORE_READS = ("models", "layers", "units", "visuals", "map_points", "neighbours
 # one another count once). Lines starting with two spaces are parts of the line above; groups may overlap.
 TIMED = [
     ("store reads (Store.*)", [(Store, n) for n in STORE_READS]),
-    ("unit page contexts (Pages.unit)", [("Pages", "unit")]),
+    ("unit page models: page, embed card, JSON export (Pages.unit)", [("Pages", "unit")]),
     ("  charts.heat_uri (PNG overlays, 9 a conv unit)", [(charts, "heat_uri")]),
     ("  histogram_svg + class_bars", [(charts, "histogram_svg"), (charts, "class_bars")]),
-    ("  position_map (scatter inset, layers <= 128 units)", [(website, "position_map")]),
-    ("unit JSON export contexts (Pages.unit_export)", [("Pages", "unit_export")]),
+    ("  position_map (scatter inset, layers <= 128 units)", [(website.pages, "position_map")]),
     ("other page contexts (home/model/layer/input/...)",
      [("Pages", n) for n in ("home", "model", "layer", "search", "not_found", "inputs_index", "input_page",
                              "about")]),
     ("Emitter.page (key + render + write, per page)", [("Emitter", "page")]),
-    ("  Jinja2 (website.render)", [(website, "render")]),
+    ("  Jinja2 (website.rendering.render)", [(website.rendering, "render")]),
     ("  atomic.write_text", [(atomic, "write_text")]),
     ("Emitter.data (JSON exports, assets)", [("Emitter", "data")]),
-    ("media links (website._link_or_copy)", [(website, "_link_or_copy")]),
-    ("size_report + check_budget (tree walks)", [(website, "size_report"), (website, "check_budget")]),
-    ("_swap_in", [(website, "_swap_in")]),
+    ("media links (link_or_copy)", [(website.emit, "link_or_copy"), (website.builder, "link_or_copy")]),
+    ("size_report + check_budget (tree walks)", [(website.builder, "size_report"), (website.builder, "check_budget")]),
+    ("swap_in", [(website.builder, "swap_in")]),
     ("urls.rel, all callers (overlaps the lines above)", [(urls, "rel")]),
     ("json.dumps, all callers (page keys, exports, index)", [(json, "dumps")]),
 ]
@@ -362,7 +361,8 @@ def timed_breakdown(store_dir: Path, site_dir: Path) -> None:
 
     for label, targets in TIMED:
         for owner, name in targets:
-            owner = getattr(website, owner, None) if isinstance(owner, str) else owner
+            owner = (getattr(website.pages, owner, None) or getattr(website.emit, owner, None)) if isinstance(owner, str) \
+                else owner
             if owner is None or name not in vars(owner):
                 continue  # not in this checkout's website code
             original = vars(owner)[name]

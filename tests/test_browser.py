@@ -14,6 +14,7 @@ in which case that is an error.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import os
@@ -83,17 +84,27 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def server(demo):
-    """Serves the site's parent folder; the site itself is at base = http://127.0.0.1:PORT/atlas/."""
-    srv = Server(demo.atlas.site_dir.parent)
+@contextlib.contextmanager
+def serving(site):
+    """A Server over the site folder's parent, in a thread, while the block runs; the site itself is at its
+    `base` = http://127.0.0.1:PORT/<site folder's name>/ (a subpath, as on a GitHub Pages project site)."""
+    srv = Server(site.parent)
     thread = threading.Thread(target=srv.serve_forever, name="atlas-http", daemon=True)
     thread.start()
-    srv.base = f"http://127.0.0.1:{srv.server_address[1]}/{demo.atlas.site_dir.name}/"
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(5)
+    srv.base = f"http://127.0.0.1:{srv.server_address[1]}/{site.name}/"
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def server(demo):
+    """Serves the demo site at server.base (see `serving`)."""
+    with serving(demo.atlas.site_dir) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

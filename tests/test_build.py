@@ -28,7 +28,8 @@ def test_demo_site_has_one_page_per_unit_of_every_layer(demo):
         for layer, n in layers.items():
             pages = sorted(int(p.parent.name) for p in (site / model / layer).glob("*/index.html"))
             assert pages == list(range(n)), (model, layer)
-    assert {p.parent.name for p in site.glob("*/index.html")} == set(DEMO_LAYERS) | {"inputs", "search", "about"}
+    assert {p.parent.name for p in site.glob("*/index.html")} == set(DEMO_LAYERS) | {"inputs", "search", "about", "sql"}
+    assert (site / "lists.html").is_file()
     assert report.units == sum(sum(v.values()) for v in DEMO_LAYERS.values()) == 88
     assert broken_links(site) == []
 

@@ -83,6 +83,8 @@ BAD_CONFIGS = [
      ["models[0].name 'Tiny CNN' must be a slug", "lowercase letters, digits"]),
     ("duplicate-model-names", MODEL + MODEL,
      ["models[1].name 'tiny-cnn' is used twice", "must be unique"]),
+    ("model-named-like-a-site-folder", '[[models]]\nname = "sql"\nsource = "fixtures_models:tiny_cnn"\n',
+     ["models[0].name 'sql' is the name of one of the site's own folders", "choose another name"]),
     ("unknown-device", '[atlas]\ndevice = "tpu"\n' + MODEL,
      ["atlas.device 'tpu' is not allowed", "use one of auto, cpu, cuda"]),
     ("unknown-reduce", '[scan]\nreduce = "median"\n' + MODEL,
@@ -207,6 +209,9 @@ def test_cli_debug_reraises(tmp_path):
     ("[scan]\nsaturated_fraction = 1.5\n", "scan.saturated_fraction must be between 0 and 1"),
     ("[scan]\nactive_threshold = true\n", "scan.active_threshold must be a finite number"),
     ("[scan]\nsample_size = -5\n", "scan.sample_size must be 0 or more"),
+    ("[scan]\nrange_bins = 101\n", "scan.range_bins must be 0 or more and at most 100"),
+    ("[scan]\nrange_examples = -1\n", "scan.range_examples must be 0 or more and at most 20"),
+    ("[scan]\neffect_per_class = -2\n", "scan.effect_per_class must be 0 or more, got -2"),
 ])
 def test_more_bad_values(tmp_path, body, expected):
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):

@@ -271,7 +271,7 @@ def _install():
     elif POINT == "render":  # 5 pages of the new tree rendered, the 6th about to be
         from atlas_builder import website
 
-        render = website.render
+        render = website.rendering.render
         count = [0]
 
         def hooked_render(*args, **kwargs):
@@ -280,7 +280,7 @@ def _install():
                 pause("render")
             return render(*args, **kwargs)
 
-        website.render = hooked_render
+        website.rendering.render = hooked_render
     elif POINT in ("swap", "mid-swap"):  # before the first rename that touches the site / after one moved it away
         def hooked(real):
             def rename(src, dst, *args, **kwargs):

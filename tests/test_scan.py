@@ -642,3 +642,104 @@ def test_label_scores_match_scikit_learn():
     positive = np.array([[True, True], [False, False], [True, False], [False, False]])
     np.testing.assert_allclose(auroc(values, positive)[:1], [roc_auc_score(positive[:, 0], values[:, 0])])
     assert auroc(values, positive)[1] == pytest.approx(roc_auc_score(positive[:, 1], values[:, 1]))
+
+
+def brute_ranges(col: np.ndarray, ids: np.ndarray, bins: int):
+    """Per bin: (lo, hi, the set of example ids whose value's rank puts them in it), by sorting one column."""
+    finite = np.flatnonzero(np.isfinite(col))
+    order = finite[np.argsort(col[finite], kind="stable")]
+    n = len(order)
+    out = []
+    for b in range(bins):
+        rows = order[-(-b * n // bins):-(-(b + 1) * n // bins)]
+        out.append((col[rows].min(), col[rows].max(), set(ids[rows].tolist())) if len(rows) else None)
+    return out
+
+
+def test_range_examples_come_in_order_from_their_quantile():
+    """Planted units (an increasing ramp, a ReLU with many zeros, a unit with NaN and Inf, a constant, one with
+    fewer finite values than bins): each bin's edges and examples match a brute-force ranking, the bins
+    ascend, the examples of a bin lie within it and come highest first, and the pick is seeded."""
+    from atlas_builder.scan import range_examples
+
+    rng = np.random.default_rng(3)
+    s = 200
+    ids = rng.permutation(5000)[:s]
+    sample = np.column_stack([np.arange(s) * 0.5, np.maximum(rng.normal(size=s), 0), rng.normal(size=s),
+                              np.full(s, 2.0), np.full(s, np.nan)]).astype(np.float16)
+    sample[rng.choice(s, 30, replace=False), 2] = np.nan
+    sample[rng.choice(s, 5, replace=False), 2] = np.inf
+    sample[:4, 4] = [1.0, 2.0, 3.0, 4.0]  # four finite values for ten bins
+    bins, k = 10, 3
+    r = range_examples(sample, ids, bins, k, seed=0)
+    assert r.examples.shape == (5, bins, k) and r.lo.shape == (5, bins)
+    value_of = {int(e): i for i, e in enumerate(ids)}
+    for u in range(5):
+        col = sample[:, u].astype(np.float64)
+        for b, expected in enumerate(brute_ranges(col, ids, bins)):
+            picked = [int(e) for e in r.examples[u, b] if e >= 0]
+            if expected is None:
+                assert picked == [] and np.isnan(r.lo[u, b])
+                continue
+            lo, hi, members = expected
+            assert (r.lo[u, b], r.hi[u, b]) == (lo, hi), (u, b)
+            assert len(picked) == min(k, len(members)) and set(picked) <= members, (u, b)
+            values = [col[value_of[e]] for e in picked]
+            assert values == sorted(values, reverse=True)  # highest first
+            np.testing.assert_array_equal(r.values[u, b, :len(picked)], values)
+        filled = ~np.isnan(r.lo[u])
+        assert np.all(np.diff(r.lo[u][filled]) >= 0) and np.all(r.hi[u][filled] >= r.lo[u][filled])  # in order
+    # the ramp's bins are its tenths: 20 rows each, edges at the 20th values
+    np.testing.assert_array_equal(r.lo[0], np.arange(0, s, 20) * 0.5)
+    assert (r.examples[4] >= 0).sum() == 4  # one example in each of the four filled bins
+    again = range_examples(sample, ids, bins, k, seed=0)
+    np.testing.assert_array_equal(again.examples, r.examples)
+    other = range_examples(sample, ids, bins, k, seed=1)
+    assert not np.array_equal(other.examples[1:3], r.examples[1:3])  # the pick is the seed's
+
+
+def test_scan_model_keeps_examples_across_the_range():
+    """Through a whole scan: each unit's range rows hold examples of the sample whose scanned values fall in
+    the row's range."""
+    data = fixtures_models.TinyDataset(n=60)
+    result, _ = run_scan(data, range_bins=5, range_examples=2)
+    layer = result.layers[-1]
+    assert layer.ranges is not None and layer.ranges.examples.shape == (layer.info.n_units, 5, 2)
+    sampled = dict(zip(result.sample_ids.tolist(), range(len(result.sample_ids))))
+    for u in range(layer.info.n_units):
+        for b in range(5):
+            for e, v in zip(layer.ranges.examples[u, b], layer.ranges.values[u, b]):
+                if e < 0:
+                    continue
+                assert layer.sample[sampled[int(e)], u] == v
+                assert layer.ranges.lo[u, b] <= v <= layer.ranges.hi[u, b]
+    none, _ = run_scan(data, range_bins=0)
+    assert none.layers[0].ranges is None
+
+
+def test_scan_model_keeps_each_units_effects_on_the_output():
+    """Through a whole scan: each unit's 5 classes up and down are the top of a direct per-example
+    computation over the same seeded examples (test_effects.slow_effects); the output layer has none; a model
+    whose outputs are not the dataset's classes gets none."""
+    from atlas_builder.explain import effect_examples, top_effects
+    from test_effects import slow_effects
+
+    data = fixtures_models.TinyDataset(n=60)
+    loaded, dataset = wrap(data, fixtures_models.tiny_cnn())
+    loaded.info.update(outputs=3, output_layer="fc")
+    cfg = ScanSection(top_k=4, batch_size=7, buffer_mb=1, effect_per_class=5)
+    result = scan_model(loaded, dataset, LAYERS, cfg, torch.device("cpu"), seed=0, progress=False)
+    by_name = {layer.info.name: layer for layer in result.layers}
+    assert by_name["fc"].effects is None
+    labels = data.labels.numpy()
+    ids = effect_examples(labels, 3, 5, 0)
+    assert len(ids) == 15
+    for name in ("conv", "relu"):
+        expected = top_effects(slow_effects(loaded.module, name, data.images, labels, ids, 3))
+        *got, exact = by_name[name].effects
+        assert exact is False
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6, equal_nan=True)
+    loaded.info.update(outputs=10)  # its logits are not the dataset's 3 classes: no effects
+    other = scan_model(loaded, dataset, LAYERS, cfg, torch.device("cpu"), seed=0, progress=False)
+    assert all(layer.effects is None for layer in other.layers)

@@ -207,7 +207,7 @@ def write_site(root, atlas) -> dict:
     m = next(m for m in models if m.model == BIG[0])
     layer = next(l for l in layers[m.model] if l.layer == BIG[1])
     uid = UnitId(*BIG, 5)
-    files[urls.unit_page(uid)] = website.render("unit.html", pages.unit(m, layer, units[BIG][5], 2048, {}))
+    files[urls.unit_page(uid)] = website.render("unit.html", pages.unit(m, layer, units[BIG][5], 2048, {}).html)
     for path, html in files.items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(html, encoding="utf-8")

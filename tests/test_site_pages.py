@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from html import unescape
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from atlas_builder.config import SiteSection, load_config
 from atlas_builder.errors import AtlasError
 from atlas_builder.ids import UnitId
 from atlas_builder.store import Store
+from atlas_builder.website.parts import range_rows
 from conftest import TINY_MODELS, atlas_section, write_config
 from test_search_scale import decode
 from sitecheck import broken_links, read_page
@@ -172,6 +174,8 @@ def test_unit_page_permalink_citation_and_open_graph(built):
     assert plain == ("Ada Lovelace and Alan Turing (2026). Unit 2 of conv in tiny-cnn. Tiny &lt;atlas&gt;, "
                      f"version 1.0. {permalink}")
     assert "set <code>site.base_url</code>" not in html
+    twitter = {a.get("name"): a.get("content") for a in page.find("meta") if (a.get("name") or "").startswith("twitter")}
+    assert twitter["twitter:image"] == meta["og:image"] and twitter["twitter:title"] == meta["og:title"]
 
 
 def test_sitemap_lists_every_page_by_its_public_url(built):
@@ -234,7 +238,7 @@ def test_rebuild_with_nothing_changed_rewrites_nothing(built, monkeypatch):
     assert report.rendered == 0 and after == before
     assert {f"scan:{m}" for m in ("tiny-cnn", "tiny-mlp")} <= set(report.skipped)
     # a changed template re-renders every page but recomputes nothing
-    monkeypatch.setattr(website, "templates_key", lambda: "a changed template")
+    monkeypatch.setattr(website.rendering, "templates_key", lambda: "a changed template")
     report = build(cfg, progress=False)
     assert report.rendered == report.pages
     assert {f"{s}:{m}" for s in ("scan", "featurevis", "embed") for m in ("tiny-cnn", "tiny-mlp")} \
@@ -250,9 +254,9 @@ def test_size_report_and_budget(built, monkeypatch):
     assert any("largest files:" in line for line in report.size_report)
     site = site_of(built)
     before = {p: p.read_bytes() for p in site.rglob("*") if p.is_file()}
-    real = website._sizes
-    monkeypatch.setattr(website, "_sizes", lambda out: {**real(out), "huge.bin": 101 * 10**6})
-    monkeypatch.setattr(website, "templates_key", lambda: "force a render")
+    real = website.builder.sizes_of
+    monkeypatch.setattr(website.builder, "sizes_of", lambda out: {**real(out), "huge.bin": 101 * 10**6})
+    monkeypatch.setattr(website.rendering, "templates_key", lambda: "force a render")
     with pytest.raises(AtlasError, match="over site.budget_file_mb = 100 MB"):
         build(cfg, progress=False)
     assert {p: p.read_bytes() for p in site.rglob("*") if p.is_file()} == before  # the old site stays
@@ -276,6 +280,7 @@ def test_no_base_url_means_relative_permalinks_and_no_sitemap(tmp_path):
     assert not (site / urls.SITEMAP).exists() and broken_links(site) == []
     page = read_page(site / urls.unit_page(UnitId("tiny-mlp", "fc1", 0)))
     assert page.find("a", cls="permalink", href="index.html")
+    assert not [m for m in page.find("meta") if (m.get("property") or "").startswith("og:")]  # no base URL, no OG
     assert "No input pages" in read_page(site / urls.INPUTS).text
 
 
@@ -283,9 +288,9 @@ def test_parallel_render_writes_the_same_site(built, tmp_path, monkeypatch):
     """Unit pages rendered by forked workers: the same files, bytes and manifest as one process."""
     cfg, _ = built
     sequential = {p.relative_to(site_of(built)): p.read_bytes() for p in site_of(built).rglob("*") if p.is_file()}
-    monkeypatch.setattr(website, "PARALLEL_FROM", 1)
-    monkeypatch.setattr(website, "CHUNKS_PER_WORKER", 1)
-    monkeypatch.setattr(website.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(website.builder, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(website.builder, "CHUNKS_PER_WORKER", 1)
+    monkeypatch.setattr(website.builder.os, "cpu_count", lambda: 2)
     with Store(cfg.store_dir, read_only=True) as store:
         summary = website.build_site(store, tmp_path / "site", cfg.site, progress=False)
     parallel = {p.relative_to(summary.path): p.read_bytes() for p in summary.path.rglob("*") if p.is_file()}
@@ -301,7 +306,8 @@ def test_open_data_parquet_files_hold_the_store_and_the_about_page_documents_the
 
     cfg, _ = built
     data = site_of(built) / urls.DATA
-    assert sorted(p.name for p in data.iterdir()) == sorted(f"{n}.parquet" for n in Store.OPEN_DATA)
+    assert sorted(p.name for p in data.iterdir()) == sorted([f"{n}.parquet" for n in Store.OPEN_DATA]
+                                                            + [Store.OPEN_DATABASE])
     con = duckdb.connect()
     units = con.execute(f"SELECT model, layer, unit, label, label_score, mean FROM '{data}/units.parquet' "
                         "ORDER BY model, layer, unit").fetchall()
@@ -314,5 +320,90 @@ def test_open_data_parquet_files_hold_the_store_and_the_about_page_documents_the
     assert sorted(got) == sorted(top)
     about = read_page(site_of(built) / urls.ABOUT)
     hrefs = {a["href"] for a in about.find("a")}
-    assert {f"../data/{n}.parquet" for n in Store.OPEN_DATA} <= hrefs
+    assert {f"../data/{n}.parquet" for n in Store.OPEN_DATA} | {"../data/atlas.duckdb", "../sql/index.html"} <= hrefs
     assert "label_score" in about.text and "Open data" in about.text
+    # the DuckDB file holds the same tables, row for row
+    database = duckdb.connect(str(data / Store.OPEN_DATABASE), read_only=True)
+    assert sorted(t for (t,) in database.execute("SHOW TABLES").fetchall()) == sorted(Store.OPEN_DATA)
+    for name in Store.OPEN_DATA:
+        assert repr(database.execute(f"SELECT * FROM {name}").fetchall()) == \
+            repr(con.execute(f"SELECT * FROM '{data}/{name}.parquet'").fetchall()), name
+    assert database.execute("SELECT count(*) FROM ranges").fetchone()[0] > 0
+
+
+def test_unit_page_examples_across_the_range_embed_card_and_list_button(built):
+    """Range rows highest first, each row's values inside its range, the examples from the store; the embed
+    card beside the page (the feature vis, up to 6 top examples, the histogram, the label, a link to the page),
+    the iframe snippet that names it, and the "add to list" button; the JSON export's ranges and sample."""
+    cfg, _ = built
+    site = site_of(built)
+    checked = with_effects = 0
+    for m, l, u in all_units(cfg):
+        uid = UnitId(m.model, l.layer, u.unit)
+        html = (site / urls.unit_page(uid)).read_text()
+        page = read_page(site / urls.unit_page(uid))
+        rows = re.findall(r'<div class="range-row"><h3>(.*?)</h3>\s*<ol class="examples range">(.*?)</ol>', html, re.S)
+        assert len(u.ranges) == 10 and len(rows) == len(range_rows(u.ranges)), uid  # scan.range_bins
+        los, shares = [], []
+        for (head, body), (share, *_, examples) in zip(rows, range_rows(u.ranges)):
+            text = unescape(head).split(": ")[-1].split(" – ")
+            lo, hi = float(text[0]), float(text[-1])
+            los.append(lo)
+            shares.append(unescape(head).split(": ")[0])
+            values = [float(v) for v in re.findall(r">([^<>]+)</li>", body)]
+            assert re.findall(r'src="[^"]*/(\d+)\.webp"', body) == [str(t.example) for t in examples]
+            assert values == sorted(values, reverse=True) and all(lo - 1e-2 <= v <= hi + 1e-2 for v in values)
+        assert los == sorted(los, reverse=True), uid
+        assert shares[0].endswith("–100 %") and shares[-1].startswith("0–"), shares  # the whole sample, once
+        button = page.find("button", cls="add-to-list")
+        assert len(button) == 1 and button[0]["data-unit"] == str(uid) and button[0]["data-lists"].endswith("lists.html")
+        embed = read_page(site / urls.unit_embed(uid))
+        assert embed.find("a", href=f"{BASE}{uid.model}/{l.layer}/{u.unit}/")  # the page, absolute with a base URL
+        assert len(embed.find("li")) == min(6, len(u.top)) and embed.find("svg")
+        # on its own: its own small stylesheet, not the site's, and no script
+        [sheet] = [a["href"] for a in embed.find("link", rel="stylesheet")]
+        assert "/static/embed." in sheet and "style." not in sheet and not embed.find("script")
+        assert u.label in embed.text
+        snippet = unescape(re.search(r'<pre class="cite-embed">(.*?)</pre>', html, re.S).group(1))
+        assert f'src="{BASE}{uid.model}/{l.layer}/{u.unit}/embed.html"' in snippet and snippet.startswith("<iframe")
+        data = json.loads((site / urls.unit_json(uid)).read_text())
+        assert [[t["example"] for t in r["examples"]] for r in data["ranges"]] == \
+            [[t.example for t in r.examples] for r in u.ranges]
+        assert len(data["sample"]["values"]) == len(data["sample"]["examples"]) > 0
+        if u.effects is not None:  # the store's effects: in the export, and one bar each on the page
+            assert [(e["index"], e["effect"]) for e in data["effects"]["up"]] == \
+                [(c, pytest.approx(v, rel=1e-6)) for c, v in u.effects.up]
+            assert [(e["index"], e["effect"]) for e in data["effects"]["down"]] == \
+                [(c, pytest.approx(v, rel=1e-6)) for c, v in u.effects.down]
+            bars = html.split('<ol class="bars effects"')[1].split("</ol>")[0]
+            assert bars.count('<li class="up">') == len(u.effects.up) and \
+                bars.count('<li class="down">') == len(u.effects.down)
+            with_effects += 1
+        else:
+            assert data["effects"] is None and 'class="bars effects"' not in html
+        checked += 1
+    assert checked > 20 and with_effects > 10
+    assert broken_links(site) == []
+
+
+def test_list_and_sql_pages_are_linked_from_every_page(built):
+    site = site_of(built)
+    for path in (urls.HOME, urls.unit_page(UnitId("tiny-cnn", "conv", 2)), urls.ABOUT):
+        nav = {text: href for href, text in re.findall(r'<a href="([^"]+)"[^>]*>(List|SQL)</a>', (site / path).read_text())}
+        assert (site / path).parent.joinpath(nav["List"]).resolve() == (site / urls.LISTS).resolve()
+        assert (site / path).parent.joinpath(nav["SQL"]).resolve() == (site / urls.SQL).resolve()
+    lists = read_page(site / urls.LISTS)
+    scripts = [s["src"] for s in lists.find("script") if s.get("src")]
+    assert any("search-index." in s for s in scripts) and any("lists." in s for s in scripts)
+    sql = read_page(site / urls.SQL)
+    assert {a["href"] for a in sql.find("a") if "download" in a} == \
+        {f"../data/{n}.parquet" for n in Store.OPEN_DATA}
+    examples = [b["data-sql"] for b in sql.find("button") if b.get("data-sql")]
+    assert len(examples) >= 2
+    import duckdb
+
+    con = duckdb.connect()  # every example runs on the open data as DuckDB reads it
+    for name in Store.OPEN_DATA:
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM '{site / urls.DATA / name}.parquet'")
+    for query in examples:
+        assert con.execute(query).fetchall() is not None

@@ -135,3 +135,27 @@ def test_failed_write_leaves_previous_rows(tmp_path):
             store.write_scan(bad, "f2")
         assert store.stage_fingerprint("scan:m") == "f1"
         assert store.con.execute("SELECT count(*) FROM topk").fetchone()[0] == (4 + 3) * 3 * 2 - 2
+
+
+def test_open_data_database_is_reproducible_and_opens(tmp_path):
+    """Two exports of the same rows give the same DuckDB file bytes (its random identifier replaced, its header
+    checksummed again), which DuckDB opens read-only and read-write with every table of the Parquet files."""
+    import duckdb
+
+    from atlas_builder.store import duckdb_checksum
+
+    with Store(tmp_path / "store") as store:
+        store.write_scan(fake_scan(), "fp")
+        first, second = store.open_data(), store.open_data()
+    assert first == second
+    data = first[Store.OPEN_DATABASE]
+    assert int.from_bytes(data[:8], "little") == duckdb_checksum(data[8:4096])
+    path = tmp_path / Store.OPEN_DATABASE
+    path.write_bytes(data)
+    con = duckdb.connect(str(path), read_only=True)
+    assert sorted(t for (t,) in con.execute("SHOW TABLES").fetchall()) == sorted(Store.OPEN_DATA)
+    assert con.execute("SELECT count(*) FROM units").fetchone()[0] == 4 + 3  # fake_scan: 4 conv units, 3 fc
+    con.close()
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE notes AS SELECT 1 AS n")
+    con.close()

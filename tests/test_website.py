@@ -15,6 +15,7 @@ from atlas_builder.errors import AtlasError
 from atlas_builder.ids import UnitId, layer_slug
 from atlas_builder.store import Store
 from atlas_builder.website import position_box, render
+from atlas_builder.website.parts import range_rows
 from conftest import atlas_section, write_config, write_tiny_config
 from sitecheck import broken_links, read_page
 
@@ -37,7 +38,10 @@ def test_one_page_per_unit_and_links_resolve(tiny_site):
     assert found == expected
     # tiny-cnn: conv(4) relu(4) fc(3); tiny-mlp: fc1(5) act(5) fc2(3)
     assert len(expected) == report.units == 24
-    assert report.pages == 1 + 2 + 6 + 24 + 4 + 40  # + search, 404, about, inputs index, 40 input pages
+    # home, models, layers, units and their embed cards, search, 404, list, SQL, about, inputs index, input pages
+    assert report.pages == 1 + 2 + 6 + 2 * 24 + 6 + 40
+    assert {str(p.relative_to(site)) for p in site.glob("*/*/*/embed.html")} == \
+        {path.replace("index.html", "embed.html") for path in expected}
     assert broken_links(site) == []
     assert (site / ".nojekyll").is_file()
 
@@ -57,7 +61,8 @@ def test_unit_page_shows_top_examples_from_the_store(tiny_site):
     assert [t.value for t in unit.bottom] == sorted(t.value for t in unit.bottom)
     assert unit.top[0].value >= unit.bottom[0].value
     imgs = [i for i in page.find("img") if i["src"].startswith("../../../media/examples/")]
-    assert [i["src"] for i in imgs] == [f"../../../media/examples/{t.example}.webp" for t in unit.top + unit.bottom]
+    shown = unit.top + unit.bottom + tuple(t for *_, ex in range_rows(unit.ranges) for t in ex)
+    assert [i["src"] for i in imgs] == [f"../../../media/examples/{t.example}.webp" for t in shown]
     assert all(i.get("alt") is not None for i in page.find("img"))
     heats = page.find("span", cls="heat")  # top-k maps: one sprite on the list, a position per example
     assert [h["style"] for h in heats] == [f"background-position-y:{y}%" for y in ("0", "50", "100")]
@@ -87,7 +92,7 @@ def test_model_and_layer_pages(tiny_site):
     site = cfg.atlas.site_dir
     home = read_page(site / "index.html")
     assert [a["href"] for a in home.find("a") if a["href"].endswith("/index.html") and a["href"].count("/") == 1
-            and a["href"].split("/")[0] not in ("inputs", "search", "about")] == [
+            and a["href"].split("/")[0] not in ("inputs", "search", "about", "sql")] == [
         "tiny-cnn/index.html", "tiny-mlp/index.html"]
     model = read_page(site / "tiny-cnn/index.html")
     assert "4×8×8" in model.text and "Conv2d" in model.text
@@ -144,8 +149,8 @@ def test_rebuild_replaces_site_and_failed_build_keeps_old_one(tiny_site, monkeyp
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")
-    monkeypatch.setattr(website, "render", boom)
-    monkeypatch.setattr(website, "templates_key", lambda: "changed")  # or every page is unchanged: linked, not rendered
+    monkeypatch.setattr(website.rendering, "render", boom)
+    monkeypatch.setattr(website.rendering, "templates_key", lambda: "changed")  # or every page is unchanged: linked, not rendered
     with pytest.raises(RuntimeError):
         build(cfg, progress=False)
     after = {p: p.read_bytes() for p in site.rglob("*") if p.is_file()}
@@ -440,9 +445,10 @@ def test_a_rebuild_that_drops_units_leaves_a_page_at_each_old_address(tmp_path):
     assert (site / "tiny-cnn/relu/2/index.html").is_file()
     cfg = load_config(write_config(tmp_path, body + 'layers = ["conv", "fc"]\nunits = 2\n'))
     build(cfg, progress=False)
-    for unit in range(4):  # relu: its layer is gone -> the model page
-        page = read_page(site / f"tiny-cnn/relu/{unit}/index.html")
-        assert "is no longer in this atlas" in page.text and "../../index.html" in page.links
+    for unit in range(4):  # relu: its layer is gone -> the model page; its embed card's address too
+        for name in ("index.html", "embed.html"):
+            page = read_page(site / f"tiny-cnn/relu/{unit}/{name}")
+            assert "is no longer in this atlas" in page.text and "../../index.html" in page.links
     for unit in (2, 3):  # conv units beyond units = 2 -> the layer page
         page = read_page(site / f"tiny-cnn/conv/{unit}/index.html")
         assert "../index.html" in page.links and "tiny-cnn/conv/" + str(unit) in page.text
@@ -459,3 +465,18 @@ def test_citation_without_author_or_base_url_names_the_atlas_once(tiny_site):
     assert plain == "Unit 2 of conv in tiny-cnn. Tiny atlas. tiny-cnn/conv/2/"
     assert plain.count("Tiny atlas") == 1
     assert "set <code>site.base_url</code>" in html  # the page says how to get an absolute permalink
+
+
+def test_range_rows_merge_bins_of_one_value_and_come_highest_first():
+    from atlas_builder.store import RangeRecord, TopKRecord
+    from atlas_builder.website.parts import range_rows
+
+    def bin_(b, lo, hi):
+        return RangeRecord(b, lo, hi, (TopKRecord(0, 100 + b, hi, -1),))
+    ranges = tuple(bin_(b, 0.0, 0.0) for b in range(6)) + (bin_(6, 0.0, 0.5), bin_(7, 0.5, 0.5), bin_(8, 0.5, 0.5),
+                                                             bin_(9, 0.5, 2.0))
+    rows = range_rows(ranges)
+    assert [(share, lo, hi) for share, lo, hi, _ in rows] == [
+        ("90–100 %", 0.5, 2.0), ("70–90 %", 0.5, 0.5), ("60–70 %", 0.0, 0.5), ("0–60 %", 0.0, 0.0)]
+    assert [ex[0].example for *_, ex in rows] == [109, 108, 106, 105]  # a merged row shows its highest bin's
+    assert range_rows(()) == []

@@ -34,3 +34,77 @@
   window.addEventListener('hashchange', open);
   open();
 })();
+// "Add to list" on unit pages (button.add-to-list, hidden without JavaScript): toggles the unit in the list kept in
+// this browser (localStorage "atlas-list", a JSON array of unit ids, which lists.html shows), with a link
+// "open list (N)" to lists.html#<the ids>. Where storage is refused (private modes) the list lasts the page.
+(function () {
+  var KEY = 'atlas-list';
+  var buttons = document.querySelectorAll('button.add-to-list[data-unit]');
+  if (!buttons.length) return;
+  var memory = [];
+  function load() {
+    try {
+      var value = JSON.parse(localStorage.getItem(KEY) || '[]');
+      memory = Array.isArray(value) ? value.filter(function (v) { return typeof v === 'string'; }) : [];
+    } catch (e) { /* no storage: the page's own list */ }
+    return memory.slice();
+  }
+  function save(list) {
+    memory = list.slice();
+    try { localStorage.setItem(KEY, JSON.stringify(list)); } catch (e) { /* kept for this page only */ }
+  }
+  function fragment(list) {
+    return list.map(function (id) { return encodeURIComponent(id).replace(/%2F/gi, '/'); }).join(',');
+  }
+  function update() {
+    var list = load();
+    Array.prototype.forEach.call(buttons, function (button) {
+      var inList = list.indexOf(button.getAttribute('data-unit')) >= 0;
+      button.textContent = inList ? 'In your list \u2713 (remove)' : 'Add to list';
+      button.setAttribute('aria-pressed', inList ? 'true' : 'false');
+      var link = button.nextElementSibling;
+      if (!link || !link.classList.contains('list-link')) {
+        link = document.createElement('a');
+        link.className = 'list-link';
+        button.parentNode.insertBefore(link, button.nextSibling);
+      }
+      link.href = (button.getAttribute('data-lists') || 'lists.html') + '#' + fragment(list);
+      link.textContent = 'open list (' + list.length + ')';
+      link.hidden = list.length === 0;
+    });
+  }
+  Array.prototype.forEach.call(buttons, function (button) {
+    button.hidden = false;
+    button.addEventListener('click', function () {
+      var id = button.getAttribute('data-unit'), list = load(), at = list.indexOf(id);
+      if (at >= 0) list.splice(at, 1); else list.push(id);
+      save(list);
+      update();
+    });
+  });
+  window.addEventListener('storage', function (ev) { if (ev.key === KEY) update(); });
+  update();
+})();
+// The unit page's log-scale histogram: the same bars at log(1 + count) heights, drawn from the linear
+// histogram's data-counts when its <details> is first opened (shown only where this script runs).
+(function () {
+  var box = document.querySelector('details.log-histogram');
+  var linear = box && box.parentNode.querySelector('svg[data-counts]');
+  if (!linear) return;
+  box.hidden = false;
+  box.addEventListener('toggle', function () {
+    if (!box.open || box.querySelector('svg')) return;
+    var counts = linear.getAttribute('data-counts').split(',').map(Number);
+    var svg = linear.cloneNode(true), bars = svg.querySelector('path.bar');
+    var plotH = Number(svg.getAttribute('height')) - 18, barW = Number(svg.getAttribute('width')) / counts.length;
+    var top = Math.log1p(Math.max.apply(null, counts)), d = '';
+    counts.forEach(function (c, i) {
+      if (c) d += 'M' + (i * barW).toFixed(1) + ' ' + plotH + 'v' + (-plotH * Math.log1p(c) / top).toFixed(1) +
+        'h' + Math.max(barW - 1, 0.5).toFixed(1) + 'V' + plotH + 'Z';
+    });
+    bars.setAttribute('d', d);
+    svg.removeAttribute('data-counts');
+    svg.setAttribute('aria-label', svg.getAttribute('aria-label') + ', log scale');
+    box.appendChild(svg);
+  });
+})();
