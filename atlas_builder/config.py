@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import urls
 from .errors import AtlasError
 
 SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # used with fullmatch
-SITE_FOLDERS = {"about", "data", "inputs", "media", "search", "sql", "static"}  # a model's folder must not be one
 DEVICES = ("auto", "cpu", "cuda")
 REDUCTIONS = ("max", "mean", "cls")
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -401,9 +401,9 @@ def _check(cfg: AtlasConfig, where: str) -> None:
         if not SLUG.fullmatch(m.name):
             raise ConfigError(f"{where}models[{i}].name {m.name!r} must be a slug: lowercase letters, digits, "
                               f"'-' or '_' (it becomes part of the URL)")
-        if m.name in SITE_FOLDERS:
+        if m.name in urls.SITE_FOLDERS:  # a model's folder sits beside them
             raise ConfigError(f"{where}models[{i}].name {m.name!r} is the name of one of the site's own folders "
-                              f"({', '.join(sorted(SITE_FOLDERS))}); choose another name")
+                              f"({', '.join(sorted(urls.SITE_FOLDERS))}); choose another name")
         if m.name in names:
             raise ConfigError(f"{where}models[{i}].name {m.name!r} is used twice; model names must be unique")
         names.add(m.name)

@@ -235,6 +235,7 @@ def page_bytes(cfg: AtlasConfig, model, layer: str, title: str, shape: tuple[int
     """(one unit page + its embed card + its JSON export, the layer page + its dot map), rendered from stand-in
     records of this shape."""
     from . import urls, website
+    from .website.builder import LIST_SAMPLE
     from .store import (EffectsRecord, FeatureVisRecord, LayerRecord, ModelRecord, RangeRecord, TopKRecord, UnitRecord,
                         VisualRecord)
 
@@ -282,7 +283,8 @@ def page_bytes(cfg: AtlasConfig, model, layer: str, title: str, shape: tuple[int
     unit_map = {"umap": points, "pca": points, "umap_ran": True, "note": "UMAP"} if cfg.embed.enabled else {}
     predictions = {t.example: (1, 0.9) for u in units[:1] for t in u.top + u.bottom}
     u = units[0]
-    sample = (rng.normal(size=min(cfg.scan.sample_size, 64)).astype(np.float32), np.arange(min(cfg.scan.sample_size, 64)))
+    listed = min(cfg.scan.sample_size, LIST_SAMPLE)  # the sample's first examples in each unit's JSON
+    sample = (rng.normal(size=listed).astype(np.float32), np.arange(listed))
     model_page = pages.unit(m, rec, u, n_units, predictions, vis, near, unit_map, sample)
     html = website.render("unit.html", model_page.html) + website.render("embed.html", model_page.embed)
     export = json.dumps(model_page.export, sort_keys=True, separators=(",", ":"))

@@ -127,3 +127,8 @@ def rel(from_page: str, to_path: str) -> str:
             break
         common += 1
     return "/".join([".."] * (len(start) - common) + target[common:]) or "."
+
+
+# the site's own top-level folders (a model's folder, <model>/, sits beside them, so no model may take one's name)
+SITE_FOLDERS = frozenset(path.split("/")[0] for path in (
+    SEARCH, ABOUT, INPUTS, SQL, open_data(""), media(""), static(""), input_page(0)))

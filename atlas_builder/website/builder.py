@@ -80,14 +80,10 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
     class_names = store.class_names()
 
     assets = {}
-    index = search_index(search_rows(flat, class_names))
-    for name, data in (("style.css", (TEMPLATES / "static" / "style.css").read_bytes()),
-                       ("atlas.js", (TEMPLATES / "static" / "atlas.js").read_bytes()),
-                       ("search.js", (TEMPLATES / "static" / "search.js").read_bytes()),
-                       ("lists.js", (TEMPLATES / "static" / "lists.js").read_bytes()),
-                       ("embed.css", (TEMPLATES / "static" / "embed.css").read_bytes()),
-                       ("sql.js", (TEMPLATES / "static" / "sql.js").read_bytes()),
-                       ("search-index.js", index.encode())):
+    files = {name: (TEMPLATES / "static" / name).read_bytes()
+             for name in ("style.css", "atlas.js", "search.js", "lists.js", "embed.css", "sql.js")}
+    files["search-index.js"] = search_index(search_rows(flat, class_names)).encode()
+    for name, data in files.items():
         stem, ext = name.rsplit(".", 1)
         assets[name] = (urls.static(f"{stem}.{hashlib.sha1(data).hexdigest()[:10]}.{ext}"), data)
     pages = Pages(site, assets["style.css"][0], class_names, store.labels(), assets["atlas.js"][0],
@@ -105,10 +101,10 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
     emit.page(urls.LISTS, "lists.html", pages.lists(assets["lists.js"][0]))
     engine = sql_engine.engine_files()  # DuckDB-WASM, vendored from npm ({} where it is not installed)
     emit.page(urls.SQL, "sql.html", pages.sql(assets["sql.js"][0], sorted(engine),
-                                              [name for name in Store.OPEN_DATA], sql_examples(flat, class_names)))
+                                              list(Store.OPEN_DATA), sql_examples(flat, class_names)))
     for name, src in engine.items():
         emit.file(urls.sql_engine(name), src)
-    unit_jobs = []  # (model, layer, units, layer visuals, neighbours, unit map, predictions) per layer
+    unit_jobs = []  # (model, layer, units, layer visuals, neighbours, unit map, predictions, list sample) per layer
     for m in models:
         model_layers = layers[m.model]
         units_of = all_units[m.model]

@@ -236,8 +236,6 @@ class Pages:
         marks = tuple(r.lo for r in u.ranges[1:])
         effects = u.effects
         cls = self.unit_class(m, layer, u.unit)
-        names = self.output_names(m)
-        effect_name = (lambda c: names[c] if 0 <= c < len(names) else f"class {c}")
         partner = {**sibling(u.redundant_with), "corr": fmt(u.redundant_corr)} if u.redundant_with >= 0 else None
         stats = [("Mean", fmt(u.mean)), ("Std", fmt(u.std)), ("Min", fmt(u.min)), ("Max", fmt(u.max)),
                  ("Active on (examples)", charts.percent(u.frac_active)),
@@ -258,7 +256,8 @@ class Pages:
                 "label_score": label_score_text(u), "kind": layer_kind(layer), "class": cls,
                 "module_type": layer.module_type}
         top = cards(u.top)
-        embed_src = urls.permalink(self.base_url, uid) + "embed.html" if self.base_url else "embed.html"
+        embed_src = urls.absolute(self.base_url, urls.unit_embed(uid)) if self.base_url else \
+            urls.rel(page, urls.unit_embed(uid))
         html = {**common,
                 "model_title": m.title, "cite": self.citation(uid, title, permalink),
                 "json_href": urls.rel(page, urls.unit_json(uid)), "embed_href": urls.rel(page, urls.unit_embed(uid)),
@@ -268,8 +267,8 @@ class Pages:
                 "unit": unit, "stats": stats, "partner": partner, "histogram": histogram,
                 "class_bars": charts.class_bars(u.class_means, self.class_names, u.top_class),
                 "effects": None if effects is None else {
-                    "bars": charts.effect_bars([(effect_name(c), v) for c, v in effects.up],
-                                               [(effect_name(c), v) for c, v in effects.down]),
+                    "bars": charts.effect_bars([(self.predicted(m, c), v) for c, v in effects.up],
+                                               [(self.predicted(m, c), v) for c, v in effects.down]),
                     "exact": effects.exact},
                 "permalink": permalink, "permalink_href": permalink if self.base_url else urls.rel(page, page),
                 "top": top, "bottom": cards(u.bottom), "ranges": ranges, "range_bins": len(u.ranges),
@@ -286,7 +285,7 @@ class Pages:
         embed = {"site_title": self.site_title, "unit": unit, "model_title": m.title,
                  "css": urls.rel(page, self.embed_css),
                  "title": f"{layer.layer} {u.unit} · {cls}" if cls is not None else f"Unit {u.unit} of {layer.layer}",
-                 "page": urls.page_url(self.base_url, page) if self.base_url else "index.html",
+                 "page": urls.page_url(self.base_url, page) if self.base_url else urls.rel(page, page),
                  "featurevis": visual, "top": {"cards": top["cards"][:6], "heat": None},
                  "histogram": charts.histogram_svg(u.hist, u.hist_lo, u.hist_hi),
                  "measure": self.measure_text(layer), "max": fmt(u.max), "mean": fmt(u.mean)}
@@ -294,7 +293,7 @@ class Pages:
                   "example_images": urls.rel(page, urls.example_image(0)).replace("/0.webp", "/{example}.webp"),
                   "module_type": layer.module_type, "unit": u.unit, "label": u.label, "flags": u.flags,
                   "label_score": finite(u.label_score),
-                  "permalink": permalink, "page": "index.html", "embed": "embed.html",
+                  "permalink": permalink, "page": urls.rel(page, page), "embed": urls.rel(page, urls.unit_embed(uid)),
                   "stats": {k: finite(getattr(u, k)) for k in ("count", "nonfinite", "mean", "std", "min", "max",
                                                                "frac_active", "position_activity", "selectivity")},
                   "top_class": self.label(u.top_class) if u.top_class >= 0 else None,
@@ -313,8 +312,9 @@ class Pages:
                              for r in u.ranges],
                   "effects": None if effects is None else {
                       "exact": effects.exact,
-                      "up": [{"class": effect_name(c), "index": c, "effect": finite(v)} for c, v in effects.up],
-                      "down": [{"class": effect_name(c), "index": c, "effect": finite(v)} for c, v in effects.down]},
+                      "up": [{"class": self.predicted(m, c), "index": c, "effect": finite(v)} for c, v in effects.up],
+                      "down": [{"class": self.predicted(m, c), "index": c, "effect": finite(v)}
+                               for c, v in effects.down]},
                   # float16 in the store: 4 significant digits say all of it
                   "sample": None if sample is None else {"examples": [int(e) for e in sample[1]],
                                                          "values": [finite(v, 4) for v in sample[0].tolist()]},

@@ -34,28 +34,44 @@
   window.addEventListener('hashchange', open);
   open();
 })();
-// "Add to list" on unit pages (button.add-to-list, hidden without JavaScript): toggles the unit in the list kept in
-// this browser (localStorage "atlas-list", a JSON array of unit ids, which lists.html shows), with a link
-// "open list (N)" to lists.html#<the ids>. Where storage is refused (private modes) the list lasts the page.
-(function () {
+// The unit list kept in this browser (localStorage "atlas-list", a JSON array of unit ids) and its URL fragment
+// (the ids URI-encoded but for their slashes, joined by commas), for the unit pages' "Add to list" below and for
+// lists.js. load() is null where storage is refused (private modes, blocked cookies); save() says if it kept it.
+window.AtlasList = (function () {
   var KEY = 'atlas-list';
+  return {
+    key: KEY,
+    load: function () {
+      try {
+        var value = JSON.parse(localStorage.getItem(KEY) || '[]');
+        return Array.isArray(value) ? value.filter(function (v) { return typeof v === 'string'; }) : [];
+      } catch (e) {
+        return null;
+      }
+    },
+    save: function (ids) {
+      try { localStorage.setItem(KEY, JSON.stringify(ids)); return true; } catch (e) { return false; }
+    },
+    fragment: function (ids) {
+      return ids.map(function (id) { return encodeURIComponent(id).replace(/%2F/gi, '/'); }).join(',');
+    }
+  };
+})();
+// "Add to list" on unit pages (button.add-to-list, hidden without JavaScript): toggles the unit in that list, with a
+// link "open list (N)" to lists.html#<the ids>. Where storage is refused the list lasts the page.
+(function () {
   var buttons = document.querySelectorAll('button.add-to-list[data-unit]');
   if (!buttons.length) return;
   var memory = [];
   function load() {
-    try {
-      var value = JSON.parse(localStorage.getItem(KEY) || '[]');
-      memory = Array.isArray(value) ? value.filter(function (v) { return typeof v === 'string'; }) : [];
-    } catch (e) { /* no storage: the page's own list */ }
+    memory = AtlasList.load() || memory;
     return memory.slice();
   }
   function save(list) {
     memory = list.slice();
-    try { localStorage.setItem(KEY, JSON.stringify(list)); } catch (e) { /* kept for this page only */ }
+    AtlasList.save(list);
   }
-  function fragment(list) {
-    return list.map(function (id) { return encodeURIComponent(id).replace(/%2F/gi, '/'); }).join(',');
-  }
+  var fragment = AtlasList.fragment;
   function update() {
     var list = load();
     Array.prototype.forEach.call(buttons, function (button) {
@@ -82,7 +98,7 @@
       update();
     });
   });
-  window.addEventListener('storage', function (ev) { if (ev.key === KEY) update(); });
+  window.addEventListener('storage', function (ev) { if (ev.key === AtlasList.key) update(); });
   update();
 })();
 // The unit page's log-scale histogram: the same bars at log(1 + count) heights, drawn from the linear

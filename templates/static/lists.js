@@ -1,18 +1,18 @@
 // Neuron Atlas unit lists (lists.html): the units named in the page's fragment, #model/layer/unit,model/layer/unit
 // (each id URI-encoded but for its slashes), else the list kept in this browser (localStorage "atlas-list", a JSON
-// array of ids; static/atlas.js's "Add to list" button on unit pages writes it). No server: the search index
-// (window.ATLAS_SEARCH, see website.search_index) resolves an id to its folder, <layer folder>/<unit>/, and its
-// label; each unit's data.json there gives the rest (paths in it are relative to it). Shown: a card per unit, the
-// histograms overlaid as densities on one axis, and per model the units' activations on the model's seeded sample
-// ("sample": {examples, values}), one plot per model since only its units share those inputs.
+// array of ids: static/atlas.js owns it, as window.AtlasList, and its "Add to list" on unit pages writes it). No
+// server: the search index (window.ATLAS_SEARCH, see website.search_index) resolves an id to its folder,
+// <layer folder>/<unit>/, and its label; each unit's data.json there gives the rest (paths in it are relative to
+// it). Shown: a card per unit, the histograms overlaid as densities on one axis, and per model the units'
+// activations on the model's seeded sample ("sample": {examples, values}), one plot per model since only its
+// units share those inputs.
 // Every text is set with textContent and every SVG node made with createElementNS: no data is parsed as HTML.
 (() => {
   const app = document.getElementById('lists-app');
   const index = window.ATLAS_SEARCH;
-  if (!app || !index) return;
+  if (!app || !index || !window.AtlasList) return;
   app.hidden = false;
 
-  const KEY = 'atlas-list';
   const MAX = 40;  // units shown at most (a longer list is cut, and says so)
   const SVG = 'http://www.w3.org/2000/svg';
   // distinct on white, each at least 4.5:1 against it; the marker shape changes too, for who cannot tell them apart
@@ -72,8 +72,7 @@
 
   // ------------------------------------------------------------------ the list: fragment and storage
 
-  const encodeId = id => encodeURIComponent(id).replace(/%2F/gi, '/');
-  const fragment = ids => ids.map(encodeId).join(',');
+  const fragment = AtlasList.fragment;
 
   function parseHash(hash) {
     const seen = new Set(), ids = [];
@@ -86,18 +85,8 @@
     return ids;
   }
 
-  function loadStored() {  // the stored list, or null where storage is refused (private modes, blocked cookies)
-    try {
-      const value = JSON.parse(localStorage.getItem(KEY) || '[]');
-      return Array.isArray(value) ? value.filter(v => typeof v === 'string') : [];
-    } catch (e) {
-      return null;
-    }
-  }
-
-  function saveStored(ids) {
-    try { localStorage.setItem(KEY, JSON.stringify(ids)); return true; } catch (e) { return false; }
-  }
+  const loadStored = AtlasList.load;  // null where storage is refused
+  const saveStored = AtlasList.save;
 
   const same = (a, b) => a.length === b.length && a.every((v, i) => v === b[i]);
 
@@ -623,7 +612,7 @@
   });
   window.addEventListener('hashchange', render);
   window.addEventListener('storage', ev => {  // the list changed in another tab
-    if (ev.key !== KEY) return;
+    if (ev.key !== AtlasList.key) return;
     if (source === 'stored') { render(); return; }
     const st = loadStored();
     el.save.hidden = !(st !== null && !same(st, current));
