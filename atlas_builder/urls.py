@@ -59,6 +59,11 @@ def unit_page(uid: UnitId) -> str:
     return f"{unit_dir(uid)}/index.html"
 
 
+def unit_page_pattern(model: str, layer: str) -> str:
+    """A layer's unit pages as one pattern, `{unit}` for the unit (the JSON exports' `unit_pages`)."""
+    return f"{layer_dir(model, layer)}/{{unit}}/index.html"
+
+
 def unit_json(uid: UnitId) -> str:
     """The unit's JSON export: every number its page shows, and its media paths."""
     return f"{unit_dir(uid)}/data.json"

@@ -67,6 +67,11 @@ def _lists(page):
     expect(page.locator("#lists-sample-plots svg.lists-plot")).to_have_count(2)  # one per model
 
 
+def _embed(page):  # the card drawn from its data.json
+    expect(page.locator("figure.histogram svg")).to_have_count(1)
+    expect(page.locator("ol.top li").first).to_be_visible()
+
+
 def _sql(page):
     page.locator(".sql-examples button").first.click()
     expect(page.locator("#sql-status")).to_have_text(re.compile(r" rows? in "), timeout=60_000)
@@ -79,7 +84,7 @@ PAGES = {  # name: (path under the site, what to wait for before axe runs)
     "layer": ("digits-cnn/relu2/index.html", _heading),
     "unit": ("digits-cnn/relu2/3/index.html", _heading),
     "unit-mlp": ("digits-mlp/relu1/4/index.html", _heading),
-    "embed": ("digits-cnn/relu2/3/embed.html", None),
+    "embed": ("digits-cnn/relu2/3/embed.html", _embed),
     "list": ("lists.html#" + ",".join(LIST_UNITS), _lists),
     "sql": ("sql/index.html", _sql),
 }

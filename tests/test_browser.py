@@ -413,6 +413,29 @@ def test_unit_map_points_open_their_units(page, server):
     assert re.match(r"Unit \d+ of relu2 \(Conv2d\+ReLU 32×8×8\) in ", h1(page)), h1(page)
 
 
+def test_embed_card_draws_its_histogram_and_top_examples_from_its_json(page, server, demo):
+    """The embed card's page holds its title, label and feature vis; embed.js adds the histogram and the top 6
+    examples from the unit's data.json: the examples', values' and histogram's numbers are the export's."""
+    import json
+
+    unit = "digits-cnn/relu2/3"
+    data = json.loads((demo.atlas.site_dir / unit / "data.json").read_text(encoding="utf-8"))
+    page.goto(server.base + unit + "/embed.html")
+    items = page.locator("ol.top li")
+    expect(items).to_have_count(min(6, len(data["top"]["example"])))
+    srcs = [items.nth(i).locator("img").get_attribute("src") for i in range(items.count())]
+    assert srcs == [data["example_images"].format(example=e) for e in data["top"]["example"][:6]]
+    values = [float(items.nth(i).locator("span").inner_text()) for i in range(items.count())]
+    assert values == pytest.approx(data["top"]["value"][:6], rel=5e-3)
+    bars = page.locator("figure.histogram svg path.bar")
+    expect(bars).to_have_count(1)
+    counts = data["histogram"]["counts"]
+    assert bars.get_attribute("d").count("Z") == sum(1 for c in counts if c)  # one bar per non-empty bin
+    expect(page.locator("figure.histogram svg title")).to_have_text(
+        f"{sum(counts)} sampled activations in {len(counts)} bins, at most {max(counts)} in one")
+    assert_images_load(page, at_least=len(srcs) + 1)  # the examples and the feature vis
+
+
 def test_404_page_renders_and_its_links_work(page, server):
     missing = server.base + "no-such-model/conv1/0/index.html"
     page.context.problems.expected_missing.add(missing)

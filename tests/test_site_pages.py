@@ -138,14 +138,16 @@ def test_unit_json_export_has_the_pages_numbers(built):
         data = json.loads((site / urls.unit_json(uid)).read_text())
         assert data["id"] == str(uid) and data["label"] == u.label
         assert data["stats"]["max"] == pytest.approx(u.max) and data["stats"]["count"] == u.count
-        assert [t["example"] for t in data["top"]] == [t.example for t in u.top]
-        assert [t["example"] for t in data["bottom"]] == [t.example for t in u.bottom]
+        assert data["top"]["example"] == [t.example for t in u.top]  # columns, in rank order
+        assert data["top"]["value"] == [pytest.approx(t.value, rel=1e-6) for t in u.top]
+        assert data["bottom"]["example"] == [t.example for t in u.bottom]
+        assert data["bottom"]["position"] == [t.position for t in u.bottom]
         assert data["histogram"]["counts"] == list(u.hist)
         assert data["permalink"] == f"{BASE}{uid.model}/{l.layer}/{u.unit}/"
         folder = (site / urls.unit_json(uid)).parent
-        images = [data["example_images"].format(example=t["example"]) for t in data["top"]]  # one pattern
-        for path in images + [v for k, v in data["featurevis"].items()
-                                                          if isinstance(v, str)] + [data["page"]]:
+        images = [data["example_images"].format(example=e) for e in data["top"]["example"]]  # one pattern
+        pages = [data["unit_pages"].format(unit=n) for n in data["neighbours"]["unit"] + [u.unit]]
+        for path in images + [v for k, v in data["featurevis"].items() if isinstance(v, str)] + pages:
             assert (folder / path).resolve().is_file(), path
         page = read_page(site / urls.unit_page(uid))
         assert "data.json" in page.links
@@ -359,22 +361,27 @@ def test_unit_page_examples_across_the_range_embed_card_and_list_button(built):
         assert len(button) == 1 and button[0]["data-unit"] == str(uid) and button[0]["data-lists"].endswith("lists.html")
         embed = read_page(site / urls.unit_embed(uid))
         assert embed.find("a", href=f"{BASE}{uid.model}/{l.layer}/{u.unit}/")  # the page, absolute with a base URL
-        assert len(embed.find("li")) == min(6, len(u.top)) and embed.find("svg")
-        # on its own: its own small stylesheet, not the site's, and no script
+        # on its own: its own small stylesheet and script, not the site's; the script draws the histogram and
+        # the top examples from the unit's data.json beside it (test_browser checks the drawing)
         [sheet] = [a["href"] for a in embed.find("link", rel="stylesheet")]
-        assert "/static/embed." in sheet and "style." not in sheet and not embed.find("script")
+        [script] = [a["src"] for a in embed.find("script")]
+        assert "/static/embed." in sheet and "style." not in sheet and "/static/embed." in script
+        for path in (sheet, script):
+            assert (site / urls.unit_embed(uid)).parent.joinpath(path).resolve().is_file(), path
+        [card] = embed.find("article", cls="card")
+        assert card["data-json"] == "data.json" and not embed.find("li") and not embed.find("svg")
         assert u.label in embed.text
         snippet = unescape(re.search(r'<pre class="cite-embed">(.*?)</pre>', html, re.S).group(1))
         assert f'src="{BASE}{uid.model}/{l.layer}/{u.unit}/embed.html"' in snippet and snippet.startswith("<iframe")
         data = json.loads((site / urls.unit_json(uid)).read_text())
-        assert [[t["example"] for t in r["examples"]] for r in data["ranges"]] == \
-            [[t.example for t in r.examples] for r in u.ranges]
+        assert data["ranges"]["examples"] == [[t.example for t in r.examples] for r in u.ranges]
+        assert data["ranges"]["lo"] == [pytest.approx(r.lo, rel=1e-3) for r in u.ranges]
         assert len(data["sample"]["values"]) == len(data["sample"]["examples"]) > 0
         if u.effects is not None:  # the store's effects: in the export, and one bar each on the page
-            assert [(e["index"], e["effect"]) for e in data["effects"]["up"]] == \
-                [(c, pytest.approx(v, rel=1e-6)) for c, v in u.effects.up]
-            assert [(e["index"], e["effect"]) for e in data["effects"]["down"]] == \
-                [(c, pytest.approx(v, rel=1e-6)) for c, v in u.effects.down]
+            for direction in ("up", "down"):
+                column = data["effects"][direction]
+                assert list(zip(column["index"], column["effect"])) == \
+                    [(c, pytest.approx(v, rel=1e-6)) for c, v in getattr(u.effects, direction)]
             bars = html.split('<ol class="bars effects"')[1].split("</ol>")[0]
             assert bars.count('<li class="up">') == len(u.effects.up) and \
                 bars.count('<li class="down">') == len(u.effects.down)

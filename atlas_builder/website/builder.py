@@ -81,7 +81,8 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
 
     assets = {}
     files = {name: (TEMPLATES / "static" / name).read_bytes()
-             for name in ("style.css", "atlas.js", "search.js", "lists.js", "embed.css", "sql.js")}
+             for name in ("style.css", "atlas.js", "search.js", "lists.js", "embed.css", "embed.js",
+                                                            "sql.js")}
     files["search-index.js"] = search_index(search_rows(flat, class_names)).encode()
     for name, data in files.items():
         stem, ext = name.rsplit(".", 1)
@@ -90,7 +91,7 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
                   (assets["search.js"][0], assets["search-index.js"][0]))
     meta = store.meta()
     pages.measure, pages.objective = meta.get("measure", "max"), meta.get("objective", "channel")
-    pages.embed_css = assets["embed.css"][0]
+    pages.embed_css, pages.embed_js = assets["embed.css"][0], assets["embed.js"][0]
     predictions = {m.model: store.predictions(m.model) for m in models}
     inputs = store.input_examples()
     featured = [(why, m, u, visuals[m.model][u.layer].get(u.unit)) for why, m, u in featured_units(flat)]

@@ -43,6 +43,7 @@ class Pages:
         self.measure = "max"  # a unit's value on an input, over its positions (scan.reduce)
         self.objective = "channel"  # what feature vis optimized (featurevis.objective)
         self.embed_css = urls.static("embed.css")  # the embed cards' own stylesheet (the builder's hashed name)
+        self.embed_js = urls.static("embed.js")  # and their one renderer (it draws each card from its data.json)
 
     def common(self, page: str, crumbs: list[tuple[str, str]], description: str = "",
                image: str | None = None) -> dict:
@@ -199,9 +200,14 @@ class Pages:
         page = urls.unit_page(uid)
         best = u.top[0].value if u.top else None
 
-        def ranked(records):
-            return [{"rank": t.rank, "example": t.example, "value": finite(t.value),
-                     "label": self.label(int(self.labels[t.example])), "position": t.position} for t in records]
+        def ranked(records):  # columns, in rank order (a list of records would repeat every key 9 times)
+            return {"example": [t.example for t in records], "value": [finite(t.value) for t in records],
+                    "position": [t.position for t in records],
+                    "label": [self.label(int(self.labels[t.example])) for t in records]}
+
+        def classes(pairs, key: str):  # [(class index, value)] -> columns
+            return {"index": [c for c, _ in pairs], "class": [self.predicted(m, c) for c, _ in pairs],
+                    key: [finite(v) for _, v in pairs]}
 
         def cards(records, boxes: bool = True):
             """The example cards, and their heat overlays as one sprite (None when there are no maps)."""
@@ -283,17 +289,19 @@ class Pages:
                 "prev": sibling(u.unit - 1), "next": sibling(u.unit + 1),
                 "up": urls.rel(page, urls.layer_page(m.model, layer.layer))}
         embed = {"site_title": self.site_title, "unit": unit, "model_title": m.title,
-                 "css": urls.rel(page, self.embed_css),
+                 "css": urls.rel(page, self.embed_css), "js": urls.rel(page, self.embed_js),
+                 "json": urls.rel(urls.unit_embed(uid), urls.unit_json(uid)),
                  "title": f"{layer.layer} {u.unit} · {cls}" if cls is not None else f"Unit {u.unit} of {layer.layer}",
                  "page": urls.page_url(self.base_url, page) if self.base_url else urls.rel(page, page),
-                 "featurevis": visual, "top": {"cards": top["cards"][:6], "heat": None},
-                 "histogram": charts.histogram_svg(u.hist, u.hist_lo, u.hist_hi),
-                 "measure": self.measure_text(layer), "max": fmt(u.max), "mean": fmt(u.mean)}
+                 "featurevis": visual, "measure": self.measure_text(layer), "max": fmt(u.max), "mean": fmt(u.mean)}
+        shown = charts.shown_classes(u.class_means)
         export = {"id": str(uid), "model": m.model, "model_title": m.title, "layer": layer.layer,
                   "example_images": urls.rel(page, urls.example_image(0)).replace("/0.webp", "/{example}.webp"),
+                  "unit_pages": urls.rel(page, urls.unit_page_pattern(m.model, layer.layer)),
                   "module_type": layer.module_type, "unit": u.unit, "label": u.label, "flags": u.flags,
                   "label_score": finite(u.label_score),
-                  "permalink": permalink, "page": urls.rel(page, page), "embed": urls.rel(page, urls.unit_embed(uid)),
+                  "label_score_text": None if unit["label_score"] is None else unit["label_score"]["text"],
+                  "permalink": permalink,
                   "stats": {k: finite(getattr(u, k)) for k in ("count", "nonfinite", "mean", "std", "min", "max",
                                                                "frac_active", "position_activity", "selectivity")},
                   "top_class": self.label(u.top_class) if u.top_class >= 0 else None,
@@ -303,25 +311,22 @@ class Pages:
                   "histogram": {"lo": finite(u.hist_lo), "hi": finite(u.hist_hi), "counts": list(u.hist)},
                   # the classes the page shows (all, or the 12 highest of ImageNet's 1,000: the whole
                   # unit x class matrix would be 25 KB a unit; it stays in the store)
-                  "class_means": [{"index": i, "class": self.class_names[i] if i < len(self.class_names) else str(i),
-                                   "mean": finite(u.class_means[i])} for i in charts.shown_classes(u.class_means)],
+                  "class_means": {"index": shown, "class": [self.class_names[i] if i < len(self.class_names)
+                                                            else str(i) for i in shown],
+                                  "mean": [finite(u.class_means[i]) for i in shown]},
                   "classes": len(u.class_means),
                   "top": ranked(u.top), "bottom": ranked(u.bottom),
-                  "ranges": [{"bin": r.bin, "lo": finite(r.lo, 4), "hi": finite(r.hi, 4),
-                              "examples": [{"example": t.example, "value": finite(t.value, 4)} for t in r.examples]}
-                             for r in u.ranges],
-                  "effects": None if effects is None else {
-                      "exact": effects.exact,
-                      "up": [{"class": self.predicted(m, c), "index": c, "effect": finite(v)} for c, v in effects.up],
-                      "down": [{"class": self.predicted(m, c), "index": c, "effect": finite(v)}
-                               for c, v in effects.down]},
+                  "ranges": {"lo": [finite(r.lo, 4) for r in u.ranges], "hi": [finite(r.hi, 4) for r in u.ranges],
+                             "examples": [[t.example for t in r.examples] for r in u.ranges],
+                             "values": [[finite(t.value, 4) for t in r.examples] for r in u.ranges]},
+                  "effects": None if effects is None else {"exact": effects.exact, "up": classes(effects.up, "effect"),
+                                                           "down": classes(effects.down, "effect")},
                   # float16 in the store: 4 significant digits say all of it
                   "sample": None if sample is None else {"examples": [int(e) for e in sample[1]],
                                                          "values": [finite(v, 4) for v in sample[0].tolist()]},
                   "featurevis": {k: v for k, v in (visual or {}).items() if v}, "measure": self.measure_text(layer),
-                  "neighbours": [{"unit": o.unit, "similarity": finite(sim),
-                                  "page": urls.rel(page, urls.unit_page(UnitId(m.model, layer.layer, o.unit)))}
-                                 for o, sim, _ in near]}
+                  "neighbours": {"unit": [o.unit for o, _, _ in near],
+                                 "similarity": [finite(sim) for _, sim, _ in near]}}
         return UnitPage(html, embed, export)
 
     def measure_text(self, layer: LayerRecord) -> str:

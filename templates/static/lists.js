@@ -301,14 +301,14 @@
     }
     const d = u.data, base = u.json;
     const fv = d.featurevis && d.featurevis.positive && d.featurevis.positive.image;
-    const top = d.top && d.top[0];
+    const top = d.top && d.top.example && d.top.example.length ? d.top.example[0] : null;  // columns
     let src = null, alt = '';
     if (fv) {
       src = new URL(fv, base).href;
       alt = `Image optimized to excite ${u.id}`;
-    } else if (top && d.example_images) {
-      src = new URL(d.example_images.replace('{example}', top.example), base).href;
-      alt = `Its top dataset example, example ${top.example}`;
+    } else if (top !== null && d.example_images) {
+      src = new URL(d.example_images.replace('{example}', top), base).href;
+      alt = `Its top dataset example, example ${top}`;
     }
     if (src) {
       const img = node('img');
