@@ -30,7 +30,14 @@ $(NPM_STAMP): web/package.json web/package-lock.json
 site: $(STAMP) $(NPM_STAMP)
 	$(BIN)/atlas build $(CONFIG)
 
-test: $(STAMP) $(NPM_STAMP)
+HF_STAMP := $(VENV)/.hf-installed
+
+# the tests also cover `hf:` language models: the optional extra `hf` (transformers), not needed by `make site`
+$(HF_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,hf]'
+	touch $(HF_STAMP)
+
+test: $(STAMP) $(HF_STAMP) $(NPM_STAMP)
 	$(BIN)/python -m pytest -q
 
 serve:

@@ -12,6 +12,7 @@ the hand-offs between ranks and the timings; it computes nothing itself.
 from __future__ import annotations
 
 import hashlib
+import dataclasses
 import json
 import time
 from contextlib import nullcontext
@@ -21,18 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed, media, progress as progress_lines, visualize
+from . import distributed, media, progress as progress_lines, text, visualize
 from .config import AtlasConfig
 from .distributed import Cluster
 from .errors import AtlasError
-from .hooks import Capture, list_layers, resolve_layers
+from .hooks import Capture, list_layers, mlp_activations, resolve_layers
 from .plan import PAGES_LIMIT, fit_diversity
 from .scan import finish_scan, scan_part, shard_range
-from .sources import load_dataset, load_model
+from .sources import AtlasDataset, fit_dataset, load_dataset, load_model
 from .store import ModelRecord, Store
 from .website import build_site
 
-SCAN_VERSION = 8  # bump when scan's output changes meaning (invalidates stored scans)
+SCAN_VERSION = 9  # bump when scan's output changes meaning (invalidates stored scans)
 FEATUREVIS_VERSION = 8  # likewise for the feature-vis stage
 EMBED_VERSION = 2  # and the embed stage
 ARCHITECTURE_VERSION = 1  # and the architecture view's
@@ -368,7 +369,14 @@ class SiteStage(Stage):
                           "versions": json.dumps(versions(), sort_keys=True),
                           "config_name": cfg.path.name if cfg.path else "",
                           "config_toml": cfg.path.read_text(encoding="utf-8") if cfg.path else ""})
-        media.write_example_images(self.dataset, store.referenced_examples(), store.media_dir / "examples")
+        if self.dataset.is_text:  # its examples are shown as their tokens, kept in the store
+            examples = store.referenced_examples()
+            tokens = self.dataset.data.tokens[examples] if examples else np.zeros((0, 0), np.int64)
+            shown = np.union1d(np.unique(tokens), store.effect_classes())  # in the windows and the top logits
+            vocab = {int(t): text.token_text(self.dataset.tokenizer, int(t)) for t in shown}  # as decoded
+            store.write_windows(examples, tokens, vocab)
+        else:
+            media.write_example_images(self.dataset, store.referenced_examples(), store.media_dir / "examples")
         return build_site(store, cfg.atlas.site_dir, cfg.site, self.progress)
 
     def write(self, store, result, fp) -> None:
@@ -381,7 +389,8 @@ def _build(cfg: AtlasConfig, cluster: Cluster, device: torch.device, progress: b
     dataset = load_dataset(cfg)
     with (Store(cfg.store_dir) if cluster.writer else nullcontext()) as store:
         start = time.perf_counter()
-        loaded = load_and_check_models(cfg, dataset, cluster)  # before anything is written: bad input stops here
+        # before anything is written: bad input stops here (a text dataset is tokenized by its model's tokenizer)
+        loaded, dataset = load_and_check_models(cfg, dataset, cluster)
         report.add_time("train/load", time.perf_counter() - start)
         for position, (section, model, layers) in enumerate(loaded):
             stage = ScanStage(cfg, model, layers, dataset, device, cluster, progress)
@@ -396,7 +405,7 @@ def _build(cfg: AtlasConfig, cluster: Cluster, device: torch.device, progress: b
                                               model.fingerprint, model.info["parameters"], accuracy, model.info))
             if len(dataset):
                 run_stage(ArchitectureStage(model, dataset), store, cluster, report)
-            if cfg.featurevis.enabled:
+            if cfg.featurevis.enabled and not dataset.is_text:  # text: no image to optimize (tokens are discrete)
                 run_stage(FeatureVisStage(cfg, model, layers, dataset, device, cluster, progress), store, cluster,
                           report)
             elif cluster.writer:
@@ -421,8 +430,9 @@ def _build(cfg: AtlasConfig, cluster: Cluster, device: torch.device, progress: b
     return report
 
 
-def load_and_check_models(cfg: AtlasConfig, dataset, cluster: Cluster) -> list[tuple]:
-    """Every model loaded, its layers resolved and one forward pass over two examples tried, before any write.
+def load_and_check_models(cfg: AtlasConfig, dataset, cluster: Cluster) -> tuple[list[tuple], "AtlasDataset"]:
+    """Every model loaded, its layers resolved and one forward pass over two examples tried, before any write;
+    with the dataset, a text dataset tokenized by its language model's own tokenizer (`sources.fit_dataset`).
 
     So a model that cannot load, an unknown or non-tensor layer, or a forward
     that fails on the dataset's inputs stops the build with the store and the
@@ -436,6 +446,12 @@ def load_and_check_models(cfg: AtlasConfig, dataset, cluster: Cluster) -> list[t
         model = load_model(section, cfg)
         if cluster.writer:
             cluster.barrier()
+        fitted = fit_dataset(cfg, model, dataset)
+        if fitted is not dataset and loaded:
+            raise AtlasError(f"model {section.name!r} brings its own tokenizer, but the models before it read the "
+                             f"text by bytes; an atlas of text holds language models of one tokenizer: build the "
+                             f"others in their own atlas")
+        dataset = fitted
         if len(dataset):
             x = dataset.inputs(range(min(2, len(dataset))))
             seen: dict[str, torch.Tensor] = {}
@@ -445,14 +461,19 @@ def load_and_check_models(cfg: AtlasConfig, dataset, cluster: Cluster) -> list[t
                         torch.inference_mode():
                     out = capture(x)
             else:  # by default, the rule's points that do (one forward: a model may count its calls)
-                layers = resolve_layers(model.module, (), section.name,
-                                        list_layers(model.module, x, section.name, flat=seen))
+                infos = list_layers(model.module, x, section.name, flat=seen)
+                mlp = set(mlp_activations(model.module)) if dataset.is_text else set()
+                latents = set(model.info.get("dictionaries", ()))  # its dictionaries' latents: probed by default
+                if mlp or latents:  # a language model: the neurons of its MLPs
+                    infos = [dataclasses.replace(i, default=(i.name in mlp or i.name in latents or i.default and not mlp)
+                                                 and i.probeable) for i in infos]
+                layers = resolve_layers(model.module, (), section.name, infos)
                 out = seen.pop("", None)
             model.info.update(output_facts(out, {name: seen[name] for name in layers if name in seen}))
         else:
             layers = resolve_layers(model.module, section.layers, section.name)
         loaded.append((section, model, layers))
-    return loaded
+    return loaded, dataset
 
 
 def output_facts(out, outputs: dict[str, torch.Tensor]) -> dict:

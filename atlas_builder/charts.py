@@ -100,7 +100,7 @@ def class_bars(class_means: tuple[float | None, ...], class_names: list[str], to
                   + "".join(rows) + "</ol>" + note)
 
 
-def effect_bars(up: list[tuple[str, float]], down: list[tuple[str, float]]) -> Markup:
+def effect_bars(up: list[tuple[str, float]], down: list[tuple[str, float]], what: str = "class") -> Markup:
     """± bars of the classes a unit pushes up (red, right of the middle) and down (blue, left), on one scale:
     an HTML list like `class_bars`."""
     rows = [*up, *down]
@@ -114,7 +114,7 @@ def effect_bars(up: list[tuple[str, float]], down: list[tuple[str, float]]) -> M
         full = f' title="{text}"' if len(name) > 18 else ""
         out.append(f'<li class="{"up" if v > 0 else "down"}"><span{full}>{text}</span>'
                    f'<b><i style="left:{a:.1f}%;width:{b - a:.1f}%"></i></b>{_num(v)}</li>')
-    return Markup('<ol class="bars effects" style="--zero:50%" aria-label="Effect on each class\'s logit">'
+    return Markup(f'<ol class="bars effects" style="--zero:50%" aria-label="Effect on each {what}\'s logit">'
                   + "".join(out) + "</ol>")
 
 

@@ -40,8 +40,8 @@ REDUCTIONS = ("max", "mean", "cls")
 PRECISIONS = ("float32", "bfloat16", "float16")
 FV_OBJECTIVES = ("channel", "neuron")
 FV_TRANSFORMS = ("standard", "none")
-MODEL_KINDS = ("builtin", "torchvision", "import")
-DATASET_KINDS = ("builtin", "imagefolder", "torchvision", "import")
+MODEL_KINDS = ("builtin", "torchvision", "hf", "import")
+DATASET_KINDS = ("builtin", "imagefolder", "torchvision", "text", "import")
 
 
 class ConfigError(AtlasError):
@@ -75,7 +75,7 @@ class SiteSection:
 
 @dataclass(frozen=True)
 class DatasetSection:
-    source: str = "builtin:digits"  # builtin:digits | imagefolder:PATH | torchvision:Name | pkg.mod:factory
+    source: str = "builtin:digits"  # builtin:digits | imagefolder:PATH | torchvision:Name | text:PATH | pkg.mod:factory
     root: Path | None = None  # torchvision datasets: where the files are
     download: bool = False  # torchvision datasets: allow downloading (never in tests or the demo)
     limit: int = 0  # use a seeded random subset of this many examples; 0 = all
@@ -83,6 +83,8 @@ class DatasetSection:
     crop: int = 0  # centre crop to this square size after resizing; 0 = none
     mean: tuple[float, ...] = ()  # per-channel normalization mean; () = none
     std: tuple[float, ...] = ()  # per-channel normalization std; same length as mean
+    context: int = 64  # text datasets: tokens in a window (an example), at most the model's context length
+    stride: int = 0  # text datasets: tokens from one window's start to the next; 0 = context (no overlap)
 
     @property
     def kind(self) -> str:
@@ -138,15 +140,23 @@ class EmbedSection:
 
 
 @dataclass(frozen=True)
+class DictionarySection:
+    path: Path | None = None  # required: a folder in SAELens's format (cfg.json, sae_weights.safetensors)
+    hook: str = ""  # module path whose output it encodes; "" = cfg.json's hook_name
+    name: str = "sae"  # its latents are the layer <hook>.<name> (a child module of the hook point)
+
+
+@dataclass(frozen=True)
 class ModelSection:
     name: str  # slug used in URLs: <model>/<layer>/<unit>/
-    source: str  # builtin:NAME | torchvision:NAME | pkg.mod:factory
+    source: str  # builtin:NAME | torchvision:NAME | hf:PATH (a saved transformers causal LM) | pkg.mod:factory
     title: str = ""  # human name; "" = the name
     weights: str = ""  # torchvision weights enum name (e.g. DEFAULT); "" = random init
     checkpoint: Path | None = None  # state_dict file loaded with weights_only=True
     layers: tuple[str, ...] = ()  # module paths to probe; () = one per representation (see README: default layers)
     units: int = 0  # probe only each layer's first N units (trial builds); 0 = all
     unsafe_pickle: bool = False  # load the checkpoint with weights_only=False: runs code in the file; trusted files only
+    dictionaries: tuple[DictionarySection, ...] = ()  # [[models.dictionaries]]: SAEs whose latents are units
 
     @property
     def kind(self) -> str:
@@ -197,7 +207,7 @@ def source_kind(source: str, kinds: tuple[str, ...]) -> str:
 
 def source_target(source: str) -> str:
     head, _, tail = source.partition(":")
-    return tail if head in ("builtin", "imagefolder", "torchvision") else source
+    return tail if head in ("builtin", "imagefolder", "torchvision", "text", "hf") else source
 
 
 # --- loading and validation (the one place) ---------------------------------
@@ -254,10 +264,34 @@ def parse_config(raw: dict[str, Any], base: Path = Path("."), path: Path | None 
     if not models_raw:
         raise ConfigError(f"{where}no [[models]] given; add at least one, e.g. "
                           f"[[models]] name = \"digits-mlp\" source = \"builtin:digits-mlp\"")
-    models = tuple(_build(ModelSection, m, f"models[{i}]", where, base) for i, m in enumerate(models_raw))
+    models = tuple(_model_section(m, i, where, base) for i, m in enumerate(models_raw))
     cfg = AtlasConfig(models=models, path=path, base_dir=base, **sections)
     _check(cfg, where)
     return cfg
+
+
+def _model_section(table: dict[str, Any], i: int, where: str, base: Path) -> ModelSection:
+    """A [[models]] table, with its [[models.dictionaries]] tables."""
+    table = dict(table)
+    raw = table.pop("dictionaries", [])
+    if not isinstance(raw, list) or not all(isinstance(d, dict) for d in raw):
+        raise ConfigError(f"{where}models[{i}].dictionaries must be an array of tables ([[models.dictionaries]]), "
+                          f"got {_type_name(raw)}")
+    dictionaries = []
+    for j, d in enumerate(raw):
+        section = _build(DictionarySection, d, f"models[{i}].dictionaries[{j}]", where, base)
+        if section.path is None:
+            raise ConfigError(f"{where}models[{i}].dictionaries[{j}] needs path = \"FOLDER\" (SAELens's saved "
+                              f"format: cfg.json and sae_weights.safetensors)")
+        if not _is(section.path, "dir", f"models[{i}].dictionaries[{j}].path", where):
+            raise ConfigError(f"{where}models[{i}].dictionaries[{j}].path: folder {str(section.path)!r} does not "
+                              f"exist")
+        if not re.fullmatch(r"[A-Za-z_]\w*", section.name):
+            raise ConfigError(f"{where}models[{i}].dictionaries[{j}].name {section.name!r} must be an identifier "
+                              f"(letters, digits, _): it becomes a module name")
+        dictionaries.append(section)
+    return dataclasses.replace(_build(ModelSection, table, f"models[{i}]", where, base),
+                               dictionaries=tuple(dictionaries))
 
 
 def _type_name(value: Any) -> str:
@@ -394,6 +428,18 @@ def _check(cfg: AtlasConfig, where: str) -> None:
         if not _is(folder, "dir", "dataset.source", where):
             raise ConfigError(f"{where}dataset.source: image folder {str(folder)!r} does not exist; "
                               f"point it at a folder with one sub-folder per class")
+    if d.kind == "text":
+        _user_path(d.target, "dataset.source", where)
+        if not cfg.resolve(d.target).exists():
+            raise ConfigError(f"{where}dataset.source: text {str(cfg.resolve(d.target))!r} does not exist; point it "
+                              f"at a UTF-8 .txt file, a .jsonl file with a \"text\" field, or a folder of them")
+        if d.context < 2:
+            raise ConfigError(f"{where}dataset.context must be at least 2 tokens, got {d.context}")
+        if not 0 <= d.stride:
+            raise ConfigError(f"{where}dataset.stride must be 0 (= context) or more, got {d.stride}")
+        if d.mean or d.resize or d.crop:
+            raise ConfigError(f"{where}dataset.mean/std/resize/crop are for images; a text dataset has none of "
+                              f"them: remove them")
     if d.kind == "torchvision" and d.root is None:
         raise ConfigError(f"{where}dataset.root is required for torchvision datasets (the folder holding its files)")
     names = set()
@@ -408,6 +454,10 @@ def _check(cfg: AtlasConfig, where: str) -> None:
             raise ConfigError(f"{where}models[{i}].name {m.name!r} is used twice; model names must be unique")
         names.add(m.name)
         _check_source(m.source, f"models[{i}].source", MODEL_KINDS, where)
+        if m.kind == "hf" and not _is(cfg.resolve(_user_path(m.target, f"models[{i}].source", where)), "dir",
+                                      f"models[{i}].source", where):
+            raise ConfigError(f"{where}models[{i}].source: {str(cfg.resolve(m.target))!r} is not a folder; point "
+                              f"hf:PATH at a folder saved by save_pretrained (the model and its tokenizer)")
         if m.checkpoint is not None and not _is(m.checkpoint, "file", f"models[{i}].checkpoint", where):
             raise ConfigError(f"{where}models[{i}].checkpoint: file {str(m.checkpoint)!r} does not exist")
         if m.units < 0:

@@ -34,6 +34,14 @@ every class. Not activation × weight: for such a unit the estimate is
 already exact, the class's mean activation times the weight, which mixes
 what the unit does with how much class c's examples use it. The output
 layer itself, whose units are the logits, gets none.
+
+For a language model a unit's effect is on the next token's logits
+(`token_logits`, Neuronpedia's "top logits"): its output direction in the
+residual stream (for an MLP neuron the column of the nn.Linear that reads
+its output, for a residual-stream feature the basis vector itself) times
+the unembedding, the final nn.Linear whose outputs are the vocabulary; the
+final layer norm is left out (a direction, not a value). The same weights
+for every example, so exact, with the tokens where a classifier has classes.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .accumulators import reduce_positions, unit_maps
+from .dictionaries import SparseDictionary
 from .hooks import Capture, channels_last, token_grid, unknown_layer
 
 ATTRIBUTION_SIDE = 32  # attribution maps are pooled to at most this many pixels a side (the pages draw 96 px)
@@ -411,3 +420,72 @@ def top_effects(effects: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray
     with np.errstate(invalid="ignore"):
         up, down = e > 0, e < 0
     return (*pick(up, -e), *pick(down, e))
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor | None:
+    """A dense layer's weight as [out, in]: an nn.Linear's own, a transformers Conv1D's (GPT-2's c_fc,
+    c_proj: y = x @ W, W [in, out]) transposed; None for other modules."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None:
+        return module.weight.T
+    return None
+
+
+def reading_linears(net: nn.Module, layers: list[str],
+                    example: torch.Tensor) -> tuple[dict[str, str], dict[str, int]]:
+    """({layer: the module path of the dense layer (`dense_weight`) whose input is that layer's output},
+    {layer: its width, the last dim of a token output [B, T, D]}) on one forward of `example` (tensors told
+    apart by storage and shape); a layer that no dense layer reads, or not a token output, is left out."""
+    modules = dict(net.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0]))
+               for name, m in modules.items() if dense_weight(m) is not None]
+    try:
+        with Capture(net, layers, sink=seen.__setitem__, strict=False) as capture, torch.inference_mode():
+            capture(example)
+    finally:
+        for h in handles:
+            h.remove()
+    readers = {}
+    for layer, out in seen.items():
+        for name, x in inputs.items():
+            if isinstance(x, torch.Tensor) and x.data_ptr() == out.data_ptr() and x.shape == out.shape:
+                readers[layer] = name
+                break
+    return readers, {layer: int(out.shape[-1]) for layer, out in seen.items() if out.dim() == 3}
+
+
+def token_logits(net: nn.Module, layers: list[str], example: torch.Tensor, vocab: int,
+                 chunk: int = 1024) -> dict[str, np.ndarray]:
+    """{layer: [U, vocab] float32}: each unit's direct effect on the next-token logits (see the module
+    docstring): W_U @ W_dec[u] for a dictionary's latent, W_U @ W_read[:, u] for a unit read by a dense layer
+    that writes the residual stream (an MLP neuron), W_U[:, u] for a token layer as wide as the unembedding's
+    input (the residual stream). Other layers, and a model without an nn.Linear of `vocab` outputs, are left
+    out. `chunk` units at a time."""
+    unembed = next((m for m in reversed(list(net.modules())) if isinstance(m, nn.Linear)
+                    and m.out_features == vocab), None)
+    if unembed is None:
+        return {}
+    w_u = unembed.weight.detach().float()  # [V, D]
+    modules = dict(net.named_modules())
+    readers, widths = reading_linears(net, layers, example)
+    out = {}
+    with torch.inference_mode():
+        for layer in layers:
+            reader = modules[readers[layer]] if layer in readers else None
+            if reader is unembed:
+                continue  # the output layer: its units are the logits
+            if isinstance(modules.get(layer), SparseDictionary) and modules[layer].d_in == w_u.shape[1]:
+                directions = modules[layer].W_dec.T.float()  # a latent writes its decoder row
+            elif reader is not None and dense_weight(reader).shape[0] == w_u.shape[1]:
+                directions = dense_weight(reader).detach().float()  # [D, U]: the unit's write to the residual stream
+            elif reader is None and widths.get(layer) == w_u.shape[1]:
+                directions = torch.eye(w_u.shape[1], device=w_u.device)
+            else:
+                continue
+            n = directions.shape[1]
+            out[layer] = np.concatenate([(w_u @ directions[:, lo:lo + chunk]).T.cpu().numpy()
+                                         for lo in range(0, n, chunk)]).astype(np.float32)
+    return out

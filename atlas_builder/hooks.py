@@ -43,6 +43,7 @@ class LayerInfo:
     shape: tuple[int, ...] | None  # output shape of one example (no batch dim); None if not a tensor
     default: bool  # probed when the config lists no layers
     calls: int = 1  # times one forward runs it (0: never; more: a reused module, which cannot be probed)
+    sequence: bool = False  # token outputs of a text: positions along one line (not a patch grid)
 
     @property
     def probeable(self) -> bool:
@@ -57,12 +58,16 @@ class LayerInfo:
         """(H, W) of a conv output, the patch grid of a token output (`token_grid`), None for a flat output."""
         if self.shape is None or len(self.shape) == 1:
             return None
-        return (self.shape[1], self.shape[2]) if len(self.shape) == 3 else token_grid(self.shape[0])[1:]
+        if len(self.shape) == 3:
+            return self.shape[1], self.shape[2]
+        return (1, self.shape[0]) if self.sequence else token_grid(self.shape[0])[1:]
 
     @property
     def prefix(self) -> int:
         """Leading tokens outside the patch grid (a ViT's class token); 0 for other outputs."""
-        return token_grid(self.shape[0])[0] if self.shape is not None and len(self.shape) == 2 else 0
+        if self.sequence or self.shape is None or len(self.shape) != 2:
+            return 0
+        return token_grid(self.shape[0])[0]
 
 
 def token_grid(tokens: int) -> tuple[int, int, int]:
@@ -314,6 +319,18 @@ def list_layers(model: nn.Module, example: torch.Tensor, model_name: str | None 
         if pick is not None and infos[pick].probeable:
             defaults.add(pick)
     return [dataclasses.replace(info, default=info.name in defaults) for info in infos.values()]
+
+
+MLP_NAMES = ("mlp", "ffn", "feed_forward", "feedforward")  # what transformer blocks call their MLP
+ACTIVATION_NAMES = ("act", "act_fn", "activation", "activation_fn")  # and its activation, when a custom module
+
+
+def mlp_activations(model: nn.Module) -> list[str]:
+    """A language model's default layers: the activation inside each block's MLP (one unit per neuron), e.g.
+    `blocks.0.mlp.act` or GPT-2's `transformer.h.0.mlp.act`; [] when it has none."""
+    return [name for name, m in model.named_modules()
+            if any(part in MLP_NAMES for part in name.split(".")[:-1])
+            and (isinstance(m, ACTIVATION_TYPES) or name.rsplit(".", 1)[-1] in ACTIVATION_NAMES)]
 
 
 def final_activations(model: nn.Module, layers, example: torch.Tensor) -> dict[str, tuple[str, int]]:

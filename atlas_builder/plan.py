@@ -335,7 +335,7 @@ def shared_bytes(cfg: AtlasConfig, dataset, layer_units: list[list[int]], heads:
     from .scan import INPUT_UNITS
 
     n = len(dataset)
-    sample = [int(i) for i in np.linspace(0, n - 1, min(n, 8))] if n else []
+    sample = [int(i) for i in np.linspace(0, n - 1, min(n, 8))] if n and not dataset.is_text else []  # text: no images
     per_image = np.mean([len(media.encode_webp(dataset.to_image(dataset.data[i][0]))) for i in sample]) \
         if sample else 0
     units = sum(map(sum, layer_units))
@@ -344,11 +344,11 @@ def shared_bytes(cfg: AtlasConfig, dataset, layer_units: list[list[int]], heads:
     shown = min(n, 2 * cfg.scan.top_k * units + cfg.site.input_pages + ranged)  # examples some page shows
     static = sum(p.stat().st_size for p in (TEMPLATES / "static").glob("*") if p.is_file())
     static += sum(p.stat().st_size for p in sql_engine.engine_files().values())  # the SQL page's DuckDB-WASM
-    inputs = min(cfg.site.input_pages, n)
+    inputs = 0 if dataset.is_text else min(cfg.site.input_pages, n)  # text gets no input pages
     model_pages = sum(8000 + 500 * len(ls) + 170 * sum(min(u, HEATMAP_CELLS) for u in ls)
                       + 360 * min(sum(ls), MAX_MAP_POINTS) + 420 * len(ls) * min(n, INPUT_MAP_POINTS)
                       for ls in layer_units) if cfg.embed.enabled else 8000 * len(layer_units)
-    input_pages = inputs * (3500 + 1300 * layers + 400 + sum(
+    input_pages = inputs and inputs * (3500 + 1300 * layers + 400 + sum(
         explanation_bytes(cfg, dataset, sum(min(INPUT_UNITS, u) for u in ls), h)
         for ls, h in zip(layer_units, heads or [0] * len(layer_units))))
     fixed = static + 25_000 + 100 * (units + layers)  # home, search, about, 404; the manifest's line per page
@@ -380,7 +380,7 @@ def make_plan(cfg: AtlasConfig, calibrate: bool = True) -> Plan:
 
     device = resolve_device(cfg.atlas.device)
     dataset = load_dataset(cfg)
-    loaded = load_and_check_models(cfg, dataset, Cluster())
+    loaded, dataset = load_and_check_models(cfg, dataset, Cluster())
     shape = visualize.input_shape(dataset, cfg.featurevis)
     plans, heads = [], []
     for section, model, layers in loaded:
@@ -389,7 +389,8 @@ def make_plan(cfg: AtlasConfig, calibrate: bool = True) -> Plan:
             capture(x)
         shapes = {name: capture.shapes[name] for name in layers}
         n_units = {name: min(unit_count(shapes[name]), section.units or 10**12) for name in layers}
-        fv_s = featurevis_seconds(model, dataset, n_units, cfg, device) if calibrate else dict.fromkeys(layers, 0.0)
+        fv_s = featurevis_seconds(model, dataset, n_units, cfg, device) if calibrate and not dataset.is_text \
+            else dict.fromkeys(layers, 0.0)  # text: no feature vis
         scan_s = scan_seconds(model, dataset, layers, cfg, device) if calibrate else 0.0
         model.module.to("cpu")
         names = list(model.info.get("classes") or dataset.class_names)

@@ -29,8 +29,10 @@ from .progress import bar as progress_bar
 from .accumulators import (POSITION_SAMPLE, LayerAccumulator, TopKResult, first_units, sample_ids, unit_maps,
                            unit_values)
 from .config import ScanSection
+from . import text
 from .errors import AtlasError, AtlasWarning
-from .explain import Explanations, class_effects, effect_examples, explain_inputs, top_attributions, top_effects
+from .explain import (Explanations, class_effects, effect_examples, explain_inputs, token_logits, top_attributions,
+                      top_effects)
 from .hooks import Capture, LayerInfo, describe_layer
 from .sources import AtlasDataset, LoadedModel
 
@@ -363,6 +365,26 @@ class InputActivations:
     explained: Explanations | None = None  # attributions and attention of the same examples (`explain`)
 
 
+TOP_LOGITS = 10  # next tokens a language model's unit page lists each way (its top positive and negative logits)
+
+
+def token_labels(layer: LayerScan, tokens: np.ndarray, tokenizer) -> None:
+    """A text's units' labels (it has no classes): "fires on ‹token›", the token its top examples peak on
+    most often, scored by the share of them that do (ties: the token of the higher example); dead,
+    saturated and non-finite units keep their label."""
+    top = layer.top
+    for u, label in enumerate(layer.labels):
+        if label in ("dead", "saturated", "non-finite"):
+            continue
+        keep = top.valid[u] & (top.positions[u] >= 0)
+        if not keep.any():
+            continue
+        peaks = tokens[top.ids[u][keep], top.positions[u][keep]].tolist()
+        best = max(dict.fromkeys(peaks), key=peaks.count)  # the first of the most common, in rank order
+        layer.labels[u] = f"fires on {text.visible(text.token_text(tokenizer, best))}"
+        layer.stats["label_score"][u] = peaks.count(best) / len(peaks)
+
+
 def input_examples(n_examples: int, count: int, seed: int) -> np.ndarray:
     """The seeded sample of examples that get an input page (ascending ids)."""
     return sample_ids(n_examples, count, seed + 1)  # +1: not the same draw as the scan's sample
@@ -541,20 +563,28 @@ def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cf
     if (part.start, part.stop) != (0, len(dataset)):
         raise ValueError(f"finish_scan needs the whole dataset, got examples [{part.start}, {part.stop})")
     modules = dict(model.module.named_modules())
-    result_layers = [summarize(LayerInfo(name, type(modules[name]).__name__, part.accs[name].shape, True),
+    result_layers = [summarize(LayerInfo(name, type(modules[name]).__name__, part.accs[name].shape, True,
+                                         sequence=dataset.is_text),
                                part.accs[name], cfg, dataset.class_names,
                                nonlinearity(modules[name], cfg.active_threshold),
                                describe_layer(model.module, name, part.shapes[name]), part.labels.numpy(), seed)
                      for name in layers if name in part.accs]
+    if dataset.is_text:
+        logits = token_logits(model.module, [layer.info.name for layer in result_layers], dataset.inputs([0]),
+                              text.vocab_size(dataset.tokenizer))
+        for layer in result_layers:
+            token_labels(layer, dataset.data.tokens, dataset.tokenizer)
+            if layer.info.name in logits:  # its top logits, in the effects' place: tokens for classes, exact
+                layer.effects = (*top_effects(logits[layer.info.name][:layer.info.n_units], TOP_LOGITS), True)
     unit_effects(model, dataset, result_layers, cfg, device, seed, part.labels.numpy())
-    if unit_attributions:
+    if unit_attributions and not dataset.is_text:  # gradient x input needs real-valued inputs
         net = model.module.to(device).eval()
         for layer in result_layers:
             layer.top_attributions = top_attributions(net, layer.info.name, layer.top.ids, layer.top.valid,
                                                       dataset.inputs, cfg.reduce, cfg.batch_size, device)
         model.module.to("cpu")
     inputs = None
-    if input_pages:
+    if input_pages and not dataset.is_text:  # an input page draws a layer's heatmap over an image
         inputs = input_activations(model.module.to(device), dataset, layers,
                                    input_examples(len(dataset), input_pages, seed), cfg.reduce, device,
                                    limit=units, attribution_steps=attribution_steps, batch_size=cfg.batch_size)

@@ -11,7 +11,9 @@ AtlasWarning).
 Datasets: `builtin:digits` (the held-out split of scikit-learn's bundled
 digits), `imagefolder:PATH`, `torchvision:<Name>` (root + download flag) and
 `package.module:factory` (a callable returning a map-style dataset of
-`(image, label)` pairs, image a PIL image or a CHW tensor in [0, 1]).
+`(image, label)` pairs, image a PIL image or a CHW tensor in [0, 1]), and
+`text:PATH` (text cut into windows of token ids: `text`). A model factory may
+return `(model, tokenizer)`: a language model and the tokenizer of its text.
 Preprocessing (resize, centre crop, normalize) comes from the config and is
 applied with torchvision transforms; its inverse turns inputs back into
 images for the site.
@@ -40,7 +42,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from . import demo_models
+from . import demo_models, dictionaries, text
 from .config import AtlasConfig, DatasetSection, ModelSection
 from .errors import AtlasError, AtlasWarning
 
@@ -53,6 +55,7 @@ class LoadedModel:
     module: nn.Module
     fingerprint: str  # hash of architecture name and every parameter/buffer
     info: dict[str, Any]  # shown on the model page (e.g. training record)
+    tokenizer: Any = None  # a language model's own tokenizer (its factory returned one), else None
 
     @property
     def name(self) -> str:
@@ -62,9 +65,12 @@ class LoadedModel:
 def load_model(section: ModelSection, cfg: AtlasConfig) -> LoadedModel:
     """Build the model a config section names, with its weights, in eval mode on the CPU."""
     info: dict[str, Any] = {"source": section.source}
+    tokenizer = None
     if section.kind == "builtin":
         module, record = demo_models.load_builtin(section.target, cfg.atlas.data_dir, cfg.atlas.seed)
         info.update(record)
+    elif section.kind == "hf":
+        module, tokenizer = _hf_model(section, cfg)
     elif section.kind == "torchvision":
         module = _torchvision_model(section)
         classes = weights_classes(section)
@@ -72,15 +78,49 @@ def load_model(section: ModelSection, cfg: AtlasConfig) -> LoadedModel:
             info["classes"] = classes  # the names of the output units, for predictions and unit titles
     else:
         module = _call_factory(section.source, "model", f"models[{section.name}].source")
+        if isinstance(module, tuple) and len(module) == 2 and isinstance(module[0], nn.Module):
+            module, tokenizer = module  # a language model and its tokenizer
+            text.vocab_size(tokenizer)
         if not isinstance(module, nn.Module):
             raise AtlasError(f"model factory {section.source!r} returned {type(module).__name__}, "
                              f"not a torch.nn.Module; make it return the model")
     if section.checkpoint is not None:
         _load_checkpoint(module, section.checkpoint, section.unsafe_pickle)
         info["checkpoint"] = section.checkpoint.name
+    for j, d in enumerate(section.dictionaries):  # after the checkpoint: its keys are the model's own
+        info.setdefault("dictionaries", []).append(dictionaries.attach(
+            module, d.path, d.name, d.hook, f"models[{section.name}].dictionaries[{j}]"))
     module.eval()
     info["parameters"] = sum(p.numel() for p in module.parameters())
-    return LoadedModel(section, module, model_fingerprint(module), info)
+    return LoadedModel(section, module, model_fingerprint(module), info, tokenizer)
+
+
+def _hf_model(section: ModelSection, cfg: AtlasConfig):
+    """A Hugging Face causal LM saved in a local folder, and its tokenizer beside it (nothing downloaded).
+    The model returns its logits [B, T, vocab] (a forward hook set here turns its output object into them),
+    without a key-value cache."""
+    try:
+        import transformers
+    except ImportError:
+        raise AtlasError(f"models[{section.name}].source {section.source!r} needs the transformers package: "
+                         f"pip install -e '.[hf]'") from None
+    folder = cfg.resolve(section.target)
+    try:
+        module = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise AtlasError(f"models[{section.name}].source: {str(folder)!r} cannot be loaded as a transformers "
+                         f"causal language model and its tokenizer ({_first_line(exc)}); save both there with "
+                         f"save_pretrained") from None
+    return logits_only(module), tokenizer
+
+
+def logits_only(module: nn.Module) -> nn.Module:
+    """A transformers causal LM made to return its logits tensor (a forward hook on it turns its output
+    object into them), without a key-value cache."""
+    module.config.use_cache = False
+    module.register_forward_hook(lambda m, args, out: getattr(out, "logits", out))
+    return module
 
 
 def weights_classes(section: ModelSection) -> list[str]:
@@ -191,6 +231,11 @@ class AtlasDataset:
     std: tuple[float, ...]
     description: str
     fingerprint: str
+    tokenizer: Any = None  # a text dataset's tokenizer (`text`); None for images
+
+    @property
+    def is_text(self) -> bool:
+        return self.tokenizer is not None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -252,9 +297,12 @@ def build_transform(d: DatasetSection) -> v2.Compose:
     return v2.Compose(steps)
 
 
-def load_dataset(cfg: AtlasConfig) -> AtlasDataset:
-    """The dataset the config names, preprocessed, optionally a seeded subset."""
+def load_dataset(cfg: AtlasConfig, tokenizer=None) -> AtlasDataset:
+    """The dataset the config names, preprocessed, optionally a seeded subset. A text dataset is tokenized
+    with `tokenizer` (its model's), or by bytes (`text.ByteTokenizer`) without one."""
     d = cfg.dataset
+    if d.kind == "text":
+        return _text_dataset(cfg, tokenizer or text.ByteTokenizer())
     if d.kind == "builtin":
         if d.target != "digits":
             raise AtlasError(f"unknown builtin dataset {d.target!r}; the builtin dataset is 'digits'")
@@ -290,6 +338,71 @@ def load_dataset(cfg: AtlasConfig) -> AtlasDataset:
     fp = hashlib.sha1(repr((ident, d.limit, d.resize, d.crop, d.mean, d.std, cfg.atlas.seed if indices else 0))
                       .encode()).hexdigest()[:16]
     return AtlasDataset(data, classes, d.mean, d.std, d.source, fp)
+
+
+CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx", "block_size", "context", "max_len")
+
+
+def model_context(module: nn.Module) -> int | None:
+    """A language model's context length, where it says (its config's n_positions or max_position_embeddings,
+    or a context/block_size/max_len attribute), else None."""
+    for owner in (getattr(module, "config", None), module):
+        for attr in CONTEXT_ATTRS:
+            value = getattr(owner, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def fit_dataset(cfg: AtlasConfig, model: LoadedModel, dataset: AtlasDataset) -> AtlasDataset:
+    """The dataset as `model` reads it: a text dataset tokenized by the model's own tokenizer where it has one.
+    A text dataset for a model that takes images (or the reverse), two tokenizers in one atlas, or windows
+    longer than the model's context are each an AtlasError saying what to change."""
+    name = model.name
+    takes_tokens = model.tokenizer is not None or any(isinstance(m, nn.Embedding) for m in model.module.modules())
+    if not dataset.is_text:
+        if model.tokenizer is not None:
+            raise AtlasError(f"model {name!r} is a language model (its factory returned a tokenizer) but dataset "
+                             f"{dataset.description!r} is images; give it text: dataset.source = \"text:PATH\"")
+        return dataset
+    if not takes_tokens:
+        raise AtlasError(f"model {name!r} takes images (it has no token embedding and no tokenizer) but the "
+                         f"dataset is text ({dataset.description}); give it an image dataset, or a language model "
+                         f"(a factory returning (model, tokenizer))")
+    context = model_context(model.module)
+    if context is not None and cfg.dataset.context > context:
+        raise AtlasError(f"dataset.context = {cfg.dataset.context} tokens is longer than model {name!r}'s context "
+                         f"of {context}; set dataset.context to at most {context}")
+    if model.tokenizer is None or model.tokenizer is dataset.tokenizer:
+        if not isinstance(dataset.tokenizer, text.ByteTokenizer) or model.tokenizer is not None:
+            return dataset
+        vocab = max((m.num_embeddings for m in model.module.modules() if isinstance(m, nn.Embedding)), default=0)
+        if vocab and vocab < text.ByteTokenizer.vocab_size:
+            raise AtlasError(f"model {name!r} has no tokenizer and its embedding has {vocab} tokens, fewer than the "
+                             f"built-in byte tokenizer's 256; return (model, tokenizer) from its factory")
+        return dataset
+    if not isinstance(dataset.tokenizer, text.ByteTokenizer):
+        raise AtlasError(f"model {name!r} brings its own tokenizer, but the text is already tokenized by another "
+                         f"model's; an atlas of text holds the language models of one tokenizer: build the "
+                         f"others in their own atlas")
+    return load_dataset(cfg, model.tokenizer)
+
+
+def _text_dataset(cfg: AtlasConfig, tokenizer) -> AtlasDataset:
+    d = cfg.dataset
+    path = cfg.resolve(d.target)
+    docs = text.read_documents(path)
+    tokens = text.tokenize(docs, tokenizer, d.context, d.stride or d.context)
+    if d.limit and d.limit < len(tokens):
+        rng = np.random.default_rng(cfg.atlas.seed)
+        tokens = tokens[np.sort(rng.choice(len(tokens), size=d.limit, replace=False))]
+    probe = text.encode(tokenizer, "The quick brown fox, def f(x): return 'ü'\n")  # which tokenizer it is
+    h = hashlib.sha1(repr((d.source, d.context, d.stride, d.limit, cfg.atlas.seed, type(tokenizer).__name__,
+                           text.vocab_size(tokenizer), probe)).encode())
+    h.update(tokens.tobytes())
+    description = f"{d.source} ({len(docs)} document{'s' * (len(docs) != 1)}, {len(tokens):,} windows of " \
+                  f"{d.context} tokens)"
+    return AtlasDataset(text.TextWindows(tokens), (), (), (), description, h.hexdigest()[:16], tokenizer)
 
 
 def _check_channels(data: Dataset, d: DatasetSection) -> None:

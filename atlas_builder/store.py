@@ -92,6 +92,10 @@ CREATE TABLE IF NOT EXISTS effects (
     model VARCHAR, layer VARCHAR, unit INTEGER, direction VARCHAR, rank INTEGER, class INTEGER, effect DOUBLE,
     exact BOOLEAN);
 CREATE TABLE IF NOT EXISTS classes (label INTEGER PRIMARY KEY, name VARCHAR);
+-- text datasets: the windows of token ids some page shows (an example is a window; a position, a token in it)
+-- and the text of each token in them (whitespace made visible: text.token_text)
+CREATE TABLE IF NOT EXISTS windows (example INTEGER PRIMARY KEY, tokens INTEGER[]);
+CREATE TABLE IF NOT EXISTS vocab (token INTEGER PRIMARY KEY, text VARCHAR);
 CREATE TABLE IF NOT EXISTS examples (example INTEGER PRIMARY KEY, label INTEGER);
 CREATE TABLE IF NOT EXISTS predictions (model VARCHAR, example INTEGER, predicted INTEGER, confidence DOUBLE);
 -- input pages: each layer's most active units on a few sampled inputs; map: float16 [H*W] bytes (conv units)
@@ -329,10 +333,12 @@ class Store:
         """Classes and example labels; clears everything that referred to an older dataset."""
         with self._transaction():
             if self.stage_fingerprint("dataset") != fingerprint:
-                for table in ("classes", "examples", "stages") + MODEL_TABLES + FEATUREVIS_TABLES + EMBED_TABLES:
+                for table in ("classes", "examples", "stages", "windows", "vocab") + MODEL_TABLES + \
+                        FEATUREVIS_TABLES + EMBED_TABLES:
                     self.con.execute(f"DELETE FROM {table}")
             self.con.execute("DELETE FROM classes")
-            self.con.executemany("INSERT INTO classes VALUES (?, ?)", list(enumerate(class_names)))
+            if list(class_names):  # a text dataset has none
+                self.con.executemany("INSERT INTO classes VALUES (?, ?)", list(enumerate(class_names)))
             self.con.execute("DELETE FROM examples")
             self._insert("examples", {"example": np.arange(len(labels), dtype=np.int32),
                                       "label": labels.astype(np.int32)})
@@ -805,7 +811,8 @@ class Store:
 
     def media_files(self) -> list[str]:
         """Every media path (relative to the media folder) the pages reference, sorted."""
-        files = {f"examples/{e}.webp" for e in self.referenced_examples()}
+        text = self.con.execute("SELECT count(*) FROM windows").fetchone()[0] > 0  # its examples show as tokens
+        files = set() if text else {f"examples/{e}.webp" for e in self.referenced_examples()}
         for row in self.con.execute("SELECT image, animation FROM featurevis").fetchall():
             files.update(p for p in row if p)
         files.update(r[0] for r in self.con.execute("SELECT image FROM weights").fetchall())
@@ -828,6 +835,28 @@ class Store:
         return [r[0] for r in self.con.execute(
             "SELECT example FROM topk UNION SELECT example FROM ranges UNION SELECT example FROM input_units "
             "UNION SELECT point FROM map_points WHERE kind = 'inputs' ORDER BY 1").fetchall()]
+
+    def write_windows(self, examples: list[int], tokens: np.ndarray, vocab: dict[int, str]) -> None:
+        """A text dataset's windows `examples` ([n, context] token ids) and the texts of their tokens,
+        replacing the previous ones."""
+        with self._transaction():
+            self.con.execute("DELETE FROM windows")
+            self.con.execute("DELETE FROM vocab")
+            if len(examples):
+                self.con.executemany("INSERT INTO windows VALUES (?, ?)",
+                                     [(int(e), [int(t) for t in row]) for e, row in zip(examples, tokens)])
+            if vocab:
+                self.con.executemany("INSERT INTO vocab VALUES (?, ?)", sorted(vocab.items()))
+
+    def effect_classes(self) -> np.ndarray:
+        """Every class (a text atlas: token) some unit's effects name, ascending."""
+        return np.asarray([r[0] for r in self.con.execute(
+            "SELECT DISTINCT class FROM effects ORDER BY 1").fetchall()], dtype=np.int64)
+
+    def windows(self) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+        """({example: token ids}, {token: text}) of a text dataset (both empty for images)."""
+        rows = {int(e): np.asarray(t, dtype=np.int64) for e, t in self.con.execute("SELECT example, tokens FROM windows").fetchall()}
+        return rows, dict(self.con.execute("SELECT token, text FROM vocab").fetchall())
 
     def input_examples(self) -> list[int]:
         """Examples that have an input page, ascending."""

@@ -230,3 +230,18 @@ class UntraceableTokens(nn.Module):
 def untraceable_tokens() -> nn.Module:
     torch.manual_seed(11)
     return UntraceableTokens().eval()
+
+
+def tiny_lm() -> nn.Module:
+    """A seeded, untrained 2-block byte-level transformer (demo_lm.ByteTransformer), 32 wide, context 32."""
+    from atlas_builder.demo_lm import ByteTransformer
+
+    torch.manual_seed(0)
+    return ByteTransformer(context=32, width=32, layers=2, heads=2, hidden=64).eval()
+
+
+def tiny_lm_with_tokenizer():
+    """tiny_lm with a tokenizer of its own (the byte tokenizer, returned as a factory of a language model does)."""
+    from atlas_builder.text import ByteTokenizer
+
+    return tiny_lm(), ByteTokenizer()

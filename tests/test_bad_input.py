@@ -32,6 +32,7 @@ that breaks mid-scan) keeps the stages that finished, each complete with its fin
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -70,6 +71,9 @@ frames = 4
 [embed]
 enabled = false
 """ + TINY_MODELS
+
+TEXT = '[dataset]\nsource = "text:{tmp}/corpus.txt"\ncontext = 16\n'
+
 
 class NotIntact(AssertionError):
     """The previous site or store changed (a separate type, so xfail(raises=NotIntact) masks nothing else)."""
@@ -300,6 +304,28 @@ CASES = [
          ("model 'm' raised RuntimeError in its forward pass", "2x3x8x8", "mat1 and mat2 shapes cannot be multiplied",
           "check that the model fits the dataset's inputs")),
     Case("config-file-missing", "", ("config file '", "/bad.toml' does not exist", "examples/demo.toml")),
+    # text (issue 31): each found before anything is written
+    Case("text-for-an-image-model", TEXT + model("fixtures_models:tiny_cnn"),
+         ("model 'm' takes images", "no token embedding", "the dataset is text", "give it an image dataset")),
+    Case("images-for-a-language-model", DATASET + model("fixtures_models:tiny_lm_with_tokenizer"),
+         ("model 'm' is a language model", "returned a tokenizer", "is images", "dataset.source = \"text:PATH\"")),
+    Case("window-longer-than-the-context", TEXT.replace("context = 16", "context = 64")
+         + model("fixtures_models:tiny_lm"),
+         ("dataset.context = 64 tokens is longer than model 'm'", "context of 32", "at most 32")),
+    Case("text-not-utf8", TEXT + model("fixtures_models:tiny_lm"),
+         ("text dataset file '", "corpus.txt' is not UTF-8", "byte 6", "iconv"),
+         setup=lambda tmp: (tmp / "corpus.txt").write_bytes(b"hello \xff\xfe world " * 20)),
+    Case("text-jsonl-without-text", TEXT.replace("corpus.txt", "docs.jsonl") + model("fixtures_models:tiny_lm"),
+         ("docs.jsonl' line 2 has no \"text\" string", "object with a \"text\" field"),
+         setup=lambda tmp: (tmp / "docs.jsonl").write_text('{"text": "fine"}\n{"body": "no"}\n')),
+    Case("hf-not-a-folder", TEXT + model("hf:{tmp}/no-model"),
+         ("bad.toml", "models[0].source", "no-model' is not a folder", "save_pretrained")),
+    Case("hf-folder-without-a-model", TEXT + model("hf:{tmp}/empty"),
+         ("models[m].source", "empty' cannot be loaded as a transformers causal language model", "save_pretrained"),
+         setup=lambda tmp: (tmp / "empty").mkdir(),
+         marks=[pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")]),
+    Case("text-missing", TEXT.replace("corpus.txt", "nope.txt") + model("fixtures_models:tiny_lm"),
+         ("bad.toml", "dataset.source: text", "nope.txt' does not exist", ".jsonl")),
 ]
 
 
@@ -310,6 +336,8 @@ def test_bad_input(case: Case, atlas: Atlas, tmp_path: Path, capsys):
         body += "[scan]\nbatch_size = 16\ntop_k = 3\n"  # several batches: a failure in the scan is mid-scan
     if case.setup is not None:
         case.setup(tmp_path)
+    if "text:" in body and not (tmp_path / "corpus.txt").exists():
+        (tmp_path / "corpus.txt").write_text("def f(x):\n    return 'a <b> string'\n" * 20, encoding="utf-8")
     config = tmp_path / "bad.toml"
     if case.id != "config-file-missing":
         config.write_text(atlas.section + body, encoding="utf-8")

@@ -60,7 +60,7 @@ BAD_CONFIGS = [
     ("unknown-key", "[scan]\ntopk = 3\n" + MODEL,
      ["unknown key scan.topk", "allowed keys in this section are active_threshold, batch_size, buffer_mb"]),
     ("unknown-model-key", MODEL + 'wieghts = "DEFAULT"\n',
-     ["unknown key models[0].wieghts", "checkpoint, layers, name, source, title, units, unsafe_pickle, weights"]),
+     ["unknown key models[0].wieghts", "checkpoint, dictionaries, layers, name, source, title, units, unsafe_pickle, weights"]),
     ("negative-units", MODEL + "units = -1\n", ["models[0].units must be 0 (every unit) or more, got -1"]),
     ("string-for-int", '[scan]\ntop_k = "9"\n' + MODEL, ["scan.top_k must be an integer, got a string '9'"]),
     ("bool-for-int", "[scan]\nbatch_size = true\n" + MODEL,

@@ -92,6 +92,7 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
     meta = store.meta()
     pages.measure, pages.objective = meta.get("measure", "max"), meta.get("objective", "channel")
     pages.embed_css, pages.embed_js = assets["embed.css"][0], assets["embed.js"][0]
+    pages.windows, pages.vocab = store.windows()
     predictions = {m.model: store.predictions(m.model) for m in models}
     inputs = store.input_examples()
     featured = [(why, m, u, visuals[m.model][u.layer].get(u.unit)) for why, m, u in featured_units(flat)]

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 from markupsafe import escape
 
-from .. import architecture, charts, urls
+from .. import architecture, charts, text, urls
 from ..config import SiteSection
 from ..ids import UnitId
 from ..store import LayerRecord, ModelRecord, UnitRecord, VisualRecord
-from .parts import (INPUT_MAP_POINTS, range_rows, featurevis_ratio, finite, fmt, fmt_accuracy, health_counts, label_score_text,
-                    layer_kind, map_views, position_box, position_map, ratio_summary, shape_text, source_date,
-                    source_date_year, bibtex_safe, thumb_path, unit_colour, visual_context)
+from .parts import (INPUT_MAP_POINTS, bibtex_safe, featurevis_ratio, finite, fmt, fmt_accuracy, health_counts,
+                    label_score_text, layer_kind, map_views, position_box, position_map, range_rows, ratio_summary,
+                    shape_text, source_date, source_date_year, thumb_path, token_context, unit_colour,
+                    visual_context)
 from .rendering import TEMPLATES
 
 
@@ -43,6 +44,8 @@ class Pages:
         self.measure = "max"  # a unit's value on an input, over its positions (scan.reduce)
         self.objective = "channel"  # what feature vis optimized (featurevis.objective)
         self.embed_css = urls.static("embed.css")  # the embed cards' own stylesheet (the builder's hashed name)
+        self.windows: dict[int, np.ndarray] = {}  # a text dataset's shown windows (store.windows), else empty
+        self.vocab: dict[int, str] = {}  # and its tokens' texts
         self.embed_js = urls.static("embed.js")  # and their one renderer (it draws each card from its data.json)
 
     def common(self, page: str, crumbs: list[tuple[str, str]], description: str = "",
@@ -75,6 +78,8 @@ class Pages:
 
     def predicted(self, m: ModelRecord, index: int) -> str:
         """The name of a predicted class ("tiger"), or its index ("class 292") where none fits."""
+        if self.windows:  # a language model: its outputs are the next token's logits
+            return text.visible(self.vocab.get(index, ""))
         names = self.output_names(m)
         return names[index] if 0 <= index < len(names) else f"class {index}"
 
@@ -155,7 +160,7 @@ class Pages:
 
     def thumb(self, page: str, u: UnitRecord, vis: VisualRecord | None) -> str | None:
         """A unit's picture, linked from `page`."""
-        path = thumb_path(u, vis)
+        path = thumb_path(u, vis, not self.windows)
         return urls.rel(page, path) if path else None
 
     def layer(self, m: ModelRecord, layer: LayerRecord, units: list[UnitRecord],
@@ -212,6 +217,17 @@ class Pages:
         def cards(records, boxes: bool = True):
             """The example cards, and their heat overlays as one sprite (None when there are no maps)."""
             out = []
+            if self.windows:  # a text dataset: each example is its tokens around where the unit fired
+                scale = max((abs(r.value) for r in u.top if np.isfinite(r.value)), default=0.0)
+                for t in records:
+                    window = self.windows.get(t.example)
+                    out.append({"example": t.example, "value": fmt(t.value), "value_raw": f"{float(t.value):.7g}",
+                                "src": None, "label": "", "predicted": None, "box": None, "heat": None,
+                                "token": None, "grid": None, "attr": None,
+                                "context": [] if window is None else token_context(
+                                    window, self.vocab, None if t.map is None else t.map.reshape(-1),
+                                    t.position if boxes else -1, scale)})
+                return {"cards": out, "heat": None, "text": True}
             for t in records:
                 pred = predictions.get(t.example)
                 out.append({"example": t.example, "src": urls.rel(page, urls.example_image(t.example)),
@@ -256,7 +272,7 @@ class Pages:
         common = self.common(page, [(m.title, urls.model_page(m.model)),
                                     (layer.layer, urls.layer_page(m.model, layer.layer)), (str(u.unit), page)],
                              f"{u.label}; max {fmt(u.max)}, mean {fmt(u.mean)}, active on "
-                             f"{charts.percent(u.frac_active)} of examples.", thumb_path(u, vis))
+                             f"{charts.percent(u.frac_active)} of examples.", thumb_path(u, vis, not self.windows))
         common["og"]["title"] = title
         unit = {"id": str(uid), "unit": u.unit, "layer": layer.layer, "label": u.label, "flags": u.flags,
                 "label_score": label_score_text(u), "kind": layer_kind(layer), "class": cls,
@@ -274,8 +290,9 @@ class Pages:
                 "class_bars": charts.class_bars(u.class_means, self.class_names, u.top_class),
                 "effects": None if effects is None else {
                     "bars": charts.effect_bars([(self.predicted(m, c), v) for c, v in effects.up],
-                                               [(self.predicted(m, c), v) for c, v in effects.down]),
-                    "exact": effects.exact},
+                                               [(self.predicted(m, c), v) for c, v in effects.down],
+                                               "next token" if self.windows else "class"),
+                    "exact": effects.exact, "tokens": bool(self.windows)},
                 "permalink": permalink, "permalink_href": permalink if self.base_url else urls.rel(page, page),
                 "top": top, "bottom": cards(u.bottom), "ranges": ranges, "range_bins": len(u.ranges),
                 "featurevis": visual, "measure": self.measure_text(layer),
@@ -296,7 +313,8 @@ class Pages:
                  "featurevis": visual, "measure": self.measure_text(layer), "max": fmt(u.max), "mean": fmt(u.mean)}
         shown = charts.shown_classes(u.class_means)
         export = {"id": str(uid), "model": m.model, "model_title": m.title, "layer": layer.layer,
-                  "example_images": urls.rel(page, urls.example_image(0)).replace("/0.webp", "/{example}.webp"),
+                  "example_images": None if self.windows else  # text: its examples are tokens, not images
+                  urls.rel(page, urls.example_image(0)).replace("/0.webp", "/{example}.webp"),
                   "unit_pages": urls.rel(page, urls.unit_page_pattern(m.model, layer.layer)),
                   "module_type": layer.module_type, "unit": u.unit, "label": u.label, "flags": u.flags,
                   "label_score": finite(u.label_score),

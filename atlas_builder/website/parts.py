@@ -27,11 +27,12 @@ def fmt_accuracy(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
 
-def thumb_path(u: UnitRecord, vis: VisualRecord | None) -> str | None:
-    """A unit's picture (site-root path): its feature visualization, else its top example."""
+def thumb_path(u: UnitRecord, vis: VisualRecord | None, images: bool = True) -> str | None:
+    """A unit's picture (site-root path): its feature visualization, else its top example (with `images`:
+    a text dataset's examples have none)."""
     if vis and vis.positive:
         return urls.media(vis.positive.image)
-    return urls.example_image(u.top[0].example) if u.top else None
+    return urls.example_image(u.top[0].example) if u.top and images else None
 
 
 def finite(value, digits: int = 7):
@@ -207,6 +208,9 @@ def label_score_text(u: UnitRecord) -> dict | None:
         return {"text": f"AUROC {u.label_score:.2f}",
                 "title": "how well its activation tells this class from the others over the sampled examples "
                          "(area under the ROC curve: 0.5 chance, 1 perfect)"}
+    if u.label.startswith("fires on"):
+        return {"text": f"{100 * u.label_score:.0f}% of its top examples peak on it",
+                "title": "the share of its top examples whose highest token is this one"}
     return {"text": f"{100 * u.label_score:.0f}% of its top examples outside one class",
             "title": "the share of its top examples that are not of their most common class (0: one class)"}
 
@@ -258,3 +262,28 @@ def range_rows(ranges: tuple[RangeRecord, ...]) -> list[tuple[str, float, float,
             rows.append([r.bin, r.bin, r.lo, r.hi, r.examples])
     return [(f"{100 * first // n}–{100 * (last + 1) // n} %", lo, hi, examples)
             for first, last, lo, hi, examples in reversed(rows)]
+
+
+CONTEXT_BEFORE, CONTEXT_AFTER = 24, 8  # tokens shown before and after the one a text example's value is at
+SHADE_FROM = 0.05  # tokens below this share of the unit's top activation are left unshaded
+
+
+def token_context(tokens: np.ndarray, vocab: dict[int, str], values: np.ndarray | None, position: int,
+                  scale: float) -> list[dict]:
+    """A text example as the tokens around `position` (all of a short window from its start when there is
+    none): each {"text", "level" (its activation / scale, 0-1, 1 decimal; None unshaded), "value", "max"}.
+    Newlines and tabs show as ↵ and →; spaces stay spaces (a context reads as text)."""
+    at = position if 0 <= position < len(tokens) else -1
+    lo = max(0, at - CONTEXT_BEFORE) if at >= 0 else 0
+    hi = min(len(tokens), (at if at >= 0 else CONTEXT_BEFORE) + CONTEXT_AFTER + 1)
+    out = []
+    for i in range(lo, hi):
+        raw = vocab.get(int(tokens[i]), "")
+        shown = "".join(VISIBLE_IN_CONTEXT.get(c, c) for c in raw) or "∅"
+        v = float(values[i]) if values is not None and i < len(values) else None
+        level = None if v is None or not scale > 0 or v / scale < SHADE_FROM else round(min(v / scale, 1.0), 1)
+        out.append({"text": shown, "level": level, "value": None if v is None else fmt(v), "max": i == at})
+    return out
+
+
+VISIBLE_IN_CONTEXT = {"\n": "↵", "\t": "→", "\r": "␍"}

@@ -41,7 +41,7 @@
   }
 
   function examples(d, list) {
-    const top = d.top || {}, ids = (top.example || []).slice(0, 6);
+    const top = d.top || {}, ids = d.example_images ? (top.example || []).slice(0, 6) : [];  // text: no images
     ids.forEach((example, i) => {
       const li = document.createElement('li'), img = document.createElement('img'), value = document.createElement('span');
       img.src = d.example_images.replace('{example}', example);

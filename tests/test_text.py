@@ -1,0 +1,205 @@
+"""Text datasets and language models (issue 31, first part): `text:PATH` read, tokenized and cut into
+windows; a language model from an import path (with or without its own tokenizer); an atlas of its MLP
+neurons whose unit pages show each example as its tokens, shaded by the unit's activation, with the token
+of its value marked, and every token escaped.
+
+The corpus is written by the test (a few kinds of line, one holding markup); the model is
+fixtures_models.tiny_lm, a seeded untrained 2-block byte transformer (context 32).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from html import unescape
+
+import numpy as np
+import pytest
+
+from atlas_builder import text, urls
+from atlas_builder.build import build
+from atlas_builder.config import load_config
+from atlas_builder.errors import AtlasError
+from atlas_builder.ids import UnitId
+from atlas_builder.sources import load_dataset
+from atlas_builder.store import Store
+from conftest import atlas_section, write_config
+
+LINES = ["def area(r):\n    return 3.14 * r * r\n", "x = 'a quoted <script>alert(1)</script> string'\n",
+         "The quick brown fox jumps over the lazy dog.\n", "for i in range(10):\n\tprint(i)\n"]
+
+
+def corpus(n: int = 40, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    return "".join(LINES[i] for i in rng.integers(0, len(LINES), n))
+
+
+# --- reading and windows -----------------------------------------------------------------------
+
+def test_byte_tokenizer_round_trip_and_visible_whitespace():
+    tok = text.ByteTokenizer()
+    s = "def f(x):\n\treturn 'ü'"
+    ids = tok.encode(s)
+    assert ids == list(s.encode("utf-8")) and tok.decode(ids) == s and text.vocab_size(tok) == 256
+    assert text.visible(" a\n\tb") == "·a↵→b" and text.visible("") == "∅"
+    assert text.token_text(tok, 0xC3) == "\\xc3"  # half a character shows as its byte
+
+
+@pytest.mark.parametrize("context,stride,n", [(8, 8, 50), (8, 3, 50), (5, 7, 23), (8, 8, 8), (8, 8, 7)])
+def test_windows_match_a_brute_force_cut(context, stride, n):
+    ids = np.arange(n) * 3
+    got = text.windows(ids, context, stride)
+    want = [ids[s:s + context] for s in range(0, n, stride) if s + context <= n]
+    assert got.shape == (len(want), context) and all((g == w).all() for g, w in zip(got, want))
+
+
+def test_text_sources_txt_jsonl_and_folder(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "b.txt").write_text("second", encoding="utf-8")
+    (tmp_path / "docs" / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n', encoding="utf-8")
+    assert text.read_documents(tmp_path / "docs") == [("a.jsonl:1", "one"), ("a.jsonl:3", "two"), ("b.txt", "second")]
+    (tmp_path / "bad.txt").write_bytes(b"ok \xff")
+    with pytest.raises(AtlasError, match=r"bad.txt' is not UTF-8 \(byte 3"):
+        text.read_documents(tmp_path / "bad.txt")
+    (tmp_path / "bad.jsonl").write_text("{not json\n", encoding="utf-8")
+    with pytest.raises(AtlasError, match="line 1 is not JSON"):
+        text.read_documents(tmp_path / "bad.jsonl")
+
+
+def test_text_dataset_windows_are_the_tokenized_documents(tmp_path):
+    (tmp_path / "corpus.txt").write_text(corpus(), encoding="utf-8")
+    cfg = load_config(write_config(tmp_path, atlas_section(tmp_path, "t") + '[dataset]\nsource = "text:corpus.txt"\n'
+                                   'context = 16\nstride = 8\n[[models]]\nname = "lm"\n'
+                                   'source = "fixtures_models:tiny_lm"\n'))
+    ds = load_dataset(cfg)
+    stream = np.frombuffer((corpus()).encode("utf-8"), dtype=np.uint8).astype(np.int64)
+    assert ds.is_text and ds.class_names == () and len(ds) == (len(stream) - 16) // 8 + 1
+    for i in (0, 1, len(ds) - 1):
+        x, label = ds.data[i]
+        assert label == -1 and x.tolist() == stream[8 * i:8 * i + 16].tolist()
+    assert load_dataset(cfg).fingerprint == ds.fingerprint  # the same text, the same fingerprint
+
+
+# --- an atlas of a language model ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_atlas(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("text-atlas")
+    (tmp / "corpus.txt").write_text(corpus(80), encoding="utf-8")
+    cfg = load_config(write_config(tmp, atlas_section(tmp, "text") + """
+        [dataset]
+        source = "text:corpus.txt"
+        context = 32
+        [scan]
+        top_k = 5
+        batch_size = 16
+        [embed]
+        enabled = false
+        [[models]]
+        name = "lm"
+        source = "fixtures_models:tiny_lm_with_tokenizer"
+    """))
+    report = build(cfg, progress=False)
+    return cfg, report
+
+
+def test_language_model_atlas_probes_the_mlp_neurons_and_has_no_images(text_atlas):
+    cfg, report = text_atlas
+    with Store(cfg.store_dir) as store:
+        layers = [l.layer for l in store.layers("lm")]
+        assert layers == ["blocks.0.mlp.act", "blocks.1.mlp.act"]  # the default for a language model
+        assert all(l.spatial == (1, 32) and l.prefix == 0 for l in store.layers("lm"))  # a line, not a grid
+        assert not store.featurevis_kinds("lm", layers[0])  # no image to optimize
+        windows, vocab = store.windows()
+        assert set(windows) == set(store.referenced_examples())
+    site = cfg.atlas.site_dir
+    assert not (site / "media" / "examples").exists() and report.units == 2 * 64
+
+
+def test_text_unit_page_shows_each_top_example_as_tokens_with_its_peak_marked(text_atlas):
+    cfg, _ = text_atlas
+    site = cfg.atlas.site_dir
+    ds_tokens = load_dataset(cfg).data.tokens
+    checked = 0
+    with Store(cfg.store_dir) as store:
+        for layer in ("blocks.0.mlp.act", "blocks.1.mlp.act"):
+            for u in store.units("lm", layer)[:16]:
+                html = (site / urls.unit_page(UnitId("lm", layer, u.unit))).read_text(encoding="utf-8")
+                top = html.split('<ol class="examples text top">')[1].split("</ol>")[0]
+                cards = re.findall(r'<li class="example" data-example="(\d+)"[^>]*>(.*?)</li>', top, re.S)
+                assert [int(e) for e, _ in cards] == [t.example for t in u.top]
+                for (_, body), t in zip(cards, u.top):
+                    [marked] = re.findall(r"<mark[^>]*>(.*?)</mark>", body)
+                    want = text.token_text(text.ByteTokenizer(), ds_tokens[t.example, t.position])
+                    assert unescape(marked) == {"\n": "↵", "\t": "→"}.get(want, want)
+                    # the shaded tokens' levels follow the stored map: the peak token has the top level
+                    levels = [float(v) for v in re.findall(r'style="--a:([0-9.]+)"', body)]
+                    peak = float(re.search(r'<mark[^>]*style="--a:([0-9.]+)"', body).group(1))
+                    assert max(levels) == peak == pytest.approx(round(t.value / u.top[0].value, 1))
+                    checked += 1
+                assert u.label.startswith("fires on ") and "peak on it" in html
+    assert checked == 2 * 16 * 5
+
+
+def test_text_from_the_dataset_is_escaped(text_atlas):
+    cfg, _ = text_atlas
+    site = cfg.atlas.site_dir
+    pages = list(site.glob("lm/*/*/index.html"))
+    assert pages
+    seen = 0
+    for page in pages:
+        html = page.read_text(encoding="utf-8")
+        assert "<script>alert" not in html and "</script> string" not in html
+        contexts = "".join(re.sub(r"<[^>]+>", "", c) for c in re.findall(r'<p class="context">(.*?)</p>', html))
+        seen += "&lt;script&gt;alert(1)&lt;/script&gt;" in contexts
+    assert seen  # some page shows the markup line, escaped, token by token
+
+
+def test_text_unit_export_has_no_image_pattern_and_the_store_keeps_windows(text_atlas):
+    cfg, _ = text_atlas
+    data = json.loads((cfg.atlas.site_dir / "lm" / "blocks.1.mlp.act" / "0" / "data.json").read_text())
+    assert data["example_images"] is None and data["label"].startswith("fires on ")
+    ds_tokens = load_dataset(cfg).data.tokens
+    with Store(cfg.store_dir) as store:
+        windows, vocab = store.windows()
+    for example, tokens in windows.items():
+        assert tokens.tolist() == ds_tokens[example].tolist()
+    assert vocab[ord("d")] == "d" and vocab[ord("\n")] == "\n"
+
+
+def test_token_logits_are_the_output_weights_through_the_unembedding():
+    import torch
+
+    import fixtures_models
+    from atlas_builder.explain import token_logits
+
+    net = fixtures_models.tiny_lm()
+    example = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
+    got = token_logits(net, ["blocks.0.mlp.act", "blocks.1", "blocks.1.ln2", "unembed"], example, 256, chunk=5)
+    w_u = net.unembed.weight.detach()
+    assert set(got) == {"blocks.0.mlp.act", "blocks.1"}  # ln2 feeds the MLP's input; unembed is the output
+    np.testing.assert_allclose(got["blocks.0.mlp.act"], (w_u @ net.blocks[0].mlp.down.weight.detach()).T.numpy(),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["blocks.1"], w_u.T.numpy(), rtol=1e-6)  # the residual stream: W_U itself
+    assert token_logits(net, ["blocks.0.mlp.act"], example, 999) == {}  # no unembedding of that vocabulary
+
+
+def test_text_unit_page_lists_its_top_logits(text_atlas):
+    import torch
+
+    import fixtures_models
+
+    cfg, _ = text_atlas
+    w = (fixtures_models.tiny_lm().unembed.weight @ fixtures_models.tiny_lm().blocks[1].mlp.down.weight).detach()
+    with Store(cfg.store_dir) as store:
+        units = store.units("lm", "blocks.1.mlp.act")
+    for u in units[:8]:
+        column = w[:, u.unit]
+        assert [c for c, _ in u.effects.up] == torch.argsort(column, descending=True)[:10].tolist()
+        assert [c for c, _ in u.effects.down] == torch.argsort(column)[:10].tolist()
+        html = (cfg.atlas.site_dir / urls.unit_page(UnitId("lm", "blocks.1.mlp.act", u.unit))).read_text()
+        bars = html.split('<ol class="bars effects"')[1].split("</ol>")[0]
+        names = [unescape(n) for n in re.findall(r"<span[^>]*>(.*?)</span>", bars)]
+        assert names == [text.visible(text.token_text(text.ByteTokenizer(), c))
+                         for c, _ in u.effects.up + u.effects.down]
+        assert "Top logits" in html and "next token's logit" in bars
