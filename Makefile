@@ -47,7 +47,7 @@ serve:
 BENCH_STAMP := $(VENV)/.bench-installed
 
 # torch-lucent 0.1.8 pins kornia<=0.4.1 and test tools it never imports: install it alone, then what it needs.
-$(BENCH_STAMP): $(STAMP)
+$(BENCH_STAMP): $(STAMP) $(HF_STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps torch-lucent==0.1.8
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check kornia==0.9.0 decorator ipython
 	touch $(BENCH_STAMP)

@@ -570,12 +570,13 @@ def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cf
                                describe_layer(model.module, name, part.shapes[name]), part.labels.numpy(), seed)
                      for name in layers if name in part.accs]
     if dataset.is_text:
-        logits = token_logits(model.module, [layer.info.name for layer in result_layers], dataset.inputs([0]),
-                              text.vocab_size(dataset.tokenizer))
+        by_name = {layer.info.name: layer for layer in result_layers}
         for layer in result_layers:
             token_labels(layer, dataset.data.tokens, dataset.tokenizer)
-            if layer.info.name in logits:  # its top logits, in the effects' place: tokens for classes, exact
-                layer.effects = (*top_effects(logits[layer.info.name][:layer.info.n_units], TOP_LOGITS), True)
+        for name, logits in token_logits(model.module, list(by_name), dataset.inputs([0]),
+                                         text.vocab_size(dataset.tokenizer)):
+            layer = by_name[name]  # its top logits, in the effects' place: tokens for classes, exact
+            layer.effects = (*top_effects(logits[:layer.info.n_units].numpy(), TOP_LOGITS), True)
     unit_effects(model, dataset, result_layers, cfg, device, seed, part.labels.numpy())
     if unit_attributions and not dataset.is_text:  # gradient x input needs real-valued inputs
         net = model.module.to(device).eval()

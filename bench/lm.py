@@ -118,7 +118,8 @@ def main() -> None:
     data = windows(args.windows, 128, 50257)
     layers = mlp_activations(model.module)
     start = time.perf_counter()
-    token_logits(model.module.to(device), layers, data.inputs([0]).to(device), 50257)
+    for _ in token_logits(model.module.to(device), layers, data.inputs([0]).to(device), 50257):
+        pass
     model.module.cpu()
     print(f"top logits of {len(layers)} layers' neurons (in the scan's summary; the same for any number of "
           f"windows): {time.perf_counter() - start:.1f} s", flush=True)

@@ -260,3 +260,23 @@ def test_top_effects_against_a_brute_force_sort():
     up_c, _, down_c, _ = explain.top_effects(effects, 5)
     assert (down_c[0] == -1).all() and (up_c[1] == -1).all() and (up_c[2] == -1).all() and (down_c[2] == -1).all()
     assert up_c[3].tolist() == [0, 1, 2, 3, 7] and down_c[3].tolist() == [8, 4, 5, -1, -1]
+
+
+@pytest.mark.parametrize("with_nan", [False, True])
+def test_top_effects_of_a_vocabulary_take_the_topk_path_and_pick_the_same(with_nan):
+    """Over many classes (a language model's tokens: more than 8 k) top_effects takes torch.topk's
+    candidates; ties at the k-th value, rows with fewer than k entries each way and NaN pick as the
+    brute-force sort does."""
+    rng = np.random.default_rng(4)
+    effects = np.round(rng.normal(size=(30, 400)), 1).astype(np.float32)  # 1 decimal: many ties
+    effects[0] = np.abs(effects[0])
+    effects[1, 3:] = 0.0  # three classes up or down, the rest neither
+    effects[2] = 0.7  # every class tied
+    if with_nan:
+        effects[rng.random(effects.shape) < 0.1] = np.nan
+    for k in (1, 5, 10):
+        up_c, up_v, down_c, down_v = explain.top_effects(effects, k)
+        for u, row in enumerate(effects):
+            for sign, classes in ((1, up_c), (-1, down_c)):
+                want = brute_top(row, k, sign)
+                assert classes[u].tolist() == [c for c, _ in want] + [-1] * (k - len(want)), (u, k, sign)

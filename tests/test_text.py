@@ -175,13 +175,14 @@ def test_token_logits_are_the_output_weights_through_the_unembedding():
 
     net = fixtures_models.tiny_lm()
     example = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
-    got = token_logits(net, ["blocks.0.mlp.act", "blocks.1", "blocks.1.ln2", "unembed"], example, 256, chunk=5)
+    got = {layer: t.numpy() for layer, t in
+           token_logits(net, ["blocks.0.mlp.act", "blocks.1", "blocks.1.ln2", "unembed"], example, 256, chunk=5)}
     w_u = net.unembed.weight.detach()
     assert set(got) == {"blocks.0.mlp.act", "blocks.1"}  # ln2 feeds the MLP's input; unembed is the output
     np.testing.assert_allclose(got["blocks.0.mlp.act"], (w_u @ net.blocks[0].mlp.down.weight.detach()).T.numpy(),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["blocks.1"], w_u.T.numpy(), rtol=1e-6)  # the residual stream: W_U itself
-    assert token_logits(net, ["blocks.0.mlp.act"], example, 999) == {}  # no unembedding of that vocabulary
+    assert list(token_logits(net, ["blocks.0.mlp.act"], example, 999)) == []  # no unembedding of that vocabulary
 
 
 def test_text_unit_page_lists_its_top_logits(text_atlas):
