@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import AtlasError
+from .hooks import run_after
 
 ARCHITECTURES = ("standard", "relu", "jumprelu", "topk")
 
@@ -108,5 +109,5 @@ def attach(model: nn.Module, folder: Path, name: str, hook: str, where: str) -> 
     if hasattr(parent, name):
         raise AtlasError(f"{where}: module {hook!r} already has a child {name!r}; give the dictionary another name")
     parent.add_module(name, dictionary)
-    parent.register_forward_hook(lambda module, args, output: (dictionary(output), None)[1])
+    run_after(parent, lambda output: (dictionary(output), None)[1])
     return f"{hook}.{name}"

@@ -453,23 +453,22 @@ def dense_weight(module: nn.Module) -> torch.Tensor | None:
 def reading_linears(net: nn.Module, layers: list[str],
                     example: torch.Tensor) -> tuple[dict[str, str], dict[str, int]]:
     """({layer: the module path of the dense layer (`dense_weight`) whose input is that layer's output},
-    {layer: its width, the last dim of a token output [B, T, D]}) on one forward of `example` (tensors told
-    apart by storage and shape); a layer that no dense layer reads, or not a token output, is left out."""
-    modules = dict(net.named_modules())
+    {layer: its width, the last dim of a token output [B, T, D]}) on `example`: the layer's output and the
+    dense layer's input equal (one forward for the outputs, one for the inputs); a layer that no dense layer
+    reads, or not a token output, is left out."""
+    dense = [name for name, m in net.named_modules() if name and dense_weight(m) is not None]
     seen: dict[str, torch.Tensor] = {}
     inputs: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, args[0]))
-               for name, m in modules.items() if dense_weight(m) is not None]
-    try:
-        with Capture(net, layers, sink=seen.__setitem__, strict=False) as capture, torch.inference_mode():
+    with torch.inference_mode():
+        with Capture(net, layers, sink=lambda name, t: seen.setdefault(name, t.clone()), strict=False) as capture:
             capture(example)
-    finally:
-        for h in handles:
-            h.remove()
+        with Capture(net, dense, sink=lambda name, t: inputs.setdefault(name, t.clone()), strict=False,
+                     take="input") as capture:
+            capture(example)  # a second forward: the same values (eval mode), compared by value
     readers = {}
     for layer, out in seen.items():
         for name, x in inputs.items():
-            if isinstance(x, torch.Tensor) and x.data_ptr() == out.data_ptr() and x.shape == out.shape:
+            if x.shape == out.shape and torch.equal(x, out):
                 readers[layer] = name
                 break
     return readers, {layer: int(out.shape[-1]) for layer, out in seen.items() if out.dim() == 3}

@@ -321,6 +321,13 @@ def list_layers(model: nn.Module, example: torch.Tensor, model_name: str | None 
     return [dataclasses.replace(info, default=info.name in defaults) for info in infos.values()]
 
 
+def run_after(module: nn.Module, fn) -> None:
+    """A forward hook that becomes part of a loaded model, for as long as the model lives (not a probe, so
+    no context manager): fn(output) returns what the module returns instead, or None to leave it (a
+    dictionary run on its hook point's output, a transformers model made to return its logits)."""
+    module.register_forward_hook(lambda m, args, output: fn(output))
+
+
 MLP_NAMES = ("mlp", "ffn", "feed_forward", "feedforward")  # what transformer blocks call their MLP
 ACTIVATION_NAMES = ("act", "act_fn", "activation", "activation_fn")  # and its activation, when a custom module
 

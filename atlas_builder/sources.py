@@ -45,6 +45,7 @@ from torchvision.transforms import v2
 from . import demo_models, dictionaries, text
 from .config import AtlasConfig, DatasetSection, ModelSection
 from .errors import AtlasError, AtlasWarning
+from .hooks import run_after
 
 
 # --- models -----------------------------------------------------------------
@@ -119,7 +120,7 @@ def logits_only(module: nn.Module) -> nn.Module:
     """A transformers causal LM made to return its logits tensor (a forward hook on it turns its output
     object into them), without a key-value cache."""
     module.config.use_cache = False
-    module.register_forward_hook(lambda m, args, out: getattr(out, "logits", out))
+    run_after(module, lambda out: getattr(out, "logits", out))
     return module
 
 
