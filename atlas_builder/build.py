@@ -11,8 +11,8 @@ the hand-offs between ranks and the timings; it computes nothing itself.
 
 from __future__ import annotations
 
-import hashlib
 import dataclasses
+import hashlib
 import json
 import time
 from contextlib import nullcontext
@@ -446,12 +446,7 @@ def load_and_check_models(cfg: AtlasConfig, dataset, cluster: Cluster) -> tuple[
         model = load_model(section, cfg)
         if cluster.writer:
             cluster.barrier()
-        fitted = fit_dataset(cfg, model, dataset)
-        if fitted is not dataset and loaded:
-            raise AtlasError(f"model {section.name!r} brings its own tokenizer, but the models before it read the "
-                             f"text by bytes; an atlas of text holds language models of one tokenizer: build the "
-                             f"others in their own atlas")
-        dataset = fitted
+        dataset = fit_dataset(cfg, model, dataset, first=not loaded)
         if len(dataset):
             x = dataset.inputs(range(min(2, len(dataset))))
             seen: dict[str, torch.Tensor] = {}
@@ -462,11 +457,10 @@ def load_and_check_models(cfg: AtlasConfig, dataset, cluster: Cluster) -> tuple[
                     out = capture(x)
             else:  # by default, the rule's points that do (one forward: a model may count its calls)
                 infos = list_layers(model.module, x, section.name, flat=seen)
-                mlp = set(mlp_activations(model.module)) if dataset.is_text else set()
-                latents = set(model.info.get("dictionaries", ()))  # its dictionaries' latents: probed by default
-                if mlp or latents:  # a language model: the neurons of its MLPs
-                    infos = [dataclasses.replace(i, default=(i.name in mlp or i.name in latents or i.default and not mlp)
-                                                 and i.probeable) for i in infos]
+                # a language model: the neurons of its MLPs; and any dictionary's latents
+                wanted = set(mlp_activations(model.module)) if dataset.is_text else set()
+                wanted = (wanted or {i.name for i in infos if i.default}) | set(model.info.get("dictionaries", ()))
+                infos = [dataclasses.replace(i, default=i.name in wanted and i.probeable) for i in infos]
                 layers = resolve_layers(model.module, (), section.name, infos)
                 out = seen.pop("", None)
             model.info.update(output_facts(out, {name: seen[name] for name in layers if name in seen}))

@@ -355,8 +355,9 @@ def model_context(module: nn.Module) -> int | None:
     return None
 
 
-def fit_dataset(cfg: AtlasConfig, model: LoadedModel, dataset: AtlasDataset) -> AtlasDataset:
-    """The dataset as `model` reads it: a text dataset tokenized by the model's own tokenizer where it has one.
+def fit_dataset(cfg: AtlasConfig, model: LoadedModel, dataset: AtlasDataset, first: bool = True) -> AtlasDataset:
+    """The dataset as `model` reads it: a text dataset tokenized by the model's own tokenizer where it has one
+    (first: no model before it read the dataset).
     A text dataset for a model that takes images (or the reverse), two tokenizers in one atlas, or windows
     longer than the model's context are each an AtlasError saying what to change."""
     name = model.name
@@ -374,17 +375,17 @@ def fit_dataset(cfg: AtlasConfig, model: LoadedModel, dataset: AtlasDataset) -> 
     if context is not None and cfg.dataset.context > context:
         raise AtlasError(f"dataset.context = {cfg.dataset.context} tokens is longer than model {name!r}'s context "
                          f"of {context}; set dataset.context to at most {context}")
-    if model.tokenizer is None or model.tokenizer is dataset.tokenizer:
-        if not isinstance(dataset.tokenizer, text.ByteTokenizer) or model.tokenizer is not None:
-            return dataset
+    if model.tokenizer is dataset.tokenizer:
+        return dataset
+    if model.tokenizer is None:  # it reads the text as it is tokenized: by bytes, it must take 256 ids
         vocab = max((m.num_embeddings for m in model.module.modules() if isinstance(m, nn.Embedding)), default=0)
-        if vocab and vocab < text.ByteTokenizer.vocab_size:
+        if isinstance(dataset.tokenizer, text.ByteTokenizer) and vocab and vocab < text.ByteTokenizer.vocab_size:
             raise AtlasError(f"model {name!r} has no tokenizer and its embedding has {vocab} tokens, fewer than the "
                              f"built-in byte tokenizer's 256; return (model, tokenizer) from its factory")
         return dataset
-    if not isinstance(dataset.tokenizer, text.ByteTokenizer):
-        raise AtlasError(f"model {name!r} brings its own tokenizer, but the text is already tokenized by another "
-                         f"model's; an atlas of text holds the language models of one tokenizer: build the "
+    if not first or not isinstance(dataset.tokenizer, text.ByteTokenizer):
+        raise AtlasError(f"model {name!r} brings its own tokenizer, but the models before it read the text "
+                         f"another way; an atlas of text holds the language models of one tokenizer: build the "
                          f"others in their own atlas")
     return load_dataset(cfg, model.tokenizer)
 

@@ -68,9 +68,10 @@ def token_text(tokenizer, token: int) -> str:
     return tokenizer.decode([int(token)])
 
 
-def visible(text: str) -> str:
-    """A token's text with its whitespace made visible (a space as ·, a newline as ↵), ∅ for none."""
-    return "".join(VISIBLE.get(c, c) for c in text) or "∅"
+def visible(text: str, spaces: bool = True) -> str:
+    """A token's text with its whitespace made visible (a space as ·, a newline as ↵), ∅ for none; spaces
+    False: spaces stay spaces (a token in a running context)."""
+    return "".join(VISIBLE.get(c, c) if spaces or c != " " else c for c in text) or "∅"
 
 
 def read_documents(path: Path) -> list[tuple[str, str]]:

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from .. import charts, urls
+from .. import charts, text, urls
 from ..store import FeatureVisRecord, LayerRecord, ModelRecord, RangeRecord, TopKRecord, UnitRecord, VisualRecord
 
 
@@ -278,12 +278,8 @@ def token_context(tokens: np.ndarray, vocab: dict[int, str], values: np.ndarray 
     hi = min(len(tokens), (at if at >= 0 else CONTEXT_BEFORE) + CONTEXT_AFTER + 1)
     out = []
     for i in range(lo, hi):
-        raw = vocab.get(int(tokens[i]), "")
-        shown = "".join(VISIBLE_IN_CONTEXT.get(c, c) for c in raw) or "∅"
+        shown = text.visible(vocab.get(int(tokens[i]), ""), spaces=False)
         v = float(values[i]) if values is not None and i < len(values) else None
         level = None if v is None or not scale > 0 or v / scale < SHADE_FROM else round(min(v / scale, 1.0), 1)
         out.append({"text": shown, "level": level, "value": None if v is None else fmt(v), "max": i == at})
     return out
-
-
-VISIBLE_IN_CONTEXT = {"\n": "↵", "\t": "→", "\r": "␍"}
