@@ -27,7 +27,10 @@ $(NPM_STAMP): web/package.json web/package-lock.json
 	elif npm ci --prefix web --no-audit --no-fund --loglevel=error; then touch $(NPM_STAMP); \
 	else echo "npm ci --prefix web failed: the SQL page will lack its query engine (run make again with the npm registry reachable)"; fi
 
+# the demo is two atlases in one site: the language model's (examples/demo-text.toml, into site/text/) first,
+# so that the digits atlas's home page (site/) finds it and lists it
 site: $(STAMP) $(NPM_STAMP)
+	@if [ "$(CONFIG)" = examples/demo.toml ]; then $(BIN)/atlas build examples/demo-text.toml; fi
 	$(BIN)/atlas build $(CONFIG)
 
 HF_STAMP := $(VENV)/.hf-installed

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -141,7 +142,8 @@ class EmbedSection:
 
 @dataclass(frozen=True)
 class DictionarySection:
-    path: Path | None = None  # required: a folder in SAELens's format (cfg.json, sae_weights.safetensors)
+    path: Path | None = None  # a folder in SAELens's format (cfg.json, sae_weights.safetensors), or none with builtin
+    builtin: str = ""  # instead of path: "byte-lm-sae", the demo's TopK SAE, trained by the build on its model
     hook: str = ""  # module path whose output it encodes; "" = cfg.json's hook_name
     name: str = "sae"  # its latents are the layer <hook>.<name> (a child module of the hook point)
 
@@ -186,7 +188,7 @@ class AtlasConfig:
     def resolve(self, value: str | Path) -> Path:
         """A path written in the config, made absolute against the config's folder."""
         p = Path(value).expanduser()
-        return p if p.is_absolute() else self.base_dir / p
+        return p if p.is_absolute() else Path(os.path.normpath(self.base_dir / p))  # "examples/../site": "site"
 
     @property
     def store_dir(self) -> Path:
@@ -280,10 +282,11 @@ def _model_section(table: dict[str, Any], i: int, where: str, base: Path) -> Mod
     dictionaries = []
     for j, d in enumerate(raw):
         section = _build(DictionarySection, d, f"models[{i}].dictionaries[{j}]", where, base)
-        if section.path is None:
+        if (section.path is None) == (not section.builtin):
             raise ConfigError(f"{where}models[{i}].dictionaries[{j}] needs path = \"FOLDER\" (SAELens's saved "
-                              f"format: cfg.json and sae_weights.safetensors)")
-        if not _is(section.path, "dir", f"models[{i}].dictionaries[{j}].path", where):
+                              f"format: cfg.json and sae_weights.safetensors)"
+                              + (", or builtin = \"...\", not both" if section.builtin else ""))
+        if section.path is not None and not _is(section.path, "dir", f"models[{i}].dictionaries[{j}].path", where):
             raise ConfigError(f"{where}models[{i}].dictionaries[{j}].path: folder {str(section.path)!r} does not "
                               f"exist")
         if not re.fullmatch(r"[A-Za-z_]\w*", section.name):

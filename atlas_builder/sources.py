@@ -8,6 +8,8 @@ Models: `builtin:digits-mlp|digits-cnn` (trained and cached by demo_models),
 `weights_only=False` only under the model's `unsafe_pickle = true`, with an
 AtlasWarning).
 
+Models `builtin:byte-lm` and datasets `builtin:pydoc` are the demo's language model and its text (demo_lm).
+
 Datasets: `builtin:digits` (the held-out split of scikit-learn's bundled
 digits), `imagefolder:PATH`, `torchvision:<Name>` (root + download flag) and
 `package.module:factory` (a callable returning a map-style dataset of
@@ -42,7 +44,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from . import demo_models, dictionaries, text
+from . import demo_lm, demo_models, dictionaries, text
 from .config import AtlasConfig, DatasetSection, ModelSection
 from .errors import AtlasError, AtlasWarning
 from .hooks import run_after
@@ -68,7 +70,8 @@ def load_model(section: ModelSection, cfg: AtlasConfig) -> LoadedModel:
     info: dict[str, Any] = {"source": section.source}
     tokenizer = None
     if section.kind == "builtin":
-        module, record = demo_models.load_builtin(section.target, cfg.atlas.data_dir, cfg.atlas.seed)
+        builtin = demo_lm.load_builtin if section.target == "byte-lm" else demo_models.load_builtin
+        module, record = builtin(section.target, cfg.atlas.data_dir, cfg.atlas.seed)
         info.update(record)
     elif section.kind == "hf":
         module, tokenizer = _hf_model(section, cfg)
@@ -89,8 +92,10 @@ def load_model(section: ModelSection, cfg: AtlasConfig) -> LoadedModel:
         _load_checkpoint(module, section.checkpoint, section.unsafe_pickle)
         info["checkpoint"] = section.checkpoint.name
     for j, d in enumerate(section.dictionaries):  # after the checkpoint: its keys are the model's own
+        folder = demo_lm.builtin_dictionary(d.builtin, module, cfg.atlas.data_dir, cfg.atlas.seed) if d.builtin \
+            else d.path
         info.setdefault("dictionaries", []).append(dictionaries.attach(
-            module, d.path, d.name, d.hook, f"models[{section.name}].dictionaries[{j}]"))
+            module, folder, d.name, d.hook, f"models[{section.name}].dictionaries[{j}]"))
     module.eval()
     info["parameters"] = sum(p.numel() for p in module.parameters())
     return LoadedModel(section, module, model_fingerprint(module), info, tokenizer)
@@ -305,8 +310,11 @@ def load_dataset(cfg: AtlasConfig, tokenizer=None) -> AtlasDataset:
     if d.kind == "text":
         return _text_dataset(cfg, tokenizer or text.ByteTokenizer())
     if d.kind == "builtin":
+        if d.target == "pydoc":
+            return _text_dataset(cfg, tokenizer or text.ByteTokenizer())
         if d.target != "digits":
-            raise AtlasError(f"unknown builtin dataset {d.target!r}; the builtin dataset is 'digits'")
+            raise AtlasError(f"unknown builtin dataset {d.target!r}; the builtin datasets are 'digits' (images) and "
+                             f"'pydoc' (text)")
         images, labels = demo_models.digits_split("test")
         base, classes = _ArrayDataset(images, labels), tuple(str(i) for i in range(10))
         ident = f"builtin:digits|test|{demo_models.SPLIT_SEED}|{demo_models.TEST_FRACTION}"
@@ -392,8 +400,7 @@ def fit_dataset(cfg: AtlasConfig, model: LoadedModel, dataset: AtlasDataset, fir
 
 def _text_dataset(cfg: AtlasConfig, tokenizer) -> AtlasDataset:
     d = cfg.dataset
-    path = cfg.resolve(d.target)
-    docs = text.read_documents(path)
+    docs = demo_lm.pydoc_documents("test") if d.kind == "builtin" else text.read_documents(cfg.resolve(d.target))
     tokens = text.tokenize(docs, tokenizer, d.context, d.stride or d.context)
     if d.limit and d.limit < len(tokens):
         rng = np.random.default_rng(cfg.atlas.seed)

@@ -533,6 +533,9 @@ class Store:
                    "ORDER BY model, layer, unit, direction, rank",
         "classes": "SELECT label, name FROM classes ORDER BY label",
         "labels": "SELECT example, label FROM examples ORDER BY example",
+        # a text atlas's shown windows (token ids) and its tokens' texts (empty for images)
+        "windows": "SELECT example, tokens FROM windows ORDER BY example",
+        "vocab": "SELECT token, text FROM vocab ORDER BY token",
     }
 
     OPEN_DATABASE = "atlas.duckdb"  # the same tables in one DuckDB file, beside the Parquet files
@@ -857,6 +860,17 @@ class Store:
         """({example: token ids}, {token: text}) of a text dataset (both empty for images)."""
         rows = {int(e): np.asarray(t, dtype=np.int64) for e, t in self.con.execute("SELECT example, tokens FROM windows").fetchall()}
         return rows, dict(self.con.execute("SELECT token, text FROM vocab").fetchall())
+
+    def peak_tokens(self) -> dict[tuple[str, str, int], list[int]]:
+        """A text dataset's units: (model, layer, unit) -> the token at the peak of each of its top examples, in
+        rank order (the tokens it fires on most often: `parts.frequent_tokens`); {} for images."""
+        rows = self.con.execute(
+            "SELECT t.model, t.layer, t.unit, w.tokens[t.position + 1] FROM topk t JOIN windows w USING (example) "
+            "WHERE t.kind = 'top' AND t.position >= 0 ORDER BY t.model, t.layer, t.unit, t.rank").fetchall()
+        out: dict[tuple[str, str, int], list[int]] = defaultdict(list)
+        for model, layer, unit, token in rows:
+            out[(model, layer, unit)].append(int(token))
+        return dict(out)
 
     def input_examples(self) -> list[int]:
         """Examples that have an input page, ascending."""

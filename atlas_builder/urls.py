@@ -30,6 +30,11 @@ def open_data(file: str) -> str:
     return f"{DATA}/{file}"
 
 
+def nested_home(folder: str) -> str:
+    """The home page of another atlas whose site is in sub-folder `folder` of this one."""
+    return f"{folder}/{HOME}"
+
+
 def model_dir(model: str) -> str:
     return f"{model}"
 

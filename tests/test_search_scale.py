@@ -98,11 +98,12 @@ def decode(index_js: str) -> list[list]:
     """The rows a search-index.js holds, as static/search.js rebuilds them (URLs from the layer folders)."""
     index = json.loads(re.fullmatch(r"window\.ATLAS_SEARCH = (.*);\n", index_js, re.S).group(1))
     rows = []
-    for m, layer, folder, units, labels, classes, flags, scores in index["layers"]:
+    for m, layer, folder, units, labels, classes, flags, scores, tokens in index["layers"]:
         model, title = index["models"][m]
         for k, unit in enumerate(range(units) if isinstance(units, int) else units):
             rows.append([model, layer, unit, index["labels"][labels[k]], index["classes"][classes[k]],
-                         index["flags"][flags[k]], title, f"{folder}/{unit}/index.html", scores[k]])
+                         index["flags"][flags[k]], title, f"{folder}/{unit}/index.html", scores[k],
+                         index["tokens"][tokens[k]]])
     return rows
 
 
@@ -144,7 +145,7 @@ def test_index_keeps_odd_layers_unit_lists_and_hostile_text():
     assert data["classes"] == ["a", "", "b"] and data["flags"] == ["", "dead", "saturated", "dead saturated"]
     assert data["layers"][2][7] == [None, 0.94]  # label scores, to 2 decimals
     with pytest.raises(ValueError, match="unexpected url"):
-        website.search_index([["m", "l", 1, "x", "", "", "M", "m/l/2/index.html", None]])
+        website.search_index([["m", "l", 1, "x", "", "", "M", "m/l/2/index.html", None, ""]])
 
 
 # ---------------------------------------------------------------- a 2,048-unit layer page

@@ -23,7 +23,7 @@ from ..errors import AtlasError
 from ..ids import UnitId
 from ..progress import bar as progress_bar
 from ..store import Store
-from .emit import (MARKER, PERMALINKS, Emitter, check_budget, check_replaceable, link_or_copy, previous_permalinks,
+from .emit import (MARKER, carry_nested, marker_text, nested_sites, sizes_of, PERMALINKS, Emitter, check_budget, check_replaceable, link_or_copy, previous_permalinks,
                    sizes_of, size_report, swap_in)
 from .pages import Pages, gone_page
 from .parts import DOT_MAP_SIZE, featured_units, sql_examples
@@ -58,8 +58,11 @@ def build_site(store: Store, site_dir: Path, site: SiteSection | None = None, pr
     tmp.chmod(0o777 & ~atomic.UMASK)
     try:
         previous = site_dir if (site_dir / MARKER).is_file() else None
-        summary = _write_tree(store, tmp, site, previous, progress)
-        check_budget(tmp, site, summary.sizes)
+        nested = nested_sites(site_dir)  # other atlases' sites in its sub-folders: kept, and listed on its home
+        summary = _write_tree(store, tmp, site, previous, progress, nested)
+        carry_nested(site_dir, tmp, nested)
+        check_budget(tmp, site, {**summary.sizes, **{f"{folder}/{path}": size for folder, _ in nested  # all of it
+                                                     for path, size in sizes_of(tmp / folder).items()}})
         swap_in(tmp, site_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -68,7 +71,8 @@ def build_site(store: Store, site_dir: Path, site: SiteSection | None = None, pr
     return summary
 
 
-def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | None, progress: bool) -> SiteSummary:
+def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | None, progress: bool,
+                nested: list[tuple[str, str]] = ()) -> SiteSummary:
     emit = Emitter(out, previous)
     models = store.models()
     layers = {m.model: store.layers(m.model) for m in models}
@@ -83,7 +87,9 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
     files = {name: (TEMPLATES / "static" / name).read_bytes()
              for name in ("style.css", "atlas.js", "search.js", "lists.js", "embed.css", "embed.js",
                                                             "sql.js")}
-    files["search-index.js"] = search_index(search_rows(flat, class_names)).encode()
+    peak_tokens = store.peak_tokens()  # a text atlas's units: the tokens they fire on (pages and search)
+    vocab = store.windows()[1] if peak_tokens else {}
+    files["search-index.js"] = search_index(search_rows(flat, class_names, peak_tokens, vocab)).encode()
     for name, data in files.items():
         stem, ext = name.rsplit(".", 1)
         assets[name] = (urls.static(f"{stem}.{hashlib.sha1(data).hexdigest()[:10]}.{ext}"), data)
@@ -93,17 +99,19 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
     pages.measure, pages.objective = meta.get("measure", "max"), meta.get("objective", "channel")
     pages.embed_css, pages.embed_js = assets["embed.css"][0], assets["embed.js"][0]
     pages.windows, pages.vocab = store.windows()
+    pages.peak_tokens = peak_tokens
     predictions = {m.model: store.predictions(m.model) for m in models}
     inputs = store.input_examples()
     featured = [(why, m, u, visuals[m.model][u.layer].get(u.unit)) for why, m, u in featured_units(flat)]
     emit.page(urls.HOME, "home.html", pages.home(models, layers, len(pages.labels), meta.get("dataset", ""),
-                                                 featured, len(inputs)))
-    emit.page(urls.SEARCH, "search.html", pages.search())
+                                                 featured, len(inputs), nested))
+    example = next((UnitId(m.model, u.layer, u.unit) for m, u in flat if u.unit > 0), None)  # the help's examples
+    emit.page(urls.SEARCH, "search.html", pages.search(example, class_names[-1] if class_names else ""))
     emit.page(urls.NOT_FOUND, "404.html", pages.not_found())
     emit.page(urls.LISTS, "lists.html", pages.lists(assets["lists.js"][0]))
     engine = sql_engine.engine_files()  # DuckDB-WASM, vendored from npm ({} where it is not installed)
     emit.page(urls.SQL, "sql.html", pages.sql(assets["sql.js"][0], sorted(engine),
-                                              list(Store.OPEN_DATA), sql_examples(flat, class_names)))
+                                              list(Store.OPEN_DATA), sql_examples(flat, class_names, bool(peak_tokens))))
     for name, src in engine.items():
         emit.file(urls.sql_engine(name), src)
     unit_jobs = []  # (model, layer, units, layer visuals, neighbours, unit map, predictions, list sample) per layer
@@ -144,7 +152,7 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
     for name, data in store.open_data().items():  # site/data/*.parquet and atlas.duckdb (see the about page)
         emit.data(urls.open_data(name), data)
     emit.data(".nojekyll", b"")
-    emit.data(MARKER, b"Built by Neuron Atlas; this folder is replaced on every build.\n")
+    emit.data(MARKER, marker_text(site.title))
     if site.base_url:
         emit.data(urls.SITEMAP, sitemap(site.base_url, sorted(emit.keys)).encode())
     for path in store.media_files():

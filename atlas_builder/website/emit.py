@@ -170,8 +170,42 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+def marker_text(title: str) -> bytes:
+    """The marker file's bytes: what it is, and the atlas's title (a site that holds this one lists it by it)."""
+    return f"Built by Neuron Atlas; this folder is replaced on every build.\ntitle: {title}\n".encode()
+
+
+def nested_sites(site_dir: Path) -> list[tuple[str, str]]:
+    """[(folder, title)] of the other atlases' sites inside site_dir (a sub-folder with its own marker, an atlas
+    whose atlas.site_dir is there): a rebuild keeps them (`carry_nested`) and the home page lists them."""
+    if not site_dir.is_dir():
+        return []
+    found = []
+    for child in sorted(site_dir.iterdir()):
+        marker = child / MARKER
+        if child.is_dir() and not child.name.startswith(".") and marker.is_file():
+            lines = marker.read_text(encoding="utf-8", errors="replace").splitlines()
+            title = next((line[len("title: "):] for line in lines if line.startswith("title: ")), child.name)
+            found.append((child.name, title))
+    return found
+
+
+def carry_nested(site_dir: Path, tmp: Path, nested: list[tuple[str, str]]) -> None:
+    """Hard-link the nested atlases' sites of the old site_dir into the new tree (the same files, no copy)."""
+    for name, _ in nested:
+        if (tmp / name).exists():
+            raise AtlasError(f"{str(site_dir / name)!r} holds another atlas's site, but this atlas writes {name}/ "
+                             f"too; give that atlas another atlas.site_dir (the previous site is left as it was)")
+        shutil.copytree(site_dir / name, tmp / name, copy_function=link_or_copy, symlinks=True)
+
+
 def check_replaceable(site_dir: Path) -> None:
-    if site_dir.exists() and (not site_dir.is_dir() or (any(site_dir.iterdir()) and not (site_dir / MARKER).exists())):
+    """A folder we may replace: ours (its marker), empty, or holding only other atlases' sites (`nested_sites`)."""
+    if not site_dir.exists():
+        return
+    ours = site_dir.is_dir() and ((site_dir / MARKER).exists() or all(
+        p.is_dir() and (p / MARKER).is_file() for p in site_dir.iterdir() if not p.name.endswith(".tmp")))
+    if not ours:
         raise AtlasError(f"site folder {str(site_dir)!r} exists and was not written by Neuron Atlas; "
                          f"refusing to replace it: choose another atlas.site_dir or remove it yourself")
 

@@ -17,9 +17,9 @@ from .. import architecture, charts, text, urls
 from ..config import SiteSection
 from ..ids import UnitId
 from ..store import LayerRecord, ModelRecord, UnitRecord, VisualRecord
-from .parts import (INPUT_MAP_POINTS, bibtex_safe, featurevis_ratio, finite, fmt, fmt_accuracy, health_counts,
-                    label_score_text, layer_kind, map_views, position_box, position_map, range_rows, ratio_summary,
-                    shape_text, source_date, source_date_year, thumb_path, token_context, unit_colour,
+from .parts import (INPUT_MAP_POINTS, bibtex_safe, featurevis_ratio, finite, fmt, fmt_accuracy, frequent_tokens,
+                    health_counts, label_score_text, layer_kind, map_views, position_box, position_map, range_rows,
+                    ratio_summary, shape_text, source_date, source_date_year, thumb_path, token_context, unit_colour,
                     visual_context)
 from .rendering import TEMPLATES
 
@@ -46,6 +46,7 @@ class Pages:
         self.embed_css = urls.static("embed.css")  # the embed cards' own stylesheet (the builder's hashed name)
         self.windows: dict[int, np.ndarray] = {}  # a text dataset's shown windows (store.windows), else empty
         self.vocab: dict[int, str] = {}  # and its tokens' texts
+        self.peak_tokens: dict[tuple[str, str, int], list[int]] = {}  # its units' tokens at their top examples' peaks
         self.embed_js = urls.static("embed.js")  # and their one renderer (it draws each card from its data.json)
 
     def common(self, page: str, crumbs: list[tuple[str, str]], description: str = "",
@@ -92,7 +93,8 @@ class Pages:
 
     def home(self, models: list[ModelRecord], layers: dict[str, list[LayerRecord]], n_examples: int,
              dataset: str, featured: list[tuple[str, ModelRecord, UnitRecord, "VisualRecord | None"]] = (),
-             n_inputs: int = 0) -> dict:
+             n_inputs: int = 0, nested: list[tuple[str, str]] = ()) -> dict:
+        """nested: [(folder, title)] of the other atlases whose sites are inside this one (`emit.nested_sites`)."""
         page = urls.HOME
         rows = [{"title": m.title, "href": urls.rel(page, urls.model_page(m.model)), "source": m.source,
                  "parameters": m.parameters, "accuracy": fmt_accuracy(m.accuracy),
@@ -106,7 +108,8 @@ class Pages:
                 "models": rows, "n_models": len(models), "featured": cards,
                 "n_layers": sum(len(v) for v in layers.values()), "n_units": n_units,
                 "n_examples": n_examples, "dataset": dataset, "n_inputs": n_inputs,
-                "search": urls.rel(page, urls.SEARCH), "inputs": urls.rel(page, urls.INPUTS)}
+                "search": urls.rel(page, urls.SEARCH), "inputs": urls.rel(page, urls.INPUTS),
+                "nested": [{"title": title, "href": urls.rel(page, urls.nested_home(folder))} for folder, title in nested]}
 
     def model(self, m: ModelRecord, layers: list[LayerRecord], units: dict[str, list[UnitRecord]],
               all_units_map: dict | None = None, input_maps: dict[str, dict] | None = None,
@@ -278,6 +281,9 @@ class Pages:
                 "label_score": label_score_text(u), "kind": layer_kind(layer), "class": cls,
                 "module_type": layer.module_type}
         top = cards(u.top)
+        peaks = self.peak_tokens.get((m.model, layer.layer, u.unit), [])
+        fires_on = {"n": len(peaks), "tokens": [{"text": t, "count": c}
+                                                for t, c in frequent_tokens(peaks, self.vocab)]} if peaks else None
         embed_src = urls.absolute(self.base_url, urls.unit_embed(uid)) if self.base_url else \
             urls.rel(page, urls.unit_embed(uid))
         html = {**common,
@@ -295,6 +301,7 @@ class Pages:
                     "exact": effects.exact, "tokens": bool(self.windows)},
                 "permalink": permalink, "permalink_href": permalink if self.base_url else urls.rel(page, page),
                 "top": top, "bottom": cards(u.bottom), "ranges": ranges, "range_bins": len(u.ranges),
+                "fires_on": fires_on,
                 "featurevis": visual, "measure": self.measure_text(layer),
                 "objective": (None if layer.spatial is None else  # flat: the objective is the value itself
                               "mean over positions" if self.objective == "channel" else "at the centre position"),
@@ -334,6 +341,8 @@ class Pages:
                                   "mean": [finite(u.class_means[i]) for i in shown]},
                   "classes": len(u.class_means),
                   "top": ranked(u.top), "bottom": ranked(u.bottom),
+                  **({"fires_on": {"token": [t["text"] for t in fires_on["tokens"]],
+                                   "count": [t["count"] for t in fires_on["tokens"]]}} if fires_on else {}),
                   "ranges": {"lo": [finite(r.lo, 4) for r in u.ranges], "hi": [finite(r.hi, 4) for r in u.ranges],
                              "examples": [[t.example for t in r.examples] for r in u.ranges],
                              "values": [[finite(t.value, 4) for t in r.examples] for r in u.ranges]},
@@ -439,10 +448,14 @@ class Pages:
         return {**self.common(page, [("Inputs", page)], "Sampled inputs and the units that answer them."),
                 "inputs": cells}
 
-    def search(self) -> dict:
+    def search(self, example: UnitId | None = None, example_class: str = "") -> dict:
+        """example: a unit of this atlas, and example_class a class name, the help text's examples use."""
         page = urls.SEARCH
         return {**self.common(page, [("Search", page)], "Find a unit by model, layer, index, label or class."),
-                "search_js": urls.rel(page, self.search_js[0]), "index_js": urls.rel(page, self.search_js[1])}
+                "search_js": urls.rel(page, self.search_js[0]), "index_js": urls.rel(page, self.search_js[1]),
+                "text": bool(self.windows), "sql": urls.rel(page, urls.SQL),
+                "example": example,  # a class of several words is quoted, as the search takes it
+                "example_class": f'"{example_class}"' if " " in example_class else example_class}
 
     def lists(self, lists_js: str) -> dict:
         """The list page (lists.html#model/layer/unit,...): units side by side, drawn by static/lists.js from

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import Counter
 from datetime import datetime, timezone
 
 import numpy as np
@@ -220,10 +221,29 @@ def sql_quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def sql_examples(units: list[tuple[ModelRecord, UnitRecord]], class_names: list[str]) -> list[tuple[str, str]]:
+TEXT_QUERY_PHRASE = " the "  # the phrase of a text atlas's example query (units whose top contexts hold it)
+
+
+def sql_examples(units: list[tuple[ModelRecord, UnitRecord]], class_names: list[str],
+                 is_text: bool = False) -> list[tuple[str, str]]:
     """The SQL page's example queries, (title, SQL), naming a layer and a class this atlas has: those of its
-    class-selective unit whose label scores best (AUROC; a near-dead unit can have selectivity 1)."""
+    class-selective unit whose label scores best (AUROC; a near-dead unit can have selectivity 1); a text
+    atlas's: search by text (the units whose top contexts hold a phrase) and by token."""
     examples = []
+    if is_text:
+        examples.append((f"The units whose top contexts most often hold {TEXT_QUERY_PHRASE!r} (search by text)",
+                         "WITH context AS (\n"
+                         "  SELECT w.example, string_agg(v.text, '' ORDER BY w.i) AS text\n"
+                         "  FROM (SELECT example, unnest(tokens) AS token, generate_subscripts(tokens, 1) AS i "
+                         "FROM windows) w\n"
+                         "  JOIN vocab v USING (token) GROUP BY w.example)\n"
+                         "SELECT x.model, x.layer, x.unit, count(*) AS contexts\n"
+                         "FROM examples x JOIN context c USING (example)\n"
+                         f"WHERE x.kind = 'top' AND c.text LIKE {sql_quote('%' + TEXT_QUERY_PHRASE + '%')}\n"
+                         "GROUP BY ALL ORDER BY contexts DESC, x.model, x.layer, x.unit\nLIMIT 20"))
+        examples.append(("The units labelled by the token they fire on, most often first",
+                         "SELECT label, count(*) AS units, round(avg(label_score), 2) AS mean_score\n"
+                         "FROM units WHERE label LIKE 'fires on %'\nGROUP BY label ORDER BY units DESC\nLIMIT 20"))
     selective = [(m, u) for m, u in units if u.label.startswith("class-selective") and u.selectivity is not None
                  and 0 <= u.top_class < len(class_names)]
     if selective:
@@ -266,6 +286,13 @@ def range_rows(ranges: tuple[RangeRecord, ...]) -> list[tuple[str, float, float,
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 24, 8  # tokens shown before and after the one a text example's value is at
 SHADE_FROM = 0.05  # tokens below this share of the unit's top activation are left unshaded
+
+
+def frequent_tokens(peaks: list[int], vocab: dict[int, str], n: int = 8) -> list[tuple[str, int]]:
+    """[(token text, whitespace visible; count)] of the tokens at a unit's peaks (`Store.peak_tokens`), most
+    often first (ties: the one of the higher-ranked example), at most n."""
+    counts = Counter(peaks)  # insertion order = rank order, kept by most_common among equals
+    return [(text.visible(vocab.get(t, "")), c) for t, c in counts.most_common(n)]
 
 
 def token_context(tokens: np.ndarray, vocab: dict[int, str], values: np.ndarray | None, position: int,

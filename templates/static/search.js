@@ -1,8 +1,9 @@
 // Neuron Atlas search: client-side, over window.ATLAS_SEARCH (written by the build as a script, so it
 // works from file:// and from any subpath). The index is columnar (website.search_index): string tables
-// models [[model, title]], labels, classes, flags, and one run per layer,
+// models [[model, title]], labels, classes, flags, tokens, and one run per layer,
 // [model code, layer, layer folder, units (n for 0..n-1, or their list), label codes, class codes, flag codes,
-// label scores (null: none)].
+// label scores (null: none), token codes]. A text atlas's unit's tokens: the ones it fires on most often,
+// space-separated, whitespace shown (a space is ·); "" for images.
 // A unit's page is <layer folder>/<unit>/index.html from the site root.
 // Each query word is matched once per distinct string (per run, label, class, flag), then per unit by code,
 // so tens of thousands of units take a few milliseconds.
@@ -19,23 +20,37 @@
   var labels = index.labels, classes = index.classes, flags = index.flags;
   var labelsLow = labels.map(lower), classesLow = classes.map(lower), flagsLow = flags.map(lower);
   var labelWords = labelsLow.map(function (l) { return l.split(/[^a-z0-9]+/); });
+  var tokens = index.tokens || [''];
+  var tokenLists = tokens.map(function (t) { return t ? lower(t).split(' ') : []; });
   var total = 0;
   var runs = index.layers.map(function (l) {
     var model = index.models[l[0]], units = typeof l[3] === 'number' ? null : l[3];
     var run = {model: model[0], title: model[1], layer: l[1], dir: l[2], units: units, n: units ? units.length : l[3],
-               label: l[4], cls: l[5], flag: l[6], score: l[7] || [], first: total};
+               label: l[4], cls: l[5], flag: l[6], score: l[7] || [], tok: l[8] || [], first: total};
     run.modelLow = lower(run.model); run.layerLow = lower(run.layer); run.titleLow = lower(run.title);
     run.idPrefix = lower(run.model + '/' + run.layer + '/');
     total += run.n;
     return run;
   });
-  var FIELDS = {model: 0, layer: 1, unit: 2, label: 3, 'class': 4, flag: 5, score: 6};
+  var FIELDS = {model: 0, layer: 1, unit: 2, label: 3, 'class': 4, flag: 5, score: 6, token: 7};
+  // a token as typed ("token: def" in quotes keeps its space) as the index shows it: a space is ·
+  function shownToken(t) { return t.replace(/ /g, '\u00b7').replace(/\n/g, '\u21b5').replace(/\t/g, '\u2192'); }
+  // for each token list: 5 when its first (most frequent) token is `want`, 4 when another is, 3 when one
+  // contains it, else 0
+  function tokenMatch(want) {
+    return tokenLists.map(function (list) {
+      var best = 0;
+      list.forEach(function (t, i) { best = Math.max(best, t === want ? (i ? 4 : 5) : t.indexOf(want) >= 0 ? 3 : 0); });
+      return best;
+    });
+  }
 
   function has(table, test) { return table.map(test); }
 
   // One query word as a scorer: scorer.run(run) gives f(k, unit) -> its score for the run's k-th unit, 0 if it
   // does not match. Fields: model:, layer:, unit: and class: must be equal, label: and flag: contained, score:
-  // compared (>, >=, <, <=, =) with the label's score (3 each);
+  // compared (>, >=, <, <=, =) with the label's score (3 each); token: one of the tokens it fires on most often
+  // is it (5 the first, 4 another) or contains it (3), e.g. token:" def" or token:·def;
   // model/layer/unit opens that unit (100); a number is a unit index, a class, or a whole word of the label;
   // any other word must occur in the model, layer, unit, label, class, flags or model title.
   function scorer(tok) {
@@ -43,6 +58,10 @@
     var field = colon > 0 ? tok.slice(0, colon) : null;
     if (field !== null && FIELDS.hasOwnProperty(field)) {
       var want = tok.slice(colon + 1);
+      if (field === 'token') {
+        var byTokens = tokenMatch(shownToken(want));
+        return {run: function (r) { return function (k) { return byTokens[r.tok[k]] || 0; }; }};
+      }
       var ok = field === 'label' ? has(labelsLow, function (h) { return h.indexOf(want) >= 0; })
         : field === 'flag' ? has(flagsLow, function (h) { return h.indexOf(want) >= 0; })
         : field === 'class' ? has(classesLow, function (h) { return h === want; }) : null;
@@ -72,6 +91,7 @@
       var inLabelText = has(labelsLow, function (h) { return h.indexOf(tok) >= 0; });
       var inClass = has(classesLow, function (h) { return h.indexOf(tok) >= 0; });
       var inFlags = has(flagsLow, function (h) { return h.indexOf(tok) >= 0; });
+      var inTokens = tokenMatch(shownToken(tok));
     }
     return {run: function (r) {
       // the unit's id: only where the word starts with this run's model/layer/
@@ -89,7 +109,7 @@
         var bonus = r.modelLow === tok || r.layerLow === tok ? 2 : 0;
         rest = function (k) {
           var c = r.cls[k];
-          if (!inRun && !inLabelText[r.label[k]] && !inClass[c] && !inFlags[r.flag[k]]) return 0;
+          if (!inRun && !inLabelText[r.label[k]] && !inClass[c] && !inFlags[r.flag[k]] && !inTokens[r.tok[k]]) return 0;
           return 1 + (classEq[c] ? 2 : 0) + bonus;
         };
       }
@@ -102,7 +122,9 @@
     var q = input.value.trim().toLowerCase();
     list.innerHTML = '';
     if (!q) { status.textContent = 'Type to search ' + total + ' units.'; return; }
-    var scorers = q.split(/\s+/).map(scorer), hits = [];
+    // words; a quoted part keeps its spaces ("token: def" in quotes, or a quoted phrase), its quotes dropped
+    var words = q.match(/[^\s"]*"[^"]*"?|\S+/g).map(function (w) { return w.replace(/"/g, ''); });
+    var scorers = words.filter(function (w) { return w.length; }).map(scorer), hits = [];
     runs.forEach(function (r, ri) {
       var fs = scorers.map(function (s) { return s.run(r); });
       for (var k = 0; k < r.n; k++) {
@@ -127,8 +149,9 @@
       var note = document.createElement('span');
       note.className = 'muted';
       var sc = r.score[k];
+      var often = tokens[r.tok[k]];
       note.textContent = ' — ' + labels[r.label[k]] + (sc !== null && sc !== undefined ? ' (score ' + sc + ')' : '')
-        + (f ? ' [' + f + ']' : '');
+        + (often ? ' · often on ' + often : '') + (f ? ' [' + f + ']' : '');
       li.appendChild(a); li.appendChild(note); frag.appendChild(li);
     });
     list.appendChild(frag);
