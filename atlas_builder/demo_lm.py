@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import atomic
+from . import atomic, demo_models
 from .errors import AtlasError
 
 HOLDOUT = 10  # every 10th documentation topic (sorted by name) is the atlas's text, the others train the model
@@ -108,47 +108,24 @@ def byte_lm() -> ByteTransformer:
     return ByteTransformer(context=CONTEXT, width=64, layers=2, heads=4, hidden=256)
 
 
-def _train_stream() -> torch.Tensor:
-    """The train split as one stream of bytes, each topic ending in a newline (as text.tokenize joins them)."""
-    joined = "".join(t if t.endswith("\n") else t + "\n" for _, t in pydoc_documents("train"))
+def split_bytes(split: str) -> torch.Tensor:
+    """A split's topics as one stream of bytes, each ending in a newline (as text.tokenize joins documents)."""
+    joined = "".join(t if t.endswith("\n") else t + "\n" for _, t in pydoc_documents(split))
     return torch.tensor(list(joined.encode("utf-8")), dtype=torch.long)
-
-
-def _cached(data_dir: Path, name: str, key: str):
-    folder = Path(data_dir) / "models"
-    return folder / f"{name}-{key}.pt", folder / f"{name}-{key}.json"
 
 
 def load_builtin(name: str, data_dir: Path, seed: int) -> tuple[nn.Module, dict]:
     """The trained `byte-lm` and its training record, trained (and cached) if not yet."""
     if name != "byte-lm":
         raise AtlasError(f"unknown builtin language model {name!r}; the builtin language model is 'byte-lm'")
-    key = hashlib.sha1(f"{name}|{seed}|{TRAIN_STEPS}|{TRAIN_VERSION}".encode()).hexdigest()[:12]
-    weights_path, record_path = _cached(data_dir, name, key)
-    model = byte_lm()
-    if weights_path.is_file() and record_path.is_file():
-        model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-        return model.eval(), json.loads(record_path.read_text())
-    record = _one_thread(train_lm, model, seed)
-    atomic.write_with(weights_path, lambda f: torch.save(model.state_dict(), f))
-    atomic.write_text(record_path, json.dumps(record, indent=1, sort_keys=True))
-    return model.eval(), record
-
-
-def _one_thread(fn, *args):
-    """fn(*args) on one thread: kernels split reductions by thread count, and the weights must not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn(*args)
-    finally:
-        torch.set_num_threads(threads)
+    return demo_models.cached_training(byte_lm(), name, f"{name}|{seed}|{TRAIN_STEPS}|{TRAIN_VERSION}", data_dir,
+                                       lambda model: train_lm(model, seed))
 
 
 def train_lm(model: ByteTransformer, seed: int) -> dict:
     """AdamW with a cosine schedule on seeded random windows of the train split; the record holds the held-out
     loss in bits per byte (no timing: two builds must give the same bytes)."""
-    stream = _train_stream()
+    stream = split_bytes("train")
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -167,8 +144,8 @@ def train_lm(model: ByteTransformer, seed: int) -> dict:
         opt.step()
         schedule.step()
     model.eval()
-    held_out = "".join(t if t.endswith("\n") else t + "\n" for _, t in pydoc_documents("test")).encode("utf-8")
-    ids = torch.tensor(list(held_out[:(len(held_out) - 1) // CONTEXT * CONTEXT + 1]), dtype=torch.long)
+    held_out = split_bytes("test")
+    ids = held_out[:(len(held_out) - 1) // CONTEXT * CONTEXT + 1]
     with torch.inference_mode():
         x, y = ids[:-1].view(-1, CONTEXT), ids[1:].view(-1, CONTEXT)
         bits = nn.functional.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1)).item() / np.log(2)
@@ -191,7 +168,7 @@ def builtin_dictionary(name: str, model: nn.Module, data_dir: Path, seed: int) -
     folder = Path(data_dir) / "models" / f"{name}-{h.hexdigest()[:12]}"
     if (folder / "cfg.json").is_file() and (folder / "sae_weights.safetensors").is_file():
         return folder
-    weights, record = _one_thread(train_sae, model, seed)
+    weights, record = demo_models.one_thread(train_sae, model, seed)
     from safetensors.torch import save
 
     cfg = {"architecture": "topk", "d_in": weights["W_enc"].shape[0], "d_sae": SAE_LATENTS, "hook_name": SAE_HOOK,
@@ -219,7 +196,7 @@ def train_sae(model: ByteTransformer, seed: int) -> tuple[dict[str, torch.Tensor
                 outs.append(capture.outputs[SAE_HOOK].flatten(0, 1))
         return torch.cat(outs)
 
-    x = activations(_train_stream())
+    x = activations(split_bytes("train"))
     gen = torch.Generator().manual_seed(seed)
     d_in = x.shape[1]
     W_dec = torch.randn(SAE_LATENTS, d_in, generator=gen)
@@ -241,8 +218,7 @@ def train_sae(model: ByteTransformer, seed: int) -> tuple[dict[str, torch.Tensor
             params["W_dec"] /= params["W_dec"].norm(dim=1, keepdim=True)
     weights = {k: v.detach().clone() for k, v in params.items()}
     sae = SparseDictionary(weights, "topk", SAE_K)
-    held = "".join(t if t.endswith("\n") else t + "\n" for _, t in pydoc_documents("test")).encode("utf-8")
-    y = activations(torch.tensor(list(held), dtype=torch.long))
+    y = activations(split_bytes("test"))
     with torch.no_grad():
         recon = sae(y) @ weights["W_dec"] + weights["b_dec"]
         explained = 1 - ((recon - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()

@@ -98,24 +98,42 @@ def load_builtin(name: str, data_dir: Path, seed: int) -> tuple[nn.Module, dict]
     """The trained demo model `name` and its training record, training it if not cached."""
     if name not in ARCHITECTURES:
         raise AtlasError(f"unknown builtin model {name!r}; builtin models are: {', '.join(ARCHITECTURES)}")
-    key = hashlib.sha1(f"{name}|{seed}|{TRAIN_EPOCHS}|{TRAIN_VERSION}".encode()).hexdigest()[:12]
+    key = f"{name}|{seed}|{TRAIN_EPOCHS}|{TRAIN_VERSION}"
+    return cached_training(ARCHITECTURES[name](), name, key, data_dir, lambda model: train(model, seed))
+
+
+def cached_training(model: nn.Module, name: str, key: str, data_dir: Path, train_fn) -> tuple[nn.Module, dict]:
+    """`model` with the weights cached under `<data_dir>/models/<name>-<hash of key>.pt` (loaded with
+    `weights_only=True`) and its JSON record beside them; without a cache, train_fn(model) trains it (on one
+    thread: `one_thread`) and returns the record, and both are written."""
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     folder = Path(data_dir) / "models"
-    weights_path = folder / f"{name}-{key}.pt"
-    record_path = folder / f"{name}-{key}.json"
-    model = ARCHITECTURES[name]()
+    weights_path, record_path = folder / f"{name}-{digest}.pt", folder / f"{name}-{digest}.json"
     if weights_path.is_file() and record_path.is_file():
         model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
         record = json.loads(record_path.read_text())
         record.pop("train_seconds", None)  # caches written before it was dropped (see train)
         return model.eval(), record
-    record = train(model, seed)
+    record = one_thread(train_fn, model)
     atomic.write_with(weights_path, lambda f: torch.save(model.state_dict(), f))
     atomic.write_text(record_path, json.dumps(record, indent=1, sort_keys=True))
     return model.eval(), record
 
 
+def one_thread(fn, *args):
+    """fn(*args) on one thread: kernels split reductions by thread count, and trained weights must not depend
+    on the number of cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train(model: nn.Module, seed: int) -> dict:
-    """Deterministic Adam training on the train split; returns its record (accuracy, epochs, sizes).
+    """Deterministic Adam training on the train split (run on one thread: cached_training); returns its record
+    (accuracy, epochs, sizes).
 
     The record holds no timing: it becomes the model's info in the store and
     on the model page, and two builds must give the same bytes (the build
@@ -132,18 +150,13 @@ def train(model: nn.Module, seed: int) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # kernels split reductions by thread count: the weights must not depend on the cores
-    try:
-        for _ in range(TRAIN_EPOCHS):
-            order = torch.randperm(len(x_tr), generator=gen)
-            for i in range(0, len(order), 64):
-                idx = order[i:i + 64]
-                opt.zero_grad()
-                loss_fn(model(x_tr[idx]), y_tr[idx]).backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(TRAIN_EPOCHS):  # on one thread (cached_training)
+        order = torch.randperm(len(x_tr), generator=gen)
+        for i in range(0, len(order), 64):
+            idx = order[i:i + 64]
+            opt.zero_grad()
+            loss_fn(model(x_tr[idx]), y_tr[idx]).backward()
+            opt.step()
     model.eval()
     with torch.inference_mode():
         accuracy = (model(x_te).argmax(1) == y_te).float().mean().item()

@@ -88,7 +88,7 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
              for name in ("style.css", "atlas.js", "search.js", "lists.js", "embed.css", "embed.js",
                                                             "sql.js")}
     peak_tokens = store.peak_tokens()  # a text atlas's units: the tokens they fire on (pages and search)
-    vocab = store.windows()[1] if peak_tokens else {}
+    windows, vocab = store.windows()
     files["search-index.js"] = search_index(search_rows(flat, class_names, peak_tokens, vocab)).encode()
     for name, data in files.items():
         stem, ext = name.rsplit(".", 1)
@@ -98,7 +98,7 @@ def _write_tree(store: Store, out: Path, site: SiteSection, previous: Path | Non
     meta = store.meta()
     pages.measure, pages.objective = meta.get("measure", "max"), meta.get("objective", "channel")
     pages.embed_css, pages.embed_js = assets["embed.css"][0], assets["embed.js"][0]
-    pages.windows, pages.vocab = store.windows()
+    pages.windows, pages.vocab = windows, vocab
     pages.peak_tokens = peak_tokens
     predictions = {m.model: store.predictions(m.model) for m in models}
     inputs = store.input_examples()
