@@ -368,29 +368,53 @@ def sample_ids(n_examples: int, size: int, seed: int) -> np.ndarray:
 
 
 class SampleRows(Accumulator):
-    """The values [S, U] (float16) of a fixed, seeded sample of examples (`sample_ids`)."""
+    """The values [S, U] (float16) of a fixed, seeded sample of examples (`sample_ids`); with `positions`, also
+    where in each sampled example each unit peaked ([S, U] int16, its map's first maximum, as `TopK` keeps
+    for its entries; -1 until placed): a text unit's examples across its activation range show their token."""
 
-    def __init__(self, ids: np.ndarray, n_units: int, device: torch.device | str = "cpu"):
+    def __init__(self, ids: np.ndarray, n_units: int, device: torch.device | str = "cpu", positions: bool = False):
         self.ids = np.asarray(ids, dtype=np.int64)
         self.matrix = torch.zeros(len(self.ids), n_units, dtype=torch.float16, device=device)
         self.filled = torch.zeros(len(self.ids), dtype=torch.bool, device=device)
+        self.places = torch.full((len(self.ids), n_units), -1, dtype=torch.int16, device=device) if positions \
+            else None
 
-    def update(self, values: torch.Tensor, ids: np.ndarray) -> None:
-        """values [R, U] of examples ids [R] (a host array)."""
+    def slots(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(indices into ids of the sampled ones, their sample rows)."""
         ids = np.asarray(ids)
         slot = np.searchsorted(self.ids, ids).clip(max=max(len(self.ids) - 1, 0))
         hit = np.flatnonzero(self.ids[slot] == ids) if len(self.ids) else np.zeros(0, np.int64)
+        return hit, slot[hit]
+
+    def update(self, values: torch.Tensor, ids: np.ndarray) -> None:
+        """values [R, U] of examples ids [R] (a host array)."""
+        hit, slot = self.slots(ids)
         if len(hit):
-            slots = torch.as_tensor(slot[hit], device=self.matrix.device)
+            slots = torch.as_tensor(slot, device=self.matrix.device)
             self.matrix[slots] = values[torch.as_tensor(hit, device=values.device)].to(self.matrix)
             self.filled[slots] = True
 
+    def place(self, maps: torch.Tensor, first: int) -> None:
+        """maps [B, U, M] (`unit_maps`) of examples first, first + 1, ...: the sampled ones' peak positions."""
+        if self.places is None:
+            return
+        hit, slot = self.slots(np.arange(first, first + len(maps)))
+        if len(hit):
+            rows = maps.index_select(0, torch.as_tensor(hit, device=maps.device))
+            self.places[torch.as_tensor(slot, device=self.places.device)] = rows.argmax(2).to(self.places)
+
     def merge(self, other: "SampleRows") -> None:
         self.matrix[other.filled] = other.matrix[other.filled]
+        if self.places is not None:
+            self.places[other.filled] = other.places[other.filled]
         self.filled |= other.filled
 
     def finalize(self) -> np.ndarray:
         return self.matrix.cpu().numpy()
+
+    def positions(self) -> np.ndarray | None:
+        """[S, U] int64 peak positions (-1: none), or None when not kept."""
+        return None if self.places is None else self.places.cpu().numpy().astype(np.int64)
 
 
 # --- one layer -------------------------------------------------------------------------
@@ -420,7 +444,7 @@ class LayerAccumulator(Accumulator):
         self.moments = Moments(n_units, device)
         self.activity = Activity(n_units, threshold, device, tails)
         self.classes = ClassMeans(n_classes, n_units, device)
-        self.sample = SampleRows(sample, n_units, device)
+        self.sample = SampleRows(sample, n_units, device, positions=len(shape) == 2)  # token layers: T x D
         self.activity_ids = np.asarray(activity, np.int64)  # the examples whose position activity counts
         self._buffer: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (values [B, U], labels [B], first id)
 
@@ -432,6 +456,7 @@ class LayerAccumulator(Accumulator):
         top, bottom = key_pair(values, torch.arange(first, first + len(values), device=values.device))
         self.top.enter(top, maps)
         self.bottom.enter(bottom, maps)
+        self.sample.place(maps, first)
         lo, hi = np.searchsorted(self.activity_ids, [first, first + len(values)])
         rows = self.activity_ids[lo:hi] - first  # the batch's few activity rows (POSITION_SAMPLE in the scan)
         per = max(1, ACTIVITY_CHUNK // max(output[0].numel() * output.element_size(), 1))

@@ -33,7 +33,7 @@ from .sources import AtlasDataset, fit_dataset, load_dataset, load_model
 from .store import ModelRecord, Store
 from .website import build_site
 
-SCAN_VERSION = 9  # bump when scan's output changes meaning (invalidates stored scans)
+SCAN_VERSION = 10  # bump when scan's output changes meaning (invalidates stored scans)
 FEATUREVIS_VERSION = 8  # likewise for the feature-vis stage
 EMBED_VERSION = 2  # and the embed stage
 ARCHITECTURE_VERSION = 1  # and the architecture view's

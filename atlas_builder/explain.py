@@ -474,13 +474,13 @@ def reading_linears(net: nn.Module, layers: list[str],
     return readers, {layer: int(out.shape[-1]) for layer, out in seen.items() if out.dim() == 3}
 
 
-def token_logits(net: nn.Module, layers: list[str], example: torch.Tensor, vocab: int, chunk: int = 1024):
-    """Yields (layer, [U, vocab] float32 tensor), one layer at a time (GPT-2's 3,072 neurons x 50,257 tokens
-    are 0.6 GB a layer): each unit's direct effect on the next-token logits (see the module docstring):
-    W_U @ W_dec[u] for a dictionary's latent, W_U @ W_read[:, u] for a unit read by a dense layer that
-    writes the residual stream (an MLP neuron), W_U[:, u] for a token layer as wide as the unembedding's
-    input (the residual stream). Other layers, and a model without an nn.Linear of `vocab` outputs, yield
-    nothing. `chunk` units at a time."""
+def logit_directions(net: nn.Module, layers: list[str], example: torch.Tensor, vocab: int):
+    """Yields (layer, directions [D, U] float32, W_U [vocab, D] float32), one layer at a time: each unit's
+    direction in the residual stream (see the module docstring), so that its logits are W_U @ directions:
+    W_dec[u] for a dictionary's latent, W_read[:, u] for a unit read by a dense layer that writes the
+    residual stream (an MLP neuron), the basis vector for a token layer as wide as the unembedding's input
+    (the residual stream). Other layers, and a model without an nn.Linear of `vocab` outputs, yield
+    nothing."""
     unembed = next((m for m in reversed(list(net.modules())) if isinstance(m, nn.Linear)
                     and m.out_features == vocab), None)
     if unembed is None:
@@ -488,21 +488,84 @@ def token_logits(net: nn.Module, layers: list[str], example: torch.Tensor, vocab
     w_u = unembed.weight.detach().float()  # [V, D]
     modules = dict(net.named_modules())
     readers, widths = reading_linears(net, layers, example)
+    for layer in layers:
+        reader = modules[readers[layer]] if layer in readers else None
+        if reader is unembed:
+            continue  # the output layer: its units are the logits
+        if isinstance(modules.get(layer), SparseDictionary) and modules[layer].d_in == w_u.shape[1]:
+            directions = modules[layer].W_dec.detach().T.float()  # a latent writes its decoder row
+        elif reader is not None and dense_weight(reader).shape[0] == w_u.shape[1]:
+            directions = dense_weight(reader).detach().float()  # [D, U]: the unit's write to the residual stream
+        elif reader is None and widths.get(layer) == w_u.shape[1]:
+            directions = torch.eye(w_u.shape[1], device=w_u.device)
+        else:
+            continue
+        yield layer, directions, w_u
+
+
+def top_token_logits(net: nn.Module, layers: list[str], example: torch.Tensor, vocab: int, k: int,
+                     units: int | None = None):
+    """Yields (layer, `top_effects` of its units' logits W_U @ directions [U, vocab]), one layer at a time
+    (`logit_directions`; the first `units` units of each), by `top_products`: GPT-2's 3,072 neurons x
+    50,257 tokens a layer are never held whole."""
     with torch.inference_mode():
-        for layer in layers:
-            reader = modules[readers[layer]] if layer in readers else None
-            if reader is unembed:
-                continue  # the output layer: its units are the logits
-            if isinstance(modules.get(layer), SparseDictionary) and modules[layer].d_in == w_u.shape[1]:
-                directions = modules[layer].W_dec.T.float()  # a latent writes its decoder row
-            elif reader is not None and dense_weight(reader).shape[0] == w_u.shape[1]:
-                directions = dense_weight(reader).detach().float()  # [D, U]: the unit's write to the residual stream
-            elif reader is None and widths.get(layer) == w_u.shape[1]:
-                directions = torch.eye(w_u.shape[1], device=w_u.device)
-            else:
-                continue
-            n = directions.shape[1]
-            out = torch.empty((n, vocab), dtype=torch.float32)
-            for lo in range(0, n, chunk):
-                out[lo:lo + chunk] = (directions[:, lo:lo + chunk].T @ w_u.T).cpu()
-            yield layer, out
+        for layer, directions, w_u in logit_directions(net, layers, example, vocab):
+            yield layer, top_products(directions[:, :units].T, w_u, k)
+
+
+SCREEN_CANDIDATES = 4  # top_products' candidates each way, as a multiple of k, taken from the bfloat16 screen
+SCREEN_CHUNK = 256  # rows of `a` a time: [256, 50,257] float32 is 51 MB
+
+
+def top_products(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`top_effects(a @ b.T, k)` for a [U, D] and b [V, D] float32, without the [U, V] product held whole
+    and at about a bfloat16 matmul's cost (on CPUs with AMX or AVX512-BF16, and GPUs, several times less than
+    float32's), with the same picks as float32.
+
+    Per chunk of rows: a screen s = bf16(a) @ bf16(b).T, whose error against a @ b.T is bounded per row by
+    eps (the rounding residuals a - bf16(a), b - bf16(b) through Cauchy-Schwarz, the float32 accumulation,
+    the bfloat16 output's rounding); the M = SCREEN_CANDIDATES * k largest and M smallest screen values are
+    the candidates, rescored in float32 (`top_effects` over them, token order kept, so ties break alike).
+    That pick is the float32 one wherever the k-th screen value clears the M-th by more than 2 eps each way
+    (no token left out can then beat one kept); other rows, rows with a non-finite value, and a narrow b
+    take the plain float32 product."""
+    m = SCREEN_CANDIDATES * k
+    n_rows, n_cols = a.shape[0], b.shape[0]
+    parts = []
+    screen = n_cols > 8 * m and bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
+    if screen:
+        b_hi = b.bfloat16()
+        b_lo_norm = float((b - b_hi.float()).norm(dim=1).max())
+        b_hi_norm = float(b_hi.float().norm(dim=1).max())
+        accumulate = a.shape[1] * 2.0 ** -23  # float32 summation of D terms, with a factor 2 to spare
+    for lo in range(0, n_rows, SCREEN_CHUNK):
+        rows = a[lo:lo + SCREEN_CHUNK]
+        if not screen:
+            parts.append(top_effects((rows @ b.T).cpu().numpy(), k))
+            continue
+        a_hi = rows.bfloat16()
+        a_hi_norm, a_lo_norm = a_hi.float().norm(dim=1), (rows - a_hi.float()).norm(dim=1)
+        s = (a_hi @ b_hi.T).float()
+        up, up_i = s.topk(m, dim=1)
+        down, down_i = s.topk(m, dim=1, largest=False)
+        eps = (a_hi_norm * b_lo_norm + a_lo_norm * b_hi_norm + a_lo_norm * b_lo_norm
+               + accumulate * (a_hi_norm + a_lo_norm) * (b_hi_norm + b_lo_norm)
+               + 2.0 ** -7 * torch.maximum(up[:, 0].abs(), down[:, 0].abs()))
+        candidates = torch.sort(torch.cat([up_i, down_i], dim=1), dim=1).values
+        sure = ((up[:, k - 1] - up[:, -1] > 2 * eps) & (down[:, -1] - down[:, k - 1] > 2 * eps)
+                & (candidates.diff(dim=1) > 0).all(dim=1))
+        exact = torch.einsum("ud,umd->um", rows, b[candidates])
+        picks = [np.empty((len(rows), k), dtype=dtype) for dtype in (np.int64, np.float32) * 2]
+        got = top_effects(exact[sure].cpu().numpy(), k)
+        ids = candidates[sure].cpu().numpy()
+        for i, (pick, found) in enumerate(zip(picks, got)):
+            pick[sure.cpu().numpy()] = (np.where(found >= 0, np.take_along_axis(ids, np.maximum(found, 0), 1), -1)
+                                        if i % 2 == 0 else found)
+        unsure = torch.nonzero(~sure)[:, 0]
+        if len(unsure):
+            for pick, found in zip(picks, top_effects((rows[unsure] @ b.T).cpu().numpy(), k)):
+                pick[unsure.cpu().numpy()] = found
+        parts.append(tuple(picks))
+    if not parts:
+        return tuple(np.empty((0, k), dtype=dtype) for dtype in (np.int64, np.float32) * 2)
+    return tuple(np.concatenate(column) for column in zip(*parts))

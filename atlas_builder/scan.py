@@ -31,8 +31,8 @@ from .accumulators import (POSITION_SAMPLE, LayerAccumulator, TopKResult, first_
 from .config import ScanSection
 from . import text
 from .errors import AtlasError, AtlasWarning
-from .explain import (Explanations, class_effects, effect_examples, explain_inputs, token_logits, top_attributions,
-                      top_effects)
+from .explain import (Explanations, class_effects, effect_examples, explain_inputs, top_attributions,
+                      top_effects, top_token_logits)
 from .hooks import Capture, LayerInfo, describe_layer
 from .sources import AtlasDataset, LoadedModel
 
@@ -255,7 +255,7 @@ def summarize(info: LayerInfo, acc: LayerAccumulator, cfg: ScanSection, class_na
             labels.append("feature-selective (broad)")
     top, sample = acc.top.finalize(), acc.sample.finalize()
     stats["label_score"] = label_scores(labels, top_class, sample, acc.sample.ids, top, example_labels)
-    ranges = range_examples(sample, acc.sample.ids, cfg.range_bins, cfg.range_examples, seed) \
+    ranges = range_examples(sample, acc.sample.ids, cfg.range_bins, cfg.range_examples, seed, acc.sample.positions()) \
         if cfg.range_bins and cfg.range_examples and len(sample) else None
     return LayerScan(info, top, acc.bottom.finalize(), stats, labels, counts, lo, hi,
                      class_means, sample, title, family, ranges=ranges)
@@ -269,9 +269,11 @@ class ActivationRanges:
     hi: np.ndarray  # [U, bins] highest
     examples: np.ndarray  # [U, bins, k] example ids, highest value first; -1 where the bin has fewer than k
     values: np.ndarray  # [U, bins, k] their values (NaN where no example)
+    positions: np.ndarray  # [U, bins, k] where in the example the unit peaked (-1: not recorded)
 
 
-def range_examples(sample: np.ndarray, ids: np.ndarray, bins: int, k: int, seed: int) -> ActivationRanges:
+def range_examples(sample: np.ndarray, ids: np.ndarray, bins: int, k: int, seed: int,
+                   positions: np.ndarray | None = None) -> ActivationRanges:
     """Examples across the activation range, from the seeded sample (sample [S, U] of examples ids [S]).
 
     A unit's finite sampled values, ranked, fall in `bins` bins of equal count (bin of rank r = r * bins // n,
@@ -280,7 +282,8 @@ def range_examples(sample: np.ndarray, ids: np.ndarray, bins: int, k: int, seed:
     seeded random key per sample row and unit), shown highest first. The sample is a uniform seeded subset
     of the dataset taken in the one pass, so the bins are the dataset's quantiles up to sampling error and
     the pick is what a reservoir per bin over every example would give in distribution; memory is the
-    sample's (already kept).
+    sample's (already kept). positions [S, U] (`SampleRows.positions`, token layers): where each sample row
+    peaked, carried to its picks.
     """
     x = np.asarray(sample, dtype=np.float64)
     s, n_units = x.shape
@@ -298,6 +301,7 @@ def range_examples(sample: np.ndarray, ids: np.ndarray, bins: int, k: int, seed:
     hi = np.full((n_units, bins), np.nan)
     examples = np.full((n_units, bins, k), -1, dtype=np.int64)
     values = np.full((n_units, bins, k), np.nan)
+    places = np.full((n_units, bins, k), -1, dtype=np.int64)
     cols = np.arange(n_units)
     for b in range(bins):
         start, stop = starts[b], starts[b + 1]
@@ -309,8 +313,10 @@ def range_examples(sample: np.ndarray, ids: np.ndarray, bins: int, k: int, seed:
             r = rows[np.minimum(start + j, s - 1), cols]
             examples[ok, b, j] = np.asarray(ids)[r[ok]]
             values[ok, b, j] = x[r[ok], cols[ok]]
+            if positions is not None:
+                places[ok, b, j] = positions[r[ok], cols[ok]]
     by_value = np.argsort(np.where(np.isnan(values), np.inf, -values), axis=2, kind="stable")  # missing last
-    return ActivationRanges(lo, hi, np.take_along_axis(examples, by_value, 2), np.take_along_axis(values, by_value, 2))
+    return ActivationRanges(lo, hi, *(np.take_along_axis(a, by_value, 2) for a in (examples, values, places)))
 
 
 def auroc(values: np.ndarray, positive: np.ndarray) -> np.ndarray:
@@ -573,10 +579,10 @@ def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cf
         by_name = {layer.info.name: layer for layer in result_layers}
         for layer in result_layers:
             token_labels(layer, dataset.data.tokens, dataset.tokenizer)
-        for name, logits in token_logits(model.module, list(by_name), dataset.inputs([0]),
-                                         text.vocab_size(dataset.tokenizer)):
+        for name, top in top_token_logits(model.module, list(by_name), dataset.inputs([0]),
+                                          text.vocab_size(dataset.tokenizer), TOP_LOGITS, units or None):
             layer = by_name[name]  # its top logits, in the effects' place: tokens for classes, exact
-            layer.effects = (*top_effects(logits[:layer.info.n_units].numpy(), TOP_LOGITS), True)
+            layer.effects = (*top, True)
     unit_effects(model, dataset, result_layers, cfg, device, seed, part.labels.numpy())
     if unit_attributions and not dataset.is_text:  # gradient x input needs real-valued inputs
         net = model.module.to(device).eval()

@@ -85,6 +85,8 @@ ALTER TABLE topk ADD COLUMN IF NOT EXISTS attribution_w INTEGER DEFAULT 0;
 CREATE TABLE IF NOT EXISTS ranges (
     model VARCHAR, layer VARCHAR, unit INTEGER, bin INTEGER, lo DOUBLE, hi DOUBLE, rank INTEGER, example INTEGER,
     value DOUBLE);
+-- where in the example the unit peaked (a token layer's token; -1: not recorded)
+ALTER TABLE ranges ADD COLUMN IF NOT EXISTS position INTEGER DEFAULT -1;
 -- effect on the output: the classes a unit pushes up ('up', effect > 0) and down ('down', < 0) most; effect =
 -- mean over a seeded sample of class-c examples of activation x d logit_c / d unit, or exact = true: the
 -- weight from the unit to logit c (a unit feeding the classifier directly)
@@ -178,7 +180,7 @@ class RangeRecord:
     bin: int  # quantile bin of the sampled values, 0 = lowest
     lo: float
     hi: float
-    examples: tuple[TopKRecord, ...]  # highest value first (position -1: not recorded)
+    examples: tuple[TopKRecord, ...]  # highest value first (position: a token layer's peak token; else -1)
 
 
 @dataclass(frozen=True)
@@ -526,8 +528,8 @@ class Store:
                     "ORDER BY model, layer, unit, kind, rank",
         "embeddings": "SELECT model, map_layer, kind, method, layer, point, x::FLOAT AS x, y::FLOAT AS y FROM map_points "
                       "ORDER BY model, map_layer, kind, method, layer, point",
-        "ranges": "SELECT model, layer, unit, bin, lo::FLOAT AS lo, hi::FLOAT AS hi, rank, example, value::FLOAT AS value "
-                  "FROM ranges "
+        "ranges": "SELECT model, layer, unit, bin, lo::FLOAT AS lo, hi::FLOAT AS hi, rank, example, value::FLOAT AS value, "
+                  "position FROM ranges "
                   "ORDER BY model, layer, unit, bin, rank",
         "effects": "SELECT model, layer, unit, direction, rank, class, effect, exact FROM effects "
                    "ORDER BY model, layer, unit, direction, rank",
@@ -706,7 +708,8 @@ class Store:
             "unit": grid[0].astype(np.int32)[keep], "bin": grid[1].astype(np.int32)[keep],
             "lo": np.repeat(ranges.lo.reshape(-1), k)[keep], "hi": np.repeat(ranges.hi.reshape(-1), k)[keep],
             "rank": grid[2].astype(np.int32)[keep], "example": ranges.examples.reshape(-1).astype(np.int32)[keep],
-            "value": ranges.values.reshape(-1).astype(np.float64)[keep]})
+            "value": ranges.values.reshape(-1).astype(np.float64)[keep],
+            "position": ranges.positions.reshape(-1).astype(np.int32)[keep]})
 
     def _write_effects(self, model: str, layer_name: str, effects) -> None:
         """effects: (up classes [U, k], up values, down classes, down values, exact) of explain.top_effects."""
@@ -760,10 +763,10 @@ class Store:
                 if attr is not None and ah else None
             ranked[(kind, unit)].append(TopKRecord(rank, example, value, position, heat, attribution))
         bins: dict[int, dict[int, list]] = defaultdict(dict)
-        for unit, b, lo, hi, rank, example, value in self.con.execute(
-                "SELECT unit, bin, lo, hi, rank, example, value FROM ranges WHERE model = ? AND layer = ? "
+        for unit, b, lo, hi, rank, example, value, position in self.con.execute(
+                "SELECT unit, bin, lo, hi, rank, example, value, position FROM ranges WHERE model = ? AND layer = ? "
                 "ORDER BY unit, bin, rank", [model, layer]).fetchall():
-            bins[unit].setdefault(b, [lo, hi, []])[2].append(TopKRecord(rank, example, value, -1))
+            bins[unit].setdefault(b, [lo, hi, []])[2].append(TopKRecord(rank, example, value, position))
         effects: dict[int, dict] = defaultdict(lambda: {"up": [], "down": [], "exact": False})
         for unit, direction, cls, effect, exact in self.con.execute(
                 "SELECT unit, direction, class, effect, exact FROM effects WHERE model = ? AND layer = ? "

@@ -11,8 +11,9 @@ medians), same model, same batches:
   FIGURE sae_scan_vs_forward_encode;
 - peak RSS of a scan of N and 4N windows (a small GPT-2, 4 layers of 256, in fresh processes):
   FIGURE lm_rss_4n_over_n = (peak above the RSS before the scan at 4N) / (the same at N).
-The top logits (W_U @ W_out for 3,072 neurons a layer, a 50,257-token vocabulary) cost the same for any
-number of windows; their seconds are printed apart.
+The top logits (W_U @ W_out for 3,072 neurons a layer, a 50,257-token vocabulary, screened in bfloat16 and
+rescored in float32: explain.top_products) cost the same for any number of windows; their seconds are printed
+apart, with one layer's plain float32 product for comparison.
 
 Needs transformers (`pip install -e '.[hf]'`). Run: .venv/bin/python bench/lm.py [--quick] [--device cuda]
 """
@@ -37,9 +38,9 @@ from scan import memory_kb, side_by_side  # noqa: E402  (bench/scan.py)
 
 from atlas_builder import dictionaries  # noqa: E402
 from atlas_builder.config import ModelSection, ScanSection  # noqa: E402
-from atlas_builder.explain import token_logits  # noqa: E402
+from atlas_builder.explain import logit_directions, top_effects, top_token_logits  # noqa: E402
 from atlas_builder.hooks import mlp_activations  # noqa: E402
-from atlas_builder.scan import finish_scan, scan_part  # noqa: E402
+from atlas_builder.scan import TOP_LOGITS, finish_scan, scan_part  # noqa: E402
 from atlas_builder.sources import AtlasDataset, LoadedModel, logits_only  # noqa: E402
 from atlas_builder.text import TextWindows  # noqa: E402
 
@@ -117,12 +118,19 @@ def main() -> None:
     model = gpt2()
     data = windows(args.windows, 128, 50257)
     layers = mlp_activations(model.module)
+    example = data.inputs([0]).to(device)
     start = time.perf_counter()
-    for _ in token_logits(model.module.to(device), layers, data.inputs([0]).to(device), 50257):
+    for _ in top_token_logits(model.module.to(device), layers, example, 50257, TOP_LOGITS):
         pass
+    screened = time.perf_counter() - start
+    layer, directions, w_u = next(logit_directions(model.module, layers[:1], example, 50257))
+    start = time.perf_counter()
+    top_effects((directions.T @ w_u.T).cpu().numpy(), TOP_LOGITS)  # the plain float32 product, one layer
+    plain = time.perf_counter() - start
     model.module.cpu()
     print(f"top logits of {len(layers)} layers' neurons (in the scan's summary; the same for any number of "
-          f"windows): {time.perf_counter() - start:.1f} s", flush=True)
+          f"windows): {screened:.1f} s (bfloat16 screen, float32 rescoring); one layer's plain float32 product "
+          f"and pick {plain:.1f} s, x {len(layers)} = {plain * len(layers):.1f} s", flush=True)
     lm = side_by_side(f"GPT-2 small (random weights), {args.windows} windows of 128 tokens", model, data, cfg,
                       repeats, layers, device)
 

@@ -482,6 +482,30 @@ def rows_pass(values: np.ndarray, sample: np.ndarray, batch: int, ids=None, devi
     return rows
 
 
+def test_sample_rows_keep_where_each_sampled_example_peaked(device):
+    """A token layer's sample rows also keep each unit's peak token (the first maximum), batch by batch and
+    across a merge, against a brute-force argmax; other layers keep none."""
+    rng = np.random.default_rng(41)
+    out = torch.from_numpy(rng.normal(size=(60, 12, 5)).astype(np.float32))  # [B, T, D]
+    out[:, 3] = out[:, 7] = out.max(1).values + 1  # a tie: the first maximum, token 3
+    out[::2, 3] -= 5
+    sample = sample_ids(60, 20, seed=2)
+    want = out.transpose(1, 2).argmax(2).numpy()[sample]
+    for batches in ((range(0, 60, 7),), (range(0, 30, 4), range(30, 60, 9))):
+        parts = []
+        for starts in batches:
+            acc = LayerAccumulator((12, 5), 3, 1, sample, sample[:4], device)
+            for first in starts:
+                stop = min(first + (starts.step), starts.stop)
+                acc.update(out[first:stop].to(device), first, torch.zeros(stop - first, dtype=torch.long, device=device))
+            parts.append(acc)
+        for other in parts[1:]:
+            parts[0].merge(other)
+        np.testing.assert_array_equal(parts[0].sample.positions(), want)
+    assert (want == 3).any() and (want == 7).any()
+    assert LayerAccumulator((5, 4, 4), 3, 1, sample, sample[:4], device).sample.positions() is None
+
+
 def test_sample_rows_keep_exactly_the_sampled_examples(device):
     rng = np.random.default_rng(40)
     values = rng.normal(size=(90, 4)).astype(np.float32) * 3

@@ -696,6 +696,13 @@ def test_range_examples_come_in_order_from_their_quantile():
     np.testing.assert_array_equal(again.examples, r.examples)
     other = range_examples(sample, ids, bins, k, seed=1)
     assert not np.array_equal(other.examples[1:3], r.examples[1:3])  # the pick is the seed's
+    assert (r.positions == -1).all()  # none recorded
+    places = rng.integers(0, 64, size=sample.shape)  # each sample row's peak token, carried to its picks
+    with_places = range_examples(sample, ids, bins, k, seed=0, positions=places)
+    row_of = {int(e): i for i, e in enumerate(ids)}
+    for u, b_, j in zip(*np.nonzero(with_places.examples >= 0)):
+        assert with_places.positions[u, b_, j] == places[row_of[int(with_places.examples[u, b_, j])], u]
+    assert (with_places.positions[with_places.examples < 0] == -1).all()
 
 
 def test_scan_model_keeps_examples_across_the_range():

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from atlas_builder import text, urls
+from atlas_builder.website import parts
 from atlas_builder.build import build
 from atlas_builder.config import load_config
 from atlas_builder.errors import AtlasError
@@ -141,6 +142,40 @@ def test_text_unit_page_shows_each_top_example_as_tokens_with_its_peak_marked(te
     assert checked == 2 * 16 * 5
 
 
+def test_text_pages_speak_of_windows_and_tokens_not_examples_and_classes(text_atlas):
+    cfg, _ = text_atlas
+    site = cfg.atlas.site_dir
+    home = (site / urls.HOME).read_text(encoding="utf-8")
+    assert re.search(r"scanned over \d+ text windows of", home) and 'or token (e.g. token:&#34;(&#34;)"' in home
+    assert 'or token (e.g.' in (site / urls.SEARCH).read_text(encoding="utf-8")
+    page = (site / urls.unit_page(UnitId("lm", "blocks.1.mlp.act", 0))).read_text(encoding="utf-8")
+    stats = re.findall(r"<dt>(.*?)</dt>", page.split('<dl class="facts">')[1].split("</dl>")[0])
+    assert "Active on (tokens)" in stats and "Windows seen" in stats
+    assert not any("class" in name.lower() for name in stats)  # text windows have no classes
+
+
+def test_text_range_rows_mark_the_token_each_window_peaked_on(text_atlas):
+    """Examples across the activation range show the token the unit peaked on in that window (its stored
+    position, the argmax of its activations there), not the window's start."""
+    cfg, _ = text_atlas
+    ds_tokens = load_dataset(cfg).data.tokens
+    marked = 0
+    with Store(cfg.store_dir) as store:
+        for u in store.units("lm", "blocks.1.mlp.act")[:6]:
+            html = (cfg.atlas.site_dir / urls.unit_page(UnitId("lm", "blocks.1.mlp.act", u.unit))).read_text("utf-8")
+            rows = re.findall(r'<ol class="examples range text">(.*?)</ol>', html, re.S)
+            cards = [c for row in rows for c in re.findall(r"<li>(.*?)</li>", row, re.S)]
+            records = [t for _, _, _, examples in parts.range_rows(u.ranges) for t in examples]
+            assert len(cards) == len(records) > 0
+            for body, t in zip(cards, records):
+                assert 0 <= t.position < ds_tokens.shape[1]
+                [token] = re.findall(r"<mark[^>]*>(.*?)</mark>", body)
+                want = text.token_text(text.ByteTokenizer(), ds_tokens[t.example, t.position])
+                assert unescape(token) == {"\n": "↵", "\t": "→"}.get(want, want)
+                marked += 1
+    assert marked >= 6 * 10
+
+
 def test_text_from_the_dataset_is_escaped(text_atlas):
     cfg, _ = text_atlas
     site = cfg.atlas.site_dir
@@ -171,18 +206,63 @@ def test_token_logits_are_the_output_weights_through_the_unembedding():
     import torch
 
     import fixtures_models
-    from atlas_builder.explain import token_logits
+    from atlas_builder.explain import logit_directions
 
     net = fixtures_models.tiny_lm()
     example = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
-    got = {layer: t.numpy() for layer, t in
-           token_logits(net, ["blocks.0.mlp.act", "blocks.1", "blocks.1.ln2", "unembed"], example, 256, chunk=5)}
+    got = {layer: (w_u @ directions).T.numpy() for layer, directions, w_u in
+           logit_directions(net, ["blocks.0.mlp.act", "blocks.1", "blocks.1.ln2", "unembed"], example, 256)}
     w_u = net.unembed.weight.detach()
     assert set(got) == {"blocks.0.mlp.act", "blocks.1"}  # ln2 feeds the MLP's input; unembed is the output
     np.testing.assert_allclose(got["blocks.0.mlp.act"], (w_u @ net.blocks[0].mlp.down.weight.detach()).T.numpy(),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["blocks.1"], w_u.T.numpy(), rtol=1e-6)  # the residual stream: W_U itself
-    assert list(token_logits(net, ["blocks.0.mlp.act"], example, 999)) == []  # no unembedding of that vocabulary
+    assert list(logit_directions(net, ["blocks.0.mlp.act"], example, 999)) == []  # no unembedding of that vocabulary
+
+
+@pytest.mark.parametrize("case", ["random", "spread norms", "ties and zeros", "below bfloat16", "non-finite"])
+def test_screened_top_products_pick_what_float32_picks(case, monkeypatch):
+    """top_products' bfloat16 screen with float32 rescoring against top_effects of the whole float32 product:
+    the same tokens each way, the same values; rows the screen cannot be sure of (ties, a zero direction,
+    NaN) take the plain product."""
+    import torch
+
+    from atlas_builder import explain
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(600, 48, generator=g), torch.randn(3000, 48, generator=g)
+    if case == "spread norms":  # trained embeddings' norms differ several-fold
+        b *= torch.rand(3000, 1, generator=g) * 4 + 0.1
+        a *= torch.rand(600, 1, generator=g) * 10
+    if case == "ties and zeros":
+        a[:40] = 0
+        b[100:200] = b[100]  # a hundred equal tokens: ties at the cut
+        a[40:80] = torch.round(a[40:80])
+        b = torch.round(b * 2) / 2
+    if case == "below bfloat16":  # 200 tokens within a few bfloat16 steps of each other lead 100 rows
+        b[:200] = b[0] + 1e-2 * torch.randn(200, 48, generator=g)
+        a[:100] = 3 * b[0] + 0.01 * torch.randn(100, 48, generator=g)
+    if case == "non-finite":
+        a[5, 3] = float("nan")
+    ok = []
+    real = explain.top_effects
+
+    def count(e, k=5):
+        ok.append(len(e))
+        return real(e, k)
+
+    monkeypatch.setattr(explain, "top_effects", count)
+    got = explain.top_products(a, b, 10)
+    monkeypatch.setattr(explain, "top_effects", real)
+    want = real((a @ b.T).numpy(), 10)
+    for column, (g_col, w_col) in enumerate(zip(got, want)):
+        if column % 2 == 0:
+            np.testing.assert_array_equal(g_col, w_col)
+        else:
+            np.testing.assert_allclose(g_col, w_col, rtol=1e-5, atol=1e-5)
+    assert sum(ok) >= 600 and len(got[0]) == 600
+    if case == "random":  # almost every row through the screen, none through the plain product
+        assert ok == [256, 256, 88]
 
 
 def test_text_unit_page_lists_its_top_logits(text_atlas):

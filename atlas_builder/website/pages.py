@@ -107,7 +107,8 @@ class Pages:
         return {**self.common(page, [], f"{len(models)} models, {n_units} units, each with its own page."),
                 "models": rows, "n_models": len(models), "featured": cards,
                 "n_layers": sum(len(v) for v in layers.values()), "n_units": n_units,
-                "n_examples": n_examples, "dataset": dataset, "n_inputs": n_inputs,
+                "n_examples": n_examples, "examples": "text windows" if self.windows else "examples",
+                "dataset": dataset, "n_inputs": n_inputs, "placeholder": self.search_placeholder(),
                 "search": urls.rel(page, urls.SEARCH), "inputs": urls.rel(page, urls.INPUTS),
                 "nested": [{"title": title, "href": urls.rel(page, urls.nested_home(folder))} for folder, title in nested]}
 
@@ -229,7 +230,7 @@ class Pages:
                                 "token": None, "grid": None, "attr": None,
                                 "context": [] if window is None else token_context(
                                     window, self.vocab, None if t.map is None else t.map.reshape(-1),
-                                    t.position if boxes else -1, scale)})
+                                    t.position, scale)})  # a range row's peak token too (no map: unshaded)
                 return {"cards": out, "heat": None, "text": True}
             for t in records:
                 pred = predictions.get(t.example)
@@ -262,12 +263,14 @@ class Pages:
         effects = u.effects
         cls = self.unit_class(m, layer, u.unit)
         partner = {**sibling(u.redundant_with), "corr": fmt(u.redundant_corr)} if u.redundant_with >= 0 else None
+        example, position = ("window", "tokens") if self.windows else ("example", "positions")
         stats = [("Mean", fmt(u.mean)), ("Std", fmt(u.std)), ("Min", fmt(u.min)), ("Max", fmt(u.max)),
-                 ("Active on (examples)", charts.percent(u.frac_active)),
-                 ("Active on (positions)", charts.percent(u.position_activity)),
-                 ("Class-selectivity index", fmt(u.selectivity)),
-                 ("Top class", self.label(u.top_class) if u.top_class >= 0 else "—"),
-                 ("Examples seen", f"{u.count:,}"), ("NaN/Inf activations", f"{u.nonfinite:,}")]
+                 (f"Active on ({example}s)", charts.percent(u.frac_active)),
+                 (f"Active on ({position})", charts.percent(u.position_activity)),
+                 *(() if self.windows else  # text windows have no classes
+                   (("Class-selectivity index", fmt(u.selectivity)),
+                    ("Top class", self.label(u.top_class) if u.top_class >= 0 else "—"))),
+                 (f"{example.title()}s seen", f"{u.count:,}"), ("NaN/Inf activations", f"{u.nonfinite:,}")]
         permalink = urls.permalink(self.base_url, uid)
         title = f"{layer.layer} {u.unit} · {cls}" if cls is not None else f"Unit {u.unit} of {layer.layer} in {m.title}"
         visual = visual_context(page, vis, best)
@@ -345,7 +348,9 @@ class Pages:
                                    "count": [t["count"] for t in fires_on["tokens"]]}} if fires_on else {}),
                   "ranges": {"lo": [finite(r.lo, 4) for r in u.ranges], "hi": [finite(r.hi, 4) for r in u.ranges],
                              "examples": [[t.example for t in r.examples] for r in u.ranges],
-                             "values": [[finite(t.value, 4) for t in r.examples] for r in u.ranges]},
+                             "values": [[finite(t.value, 4) for t in r.examples] for r in u.ranges],
+                             **({"positions": [[t.position for t in r.examples] for r in u.ranges]}
+                                if self.windows else {})},  # the token each peaked on
                   "effects": None if effects is None else {"exact": effects.exact, "up": classes(effects.up, "effect"),
                                                            "down": classes(effects.down, "effect")},
                   # float16 in the store: 4 significant digits say all of it
@@ -448,12 +453,17 @@ class Pages:
         return {**self.common(page, [("Inputs", page)], "Sampled inputs and the units that answer them."),
                 "inputs": cells}
 
+    def search_placeholder(self) -> str:
+        """The search box's hint: what its words match here."""
+        return ('model, layer, unit, label or token (e.g. token:"(")' if self.windows
+                else "model, layer, unit, label or class (e.g. class-selective)")
+
     def search(self, example: UnitId | None = None, example_class: str = "") -> dict:
         """example: a unit of this atlas, and example_class a class name, the help text's examples use."""
         page = urls.SEARCH
         return {**self.common(page, [("Search", page)], "Find a unit by model, layer, index, label or class."),
                 "search_js": urls.rel(page, self.search_js[0]), "index_js": urls.rel(page, self.search_js[1]),
-                "text": bool(self.windows), "sql": urls.rel(page, urls.SQL),
+                "text": bool(self.windows), "sql": urls.rel(page, urls.SQL), "placeholder": self.search_placeholder(),
                 "example": example,  # a class of several words is quoted, as the search takes it
                 "example_class": f'"{example_class}"' if " " in example_class else example_class}
 
