@@ -509,18 +509,20 @@ def top_token_logits(net: nn.Module, layers: list[str], example: torch.Tensor, v
     (`logit_directions`; the first `units` units of each), by `top_products`: GPT-2's 3,072 neurons x
     50,257 tokens a layer are never held whole."""
     with torch.inference_mode():
-        for layer, directions, w_u in logit_directions(net, layers, example, vocab):
-            yield layer, top_products(directions[:, :units].T, w_u, k)
+        found = list(logit_directions(net, layers, example, vocab))
+        if found:
+            yield from zip([layer for layer, _, _ in found],
+                           top_products((directions[:, :units].T for _, directions, _ in found), found[0][2], k))
 
 
 SCREEN_CANDIDATES = 4  # top_products' candidates each way, as a multiple of k, taken from the bfloat16 screen
 SCREEN_CHUNK = 256  # rows of `a` a time: [256, 50,257] float32 is 51 MB
 
 
-def top_products(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """`top_effects(a @ b.T, k)` for a [U, D] and b [V, D] float32, without the [U, V] product held whole
-    and at about a bfloat16 matmul's cost (on CPUs with AMX or AVX512-BF16, and GPUs, several times less than
-    float32's), with the same picks as float32.
+def top_products(matrices, b: torch.Tensor, k: int):
+    """Yields `top_effects(a @ b.T, k)` for each a [U, D] of `matrices` and b [V, D] (float32), without the
+    [U, V] product held whole and at about a bfloat16 matmul's cost (on CPUs with AMX or AVX512-BF16, and
+    GPUs, several times less than float32's), with the same picks as float32.
 
     Per chunk of rows: a screen s = bf16(a) @ bf16(b).T, whose error against a @ b.T is bounded per row by
     eps (the rounding residuals a - bf16(a), b - bf16(b) through Cauchy-Schwarz, the float32 accumulation,
@@ -528,44 +530,53 @@ def top_products(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[np.ndarray, 
     the candidates, rescored in float32 (`top_effects` over them, token order kept, so ties break alike).
     That pick is the float32 one wherever the k-th screen value clears the M-th by more than 2 eps each way
     (no token left out can then beat one kept); other rows, rows with a non-finite value, and a narrow b
-    take the plain float32 product."""
-    m = SCREEN_CANDIDATES * k
-    n_rows, n_cols = a.shape[0], b.shape[0]
-    parts = []
-    screen = n_cols > 8 * m and bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
+    take the plain float32 product. b's screen is made once for all the matrices."""
+    m = int(SCREEN_CANDIDATES * k)
+    screen = b.shape[0] > 8 * m and bool(torch.isfinite(b).all())
     if screen:
         b_hi = b.bfloat16()
-        b_lo_norm = float((b - b_hi.float()).norm(dim=1).max())
+        b_hi_t = b_hi.T.contiguous()  # [D, V]: the screen's matmul reads it straight
         b_hi_norm = float(b_hi.float().norm(dim=1).max())
-        accumulate = a.shape[1] * 2.0 ** -23  # float32 summation of D terms, with a factor 2 to spare
-    for lo in range(0, n_rows, SCREEN_CHUNK):
-        rows = a[lo:lo + SCREEN_CHUNK]
-        if not screen:
-            parts.append(top_effects((rows @ b.T).cpu().numpy(), k))
-            continue
-        a_hi = rows.bfloat16()
-        a_hi_norm, a_lo_norm = a_hi.float().norm(dim=1), (rows - a_hi.float()).norm(dim=1)
-        s = (a_hi @ b_hi.T).float()
-        up, up_i = s.topk(m, dim=1)
-        down, down_i = s.topk(m, dim=1, largest=False)
-        eps = (a_hi_norm * b_lo_norm + a_lo_norm * b_hi_norm + a_lo_norm * b_lo_norm
-               + accumulate * (a_hi_norm + a_lo_norm) * (b_hi_norm + b_lo_norm)
-               + 2.0 ** -7 * torch.maximum(up[:, 0].abs(), down[:, 0].abs()))
-        candidates = torch.sort(torch.cat([up_i, down_i], dim=1), dim=1).values
-        sure = ((up[:, k - 1] - up[:, -1] > 2 * eps) & (down[:, -1] - down[:, k - 1] > 2 * eps)
-                & (candidates.diff(dim=1) > 0).all(dim=1))
-        exact = torch.einsum("ud,umd->um", rows, b[candidates])
-        picks = [np.empty((len(rows), k), dtype=dtype) for dtype in (np.int64, np.float32) * 2]
-        got = top_effects(exact[sure].cpu().numpy(), k)
-        ids = candidates[sure].cpu().numpy()
-        for i, (pick, found) in enumerate(zip(picks, got)):
-            pick[sure.cpu().numpy()] = (np.where(found >= 0, np.take_along_axis(ids, np.maximum(found, 0), 1), -1)
-                                        if i % 2 == 0 else found)
-        unsure = torch.nonzero(~sure)[:, 0]
-        if len(unsure):
-            for pick, found in zip(picks, top_effects((rows[unsure] @ b.T).cpu().numpy(), k)):
-                pick[unsure.cpu().numpy()] = found
-        parts.append(tuple(picks))
-    if not parts:
-        return tuple(np.empty((0, k), dtype=dtype) for dtype in (np.int64, np.float32) * 2)
-    return tuple(np.concatenate(column) for column in zip(*parts))
+        b_lo_norm = float((b - b_hi.float()).norm(dim=1).max())
+        accumulate = b.shape[1] * 2.0 ** -23  # float32 summation of D terms, with a factor 2 to spare
+        # buffers made once: a fresh [256, 50,257] block a chunk costs as much in page faults as its matmul
+        screen_out = torch.empty((SCREEN_CHUNK, b.shape[0]), dtype=torch.bfloat16, device=b.device)
+        gathered = torch.empty((SCREEN_CHUNK * 2 * m, b.shape[1]), dtype=b.dtype, device=b.device)
+    for a in matrices:
+        parts, unsure = [], []  # unsure: rows the screen cannot call, for the plain product
+        finite = screen and bool(torch.isfinite(a).all())
+        for lo in range(0, a.shape[0], SCREEN_CHUNK):
+            rows = a[lo:lo + SCREEN_CHUNK]
+            if not finite:
+                parts.append(top_effects((rows @ b.T).cpu().numpy(), k))
+                continue
+            a_hi = rows.bfloat16()
+            a_hi_norm, a_lo_norm = a_hi.float().norm(dim=1), (rows - a_hi.float()).norm(dim=1)
+            s = torch.matmul(a_hi, b_hi_t, out=screen_out[:len(rows)])
+            up, up_i = s.topk(m, dim=1)
+            down, down_i = s.topk(m, dim=1, largest=False)
+            up, down = up.float(), down.float()
+            eps = (a_hi_norm * b_lo_norm + a_lo_norm * b_hi_norm + a_lo_norm * b_lo_norm
+                   + accumulate * (a_hi_norm + a_lo_norm) * (b_hi_norm + b_lo_norm)
+                   + 2.0 ** -7 * torch.maximum(up[:, 0].abs(), down[:, 0].abs()))
+            candidates = torch.sort(torch.cat([up_i, down_i], dim=1), dim=1).values
+            sure = ((up[:, k - 1] - up[:, -1] > 2 * eps) & (down[:, -1] - down[:, k - 1] > 2 * eps)
+                    & (candidates.diff(dim=1) > 0).all(dim=1))
+            exact = torch.einsum("ud,umd->um", rows, torch.index_select(
+                b, 0, candidates.reshape(-1), out=gathered[:candidates.numel()]).view(*candidates.shape, -1))
+            picks = [np.empty((len(rows), k), dtype=dtype) for dtype in (np.int64, np.float32) * 2]
+            got = top_effects(exact[sure].cpu().numpy(), k)
+            ids, sure_rows = candidates[sure].cpu().numpy(), sure.cpu().numpy()
+            for i, (pick, found) in enumerate(zip(picks, got)):
+                pick[sure_rows] = (np.where(found >= 0, np.take_along_axis(ids, np.maximum(found, 0), 1), -1)
+                                   if i % 2 == 0 else found)
+            unsure.append(lo + np.flatnonzero(~sure_rows))
+            parts.append(tuple(picks))
+        out = (tuple(np.concatenate(column) for column in zip(*parts)) if parts else
+               tuple(np.empty((0, k), dtype=dtype) for dtype in (np.int64, np.float32) * 2))
+        unsure = np.concatenate(unsure) if unsure else np.zeros(0, np.int64)
+        for at in range(0, len(unsure), SCREEN_CHUNK):  # together: a product of a few rows reads all of b
+            rows = unsure[at:at + SCREEN_CHUNK]
+            for column, found in zip(out, top_effects((a[torch.from_numpy(rows)] @ b.T).cpu().numpy(), k)):
+                column[rows] = found
+        yield out

@@ -252,17 +252,24 @@ def test_screened_top_products_pick_what_float32_picks(case, monkeypatch):
         return real(e, k)
 
     monkeypatch.setattr(explain, "top_effects", count)
-    got = explain.top_products(a, b, 10)
+    got, again = explain.top_products([a, a], b, 10)  # b's screen made once serves both
     monkeypatch.setattr(explain, "top_effects", real)
     want = real((a @ b.T).numpy(), 10)
     for column, (g_col, w_col) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(again[column], g_col)
         if column % 2 == 0:
-            np.testing.assert_array_equal(g_col, w_col)
+            # the same tokens, rank by rank, but where two values are within float32 rounding of each other
+            # (the rescoring sums in another order than the plain product)
+            values = want[column + 1]
+            close = np.zeros_like(values, dtype=bool)
+            close[:, 1:] |= np.isclose(values[:, 1:], values[:, :-1], rtol=1e-6, atol=0)
+            close[:, :-1] |= close[:, 1:].copy()
+            np.testing.assert_array_equal(np.where(close, -2, g_col), np.where(close, -2, w_col))
         else:
             np.testing.assert_allclose(g_col, w_col, rtol=1e-5, atol=1e-5)
-    assert sum(ok) >= 600 and len(got[0]) == 600
-    if case == "random":  # almost every row through the screen, none through the plain product
-        assert ok == [256, 256, 88]
+    assert sum(ok) >= 2 * 600 and len(got[0]) == 600
+    if case == "random":  # every row through the screen, none through the plain product
+        assert ok == [256, 256, 88] * 2
 
 
 def test_text_unit_page_lists_its_top_logits(text_atlas):
