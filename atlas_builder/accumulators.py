@@ -188,8 +188,13 @@ class TopK(Accumulator):
         """values [B, U]; ids [B] (on the same device); maps [B, U, M] (any strides) or None."""
         self.enter(order_keys(values, ids, self.largest), maps)
 
-    def enter(self, keys: torch.Tensor, maps: torch.Tensor | None = None) -> None:
-        """A batch by its `order_keys` [U, B] (of this order), with its maps [B, U, M] or None."""
+    def enter(self, keys: torch.Tensor, maps: torch.Tensor | None = None,
+              positions: torch.Tensor | None = None) -> None:
+        """A batch by its `order_keys` [U, B] (of this order), with its maps [B, U, M] or None; positions
+        [B, U]: its maps' first maxima, which serve instead when the maps are not kept."""
+        if positions is not None and not self.keep_maps:
+            self._enter(keys, lambda units, rows: positions[rows, units])
+            return
         self._enter(keys, None if maps is None else lambda units, rows: take_maps(maps, rows, units))
 
     def merge(self, other: "TopK") -> None:
@@ -394,14 +399,14 @@ class SampleRows(Accumulator):
             self.matrix[slots] = values[torch.as_tensor(hit, device=values.device)].to(self.matrix)
             self.filled[slots] = True
 
-    def place(self, maps: torch.Tensor, first: int) -> None:
-        """maps [B, U, M] (`unit_maps`) of examples first, first + 1, ...: the sampled ones' peak positions."""
+    def place(self, positions: torch.Tensor, first: int) -> None:
+        """positions [B, U] (each unit's first maximum) of examples first, first + 1, ...: the sampled ones'."""
         if self.places is None:
             return
-        hit, slot = self.slots(np.arange(first, first + len(maps)))
+        hit, slot = self.slots(np.arange(first, first + len(positions)))
         if len(hit):
-            rows = maps.index_select(0, torch.as_tensor(hit, device=maps.device))
-            self.places[torch.as_tensor(slot, device=self.places.device)] = rows.argmax(2).to(self.places)
+            rows = positions.index_select(0, torch.as_tensor(hit, device=positions.device))
+            self.places[torch.as_tensor(slot, device=self.places.device)] = rows.to(self.places)
 
     def merge(self, other: "SampleRows") -> None:
         self.matrix[other.filled] = other.matrix[other.filled]
@@ -452,11 +457,18 @@ class LayerAccumulator(Accumulator):
         """output: the live output [B, ...] of examples first, first + 1, ...; labels [B] on its device.
         Returns the bytes this batch added to the buffer."""
         maps = unit_maps(output)
-        values = unit_values(output, self.reduce)
+        where = None  # a token layer's [B, U] first maxima over its tokens, for the bottom-k and the sample
+        if output.dim() == 3 and self.reduce == "max":
+            values, where = output.max(dim=1)  # one pass for both
+            values = values.float()
+        else:
+            values = unit_values(output, self.reduce)
+            where = output.argmax(dim=1) if output.dim() == 3 else None
         top, bottom = key_pair(values, torch.arange(first, first + len(values), device=values.device))
         self.top.enter(top, maps)
-        self.bottom.enter(bottom, maps)
-        self.sample.place(maps, first)
+        self.bottom.enter(bottom, maps, where)
+        if where is not None:
+            self.sample.place(where, first)
         lo, hi = np.searchsorted(self.activity_ids, [first, first + len(values)])
         rows = self.activity_ids[lo:hi] - first  # the batch's few activity rows (POSITION_SAMPLE in the scan)
         per = max(1, ACTIVITY_CHUNK // max(output[0].numel() * output.element_size(), 1))

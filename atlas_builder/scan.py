@@ -379,6 +379,7 @@ def token_labels(layer: LayerScan, tokens: np.ndarray, tokenizer) -> None:
     most often, scored by the share of them that do (ties: the token of the higher example); dead,
     saturated and non-finite units keep their label."""
     top = layer.top
+    shown: dict[int, str] = {}  # token id -> its text, whitespace visible (decoded once each)
     for u, label in enumerate(layer.labels):
         if label in ("dead", "saturated", "non-finite"):
             continue
@@ -387,7 +388,9 @@ def token_labels(layer: LayerScan, tokens: np.ndarray, tokenizer) -> None:
             continue
         peaks = tokens[top.ids[u][keep], top.positions[u][keep]].tolist()
         best = max(dict.fromkeys(peaks), key=peaks.count)  # the first of the most common, in rank order
-        layer.labels[u] = f"fires on {text.visible(text.token_text(tokenizer, best))}"
+        if best not in shown:
+            shown[best] = text.visible(text.token_text(tokenizer, best))
+        layer.labels[u] = f"fires on {shown[best]}"
         layer.stats["label_score"][u] = peaks.count(best) / len(peaks)
 
 
