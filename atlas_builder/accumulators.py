@@ -449,7 +449,8 @@ class LayerAccumulator(Accumulator):
         self.moments = Moments(n_units, device)
         self.activity = Activity(n_units, threshold, device, tails)
         self.classes = ClassMeans(n_classes, n_units, device)
-        self.sample = SampleRows(sample, n_units, device, positions=len(shape) == 2)  # token layers: T x D
+        # a token layer's (T x D) sample rows keep their peak tokens too (int16: T below 32,768)
+        self.sample = SampleRows(sample, n_units, device, positions=len(shape) == 2 and shape[0] < 2**15)
         self.activity_ids = np.asarray(activity, np.int64)  # the examples whose position activity counts
         self._buffer: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (values [B, U], labels [B], first id)
 

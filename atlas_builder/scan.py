@@ -582,7 +582,8 @@ def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cf
         by_name = {layer.info.name: layer for layer in result_layers}
         for layer in result_layers:
             token_labels(layer, dataset.data.tokens, dataset.tokenizer)
-        for name, top in top_token_logits(model.module, list(by_name), dataset.inputs([0]),
+        # on the scan's device (a GPU's bfloat16 matmuls screen them fastest), the example with the model
+        for name, top in top_token_logits(model.module.to(device), list(by_name), dataset.inputs([0]).to(device),
                                           text.vocab_size(dataset.tokenizer), TOP_LOGITS, units or None):
             layer = by_name[name]  # its top logits, in the effects' place: tokens for classes, exact
             layer.effects = (*top, True)

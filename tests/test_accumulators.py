@@ -482,9 +482,10 @@ def rows_pass(values: np.ndarray, sample: np.ndarray, batch: int, ids=None, devi
     return rows
 
 
-def test_sample_rows_keep_where_each_sampled_example_peaked(device):
-    """A token layer's sample rows also keep each unit's peak token (the first maximum), batch by batch and
-    across a merge, against a brute-force argmax; other layers keep none."""
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_sample_rows_keep_where_each_sampled_example_peaked(device, reduce):
+    """A token layer's sample rows also keep each unit's peak token (the first maximum, whatever the value's
+    reduction), batch by batch and across a merge, against a brute-force argmax; other layers keep none."""
     rng = np.random.default_rng(41)
     out = torch.from_numpy(rng.normal(size=(60, 12, 5)).astype(np.float32))  # [B, T, D]
     out[:, 3] = out[:, 7] = out.max(1).values + 1  # a tie: the first maximum, token 3
@@ -494,7 +495,7 @@ def test_sample_rows_keep_where_each_sampled_example_peaked(device):
     for batches in ((range(0, 60, 7),), (range(0, 30, 4), range(30, 60, 9))):
         parts = []
         for starts in batches:
-            acc = LayerAccumulator((12, 5), 3, 1, sample, sample[:4], device)
+            acc = LayerAccumulator((12, 5), 3, 1, sample, sample[:4], device, reduce)
             for first in starts:
                 stop = min(first + (starts.step), starts.stop)
                 acc.update(out[first:stop].to(device), first, torch.zeros(stop - first, dtype=torch.long, device=device))

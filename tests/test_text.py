@@ -176,6 +176,21 @@ def test_text_range_rows_mark_the_token_each_window_peaked_on(text_atlas):
     assert marked >= 6 * 10
 
 
+def test_text_embed_card_shows_its_top_contexts(text_atlas):
+    """A text unit's embeddable card has no images to draw: it shows its top 3 contexts, the peak marked."""
+    cfg, _ = text_atlas
+    ds_tokens = load_dataset(cfg).data.tokens
+    with Store(cfg.store_dir) as store:
+        u = store.units("lm", "blocks.1.mlp.act")[2]
+    card = (cfg.atlas.site_dir / urls.unit_embed(UnitId("lm", "blocks.1.mlp.act", u.unit))).read_text("utf-8")
+    items = re.findall(r"<li><span>[^<]*</span>(.*?)</li>", card.split('<ol class="contexts"')[1], re.S)
+    assert len(items) == 3 and 'class="top"' not in card
+    for body, t in zip(items, u.top):
+        [token] = re.findall(r"<mark[^>]*>(.*?)</mark>", body)
+        want = text.token_text(text.ByteTokenizer(), ds_tokens[t.example, t.position])
+        assert unescape(token) == {"\n": "↵", "\t": "→"}.get(want, want)
+
+
 def test_text_from_the_dataset_is_escaped(text_atlas):
     cfg, _ = text_atlas
     site = cfg.atlas.site_dir

@@ -320,7 +320,9 @@ class Pages:
                  "json": urls.rel(urls.unit_embed(uid), urls.unit_json(uid)),
                  "title": f"{layer.layer} {u.unit} · {cls}" if cls is not None else f"Unit {u.unit} of {layer.layer}",
                  "page": urls.page_url(self.base_url, page) if self.base_url else urls.rel(page, page),
-                 "featurevis": visual, "measure": self.measure_text(layer), "max": fmt(u.max), "mean": fmt(u.mean)}
+                 "featurevis": visual, "measure": self.measure_text(layer), "max": fmt(u.max), "mean": fmt(u.mean),
+                 # a text unit's card shows its top 3 contexts as the page does (there are no images to draw)
+                 "contexts": top["cards"][:3] if self.windows else []}
         shown = charts.shown_classes(u.class_means)
         export = {"id": str(uid), "model": m.model, "model_title": m.title, "layer": layer.layer,
                   "example_images": None if self.windows else  # text: its examples are tokens, not images
