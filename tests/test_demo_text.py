@@ -103,6 +103,12 @@ def test_text_unit_page_lists_the_tokens_it_fires_on(two_atlases):
     first = re.search(r"<code>(.*?)</code> <span class=\"muted\">×(\d+)</span>", listed)
     assert unescape(first.group(1)) == text.visible(vocab[best]) and int(first.group(2)) == tokens.count(best)
     assert "Mean activation per class" not in page
+    # a TopK latent is silent on most windows: those range rows point at no token, the others at their peak
+    rows = re.findall(r"<li><span class=\"value\">([^<]*)</span>(.*?)</li>",
+                      page.split('id="ranges"')[1].split("Cite this unit")[0], re.S)
+    silent = [body for value, body in rows if value == "0"]
+    assert silent and all("<mark" not in body for body in silent)
+    assert all(body.count("<mark") == 1 for value, body in rows if value != "0")
 
 
 def test_search_index_carries_each_text_units_tokens(two_atlases):

@@ -169,6 +169,9 @@ def test_text_range_rows_mark_the_token_each_window_peaked_on(text_atlas):
             assert len(cards) == len(records) > 0
             for body, t in zip(cards, records):
                 assert 0 <= t.position < ds_tokens.shape[1]
+                if t.value == 0:  # silent on the whole window: no token to point at
+                    assert "<mark" not in body
+                    continue
                 [token] = re.findall(r"<mark[^>]*>(.*?)</mark>", body)
                 want = text.token_text(text.ByteTokenizer(), ds_tokens[t.example, t.position])
                 assert unescape(token) == {"\n": "↵", "\t": "→"}.get(want, want)

@@ -230,7 +230,9 @@ class Pages:
                                 "token": None, "grid": None, "attr": None,
                                 "context": [] if window is None else token_context(
                                     window, self.vocab, None if t.map is None else t.map.reshape(-1),
-                                    t.position, scale)})  # a range row's peak token too (no map: unshaded)
+                                    # a range row's peak token too (no map: unshaded); silent on the
+                                    # whole window (0: every token ties), no token to point at
+                                    t.position if t.value != 0 else -1, scale)})
                 return {"cards": out, "heat": None, "text": True}
             for t in records:
                 pred = predictions.get(t.example)
