@@ -522,7 +522,8 @@ SCREEN_CHUNK = 256  # rows of `a` a time: [256, 50,257] float32 is 51 MB
 def top_products(matrices, b: torch.Tensor, k: int):
     """Yields `top_effects(a @ b.T, k)` for each a [U, D] of `matrices` and b [V, D] (float32), without the
     [U, V] product held whole and at about a bfloat16 matmul's cost (on CPUs with AMX or AVX512-BF16, and
-    GPUs, several times less than float32's), with the same picks as float32.
+    GPUs, several times less than float32's), with the same picks as float32 (two values within float32's
+    rounding of each other may come in either order: the rescoring sums in another order).
 
     Per chunk of rows: a screen s = bf16(a) @ bf16(b).T, whose error against a @ b.T is bounded per row by
     eps (the rounding residuals a - bf16(a), b - bf16(b) through Cauchy-Schwarz, the float32 accumulation,
@@ -530,7 +531,17 @@ def top_products(matrices, b: torch.Tensor, k: int):
     the candidates, rescored in float32 (`top_effects` over them, token order kept, so ties break alike).
     That pick is the float32 one wherever the k-th screen value clears the M-th by more than 2 eps each way
     (no token left out can then beat one kept); other rows, rows with a non-finite value, and a narrow b
-    take the plain float32 product. b's screen is made once for all the matrices."""
+    take the plain float32 product. b's screen is made once for all the matrices. On CUDA the screen's
+    reductions are kept in float32 (cuBLAS may otherwise round partial sums to bfloat16, past the bound)."""
+    cuda = torch.backends.cuda.matmul
+    reduced, cuda.allow_bf16_reduced_precision_reduction = cuda.allow_bf16_reduced_precision_reduction, False
+    try:
+        yield from _top_products(matrices, b, k)
+    finally:
+        cuda.allow_bf16_reduced_precision_reduction = reduced
+
+
+def _top_products(matrices, b: torch.Tensor, k: int):
     m = int(SCREEN_CANDIDATES * k)
     screen = b.shape[0] > 8 * m and bool(torch.isfinite(b).all())
     if screen:
