@@ -193,10 +193,12 @@ def test_render_is_pure_and_escapes():
     ctx = {"site_title": "<T>", "css": "s.css", "home": "index.html", "breadcrumbs": [], "nav": [], "js": "",
            "og": {"title": "<T>", "site_name": "<T>", "description": "<d>", "url": "", "image": ""},
            "models": [], "n_models": 0, "n_layers": 0, "n_units": 0, "n_examples": 0, "dataset": "<d>",
-           "featured": [], "n_inputs": 0, "search": "search/index.html", "inputs": "inputs/index.html"}
+           "featured": [], "n_inputs": 0, "search": "search/index.html", "inputs": "inputs/index.html",
+           "examples": "examples", "placeholder": '"<p>"'}
     a, b = render("home.html", ctx), render("home.html", ctx)
     assert a == b
     assert "&lt;T&gt;" in a and "<T>" not in a and "&lt;d&gt;" in a
+    assert 'placeholder="&#34;&lt;p&gt;&#34;"' in a  # an attribute value, escaped
 
 
 def test_health_flags_of_planted_units_reach_the_pages(tmp_path):
