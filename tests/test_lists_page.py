@@ -351,3 +351,44 @@ def test_axe_finds_no_accessibility_violations(page, base):
         violations = page.evaluate("async () => (await axe.run(document, {resultTypes: ['violations']})).violations"
                                    ".map(v => v.id + ': ' + v.nodes.map(n => n.target.join(' ')).join(', '))")
         assert violations == [], f"{url}: {violations}"
+
+
+@pytest.fixture(scope="module")
+def text_site(tmp_path_factory):
+    """A tiny language model's atlas (tests/test_text.py's corpus and model), served at .base."""
+    from conftest import atlas_section, write_config
+    from test_text import corpus
+
+    tmp = tmp_path_factory.mktemp("lists-text")
+    (tmp / "corpus.txt").write_text(corpus(80), encoding="utf-8")
+    cfg = load_config(write_config(tmp, atlas_section(tmp, "text") + """
+        [dataset]
+        source = "text:corpus.txt"
+        context = 32
+        [scan]
+        top_k = 5
+        batch_size = 16
+        [embed]
+        enabled = false
+        [[models]]
+        name = "lm"
+        source = "fixtures_models:tiny_lm_with_tokenizer"
+    """))
+    build(cfg, progress=False)
+    root = tmp_path_factory.mktemp("lists-text-pub") / "pub" / "atlas"
+    shutil.copytree(cfg.atlas.site_dir, root)
+    with serving(root) as srv:
+        yield SimpleNamespace(base=srv.base, root=root)
+
+
+def test_text_units_cards_show_the_tokens_they_fire_on(page, text_site):
+    """A text unit has no picture: its card lists the tokens its top examples peak on, from its data.json."""
+    ids = ["lm/blocks.1.mlp.act/0", "lm/blocks.0.mlp.act/3"]
+    page.goto(list_url(text_site.base, ids))
+    tokens = page.locator("#lists-cards .lists-tokens")
+    expect(tokens).to_have_count(2)
+    for shown, unit_id in zip(tokens.all(), ids):
+        fires_on = unit_data(text_site.root, unit_id)["fires_on"]
+        want = ", ".join(f"{t} ×{c}" for t, c in zip(fires_on["token"][:5], fires_on["count"][:5]))
+        assert shown.text_content() == f"fires on {want}"
+    expect(page.locator("#lists-cards .lists-thumb .muted")).to_have_count(0)  # no "no picture"

@@ -317,6 +317,13 @@
       img.width = img.height = 128;
       img.decoding = 'async';
       card.frame.appendChild(img);
+    } else if (d.fires_on && d.fires_on.token && d.fires_on.token.length) {  // a text unit: its tokens instead
+      const tokens = node('p', 'lists-tokens', 'fires on ');
+      d.fires_on.token.slice(0, 5).forEach((t, i) => {
+        if (i) tokens.append(', ');
+        tokens.append(node('code', '', t), ` ×${d.fires_on.count[i]}`);
+      });
+      card.frame.appendChild(tokens);
     } else {
       card.frame.appendChild(node('span', 'muted', 'no picture'));
     }
