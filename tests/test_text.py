@@ -147,7 +147,9 @@ def test_text_pages_speak_of_windows_and_tokens_not_examples_and_classes(text_at
     site = cfg.atlas.site_dir
     home = (site / urls.HOME).read_text(encoding="utf-8")
     assert re.search(r"scanned over \d+ text windows of", home) and 'or token (e.g. token:&#34;(&#34;)"' in home
-    assert 'or token (e.g.' in (site / urls.SEARCH).read_text(encoding="utf-8")
+    search = (site / urls.SEARCH).read_text(encoding="utf-8")
+    assert 'or token (e.g.' in search and "label, the tokens it fires on and flags" in search
+    assert "top class" not in search
     page = (site / urls.unit_page(UnitId("lm", "blocks.1.mlp.act", 0))).read_text(encoding="utf-8")
     stats = re.findall(r"<dt>(.*?)</dt>", page.split('<dl class="facts">')[1].split("</dl>")[0])
     assert "Active on (tokens)" in stats and "Windows seen" in stats
