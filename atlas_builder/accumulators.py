@@ -458,7 +458,7 @@ class LayerAccumulator(Accumulator):
         """output: the live output [B, ...] of examples first, first + 1, ...; labels [B] on its device.
         Returns the bytes this batch added to the buffer."""
         maps = unit_maps(output)
-        where = None  # a token layer's [B, U] first maxima over its tokens, for the bottom-k and the sample
+        # where: a token layer's [B, U] first maxima over its tokens (for the bottom-k and the sample), else None
         if output.dim() == 3 and self.reduce == "max":
             values, where = output.max(dim=1)  # one pass for both
             values = values.float()

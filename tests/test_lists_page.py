@@ -356,24 +356,9 @@ def test_axe_finds_no_accessibility_violations(page, base):
 @pytest.fixture(scope="module")
 def text_site(tmp_path_factory):
     """A tiny language model's atlas (tests/test_text.py's corpus and model), served at .base."""
-    from conftest import atlas_section, write_config
-    from test_text import corpus
+    from test_text import tiny_lm_atlas_config
 
-    tmp = tmp_path_factory.mktemp("lists-text")
-    (tmp / "corpus.txt").write_text(corpus(80), encoding="utf-8")
-    cfg = load_config(write_config(tmp, atlas_section(tmp, "text") + """
-        [dataset]
-        source = "text:corpus.txt"
-        context = 32
-        [scan]
-        top_k = 5
-        batch_size = 16
-        [embed]
-        enabled = false
-        [[models]]
-        name = "lm"
-        source = "fixtures_models:tiny_lm_with_tokenizer"
-    """))
+    cfg = tiny_lm_atlas_config(tmp_path_factory.mktemp("lists-text"))
     build(cfg, progress=False)
     root = tmp_path_factory.mktemp("lists-text-pub") / "pub" / "atlas"
     shutil.copytree(cfg.atlas.site_dir, root)

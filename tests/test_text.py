@@ -83,11 +83,10 @@ def test_text_dataset_windows_are_the_tokenized_documents(tmp_path):
 
 # --- an atlas of a language model ----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def text_atlas(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("text-atlas")
+def tiny_lm_atlas_config(tmp):
+    """The config (and its corpus) of a tiny language model's atlas in folder tmp (also the list page's test)."""
     (tmp / "corpus.txt").write_text(corpus(80), encoding="utf-8")
-    cfg = load_config(write_config(tmp, atlas_section(tmp, "text") + """
+    return load_config(write_config(tmp, atlas_section(tmp, "text") + """
         [dataset]
         source = "text:corpus.txt"
         context = 32
@@ -100,6 +99,11 @@ def text_atlas(tmp_path_factory):
         name = "lm"
         source = "fixtures_models:tiny_lm_with_tokenizer"
     """))
+
+
+@pytest.fixture(scope="module")
+def text_atlas(tmp_path_factory):
+    cfg = tiny_lm_atlas_config(tmp_path_factory.mktemp("text-atlas"))
     report = build(cfg, progress=False)
     return cfg, report
 
