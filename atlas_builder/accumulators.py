@@ -435,9 +435,11 @@ class LayerAccumulator(Accumulator):
 
     def __init__(self, shape: tuple[int, ...], top_k: int, n_classes: int, sample: np.ndarray, activity: np.ndarray,
                  device: torch.device | str = "cpu", reduce: str = "max", threshold: float = 0.0,
-                 dtype: torch.dtype = torch.float32, tails: tuple[float, float] | None = None):
+                 dtype: torch.dtype = torch.float32, tails: tuple[float, float] | None = None,
+                 buffer_rows: int = 256):
         """shape: the layer's output for one example (C x H x W, T x D or F); dtype: its type in the scan;
-        threshold: active above it; tails: (low, high) of a squashing nonlinearity (see `Activity`)."""
+        threshold: active above it; tails: (low, high) of a squashing nonlinearity (see `Activity`);
+        buffer_rows: examples whose values are buffered between chunk updates (a fuller buffer flushes)."""
         self.reduce, self.threshold, self.shape = reduce, threshold, tuple(shape)
         n_units = shape[0] if len(shape) == 3 else shape[-1]
         positions = int(np.prod(shape[1:])) if len(shape) == 3 else shape[0] if len(shape) == 2 else 0
@@ -452,11 +454,16 @@ class LayerAccumulator(Accumulator):
         # a token layer's (T x D) sample rows keep their peak tokens too (int16: T below 32,768)
         self.sample = SampleRows(sample, n_units, device, positions=len(shape) == 2 and shape[0] < 2**15)
         self.activity_ids = np.asarray(activity, np.int64)  # the examples whose position activity counts
-        self._buffer: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (values [B, U], labels [B], first id)
+        # the buffered values [rows, U] and labels of examples first, first + 1, ...: made once, as the maps'
+        # state (a list of per-batch blocks, alive until the flush, scattered amid the forward's temporaries,
+        # kept the allocator from returning their memory: the peak then grew with the dataset)
+        self._values = torch.empty((max(1, buffer_rows), n_units), dtype=torch.float32, device=device)
+        self._labels = torch.empty(max(1, buffer_rows), dtype=torch.long, device=device)
+        self._rows, self._first = 0, 0
 
-    def update(self, output: torch.Tensor, first: int, labels: torch.Tensor) -> int:
-        """output: the live output [B, ...] of examples first, first + 1, ...; labels [B] on its device.
-        Returns the bytes this batch added to the buffer."""
+    def update(self, output: torch.Tensor, first: int, labels: torch.Tensor) -> None:
+        """output: the live output [B, ...] of examples first, first + 1, ... (each batch follows the one
+        before); labels [B] on its device."""
         maps = unit_maps(output)
         # where: a token layer's [B, U] first maxima over its tokens (for the bottom-k and the sample), else None
         if output.dim() == 3 and self.reduce == "max":
@@ -476,18 +483,25 @@ class LayerAccumulator(Accumulator):
         for at in range(0, len(rows), per):  # copied in chunks that stay in the cache
             chunk = torch.as_tensor(rows[at:at + per], device=output.device)
             self.activity.observe(output.index_select(0, chunk), scratch=True)
-        self._buffer.append((values, labels, first))
-        return values.numel() * 4
+        if self._rows + len(values) > len(self._values):
+            self.flush()
+        if len(values) > len(self._values):  # a batch larger than the buffer: a chunk of its own
+            self._feed(values, labels, first)
+            return
+        if not self._rows:
+            self._first = first
+        self._values[self._rows:self._rows + len(values)] = values
+        self._labels[self._rows:self._rows + len(values)] = labels
+        self._rows += len(values)
 
     @torch.inference_mode()  # the state was made in the scan's inference mode
     def flush(self) -> None:
         """Feed the buffered values to the moments, activity, class means and sample, as one chunk."""
-        if not self._buffer:
-            return
-        values = torch.cat([b[0] for b in self._buffer])
-        labels = torch.cat([b[1] for b in self._buffer])
-        first = self._buffer[0][2]  # each batch follows the one before
-        self._buffer = []
+        if self._rows:
+            rows, self._rows = self._rows, 0
+            self._feed(self._values[:rows], self._labels[:rows], self._first)
+
+    def _feed(self, values: torch.Tensor, labels: torch.Tensor, first: int) -> None:
         self.moments.update(values)
         self.activity.update(values)
         self.classes.update(values, labels)

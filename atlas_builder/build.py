@@ -1,6 +1,7 @@
 """Build: run the stages in order for one config and report what it took.
 
-config -> sources (model, dataset) -> scan, feature vis, embed (per model) -> site.
+config -> sources (model, dataset) -> scan, architecture, top logits (a language model's), feature vis,
+embed (per model) -> site.
 Each is a `Stage` with one protocol: the fingerprint of its inputs (config
 section, model weights, dataset, layers), `run`, and `write` (what it puts in
 the store, with the fingerprint, in one transaction); `run_stage` skips a
@@ -28,15 +29,16 @@ from .distributed import Cluster
 from .errors import AtlasError
 from .hooks import Capture, list_layers, mlp_activations, resolve_layers
 from .plan import PAGES_LIMIT, fit_diversity
-from .scan import finish_scan, scan_part, shard_range
+from .scan import finish_scan, scan_part, shard_range, token_logits
 from .sources import AtlasDataset, fit_dataset, load_dataset, load_model
 from .store import ModelRecord, Store
 from .website import build_site
 
-SCAN_VERSION = 10  # bump when scan's output changes meaning (invalidates stored scans)
+SCAN_VERSION = 11  # bump when scan's output changes meaning (invalidates stored scans)
 FEATUREVIS_VERSION = 8  # likewise for the feature-vis stage
 EMBED_VERSION = 2  # and the embed stage
 ARCHITECTURE_VERSION = 1  # and the architecture view's
+LOGITS_VERSION = 1  # and a language model's top logits'
 
 
 @dataclass
@@ -320,6 +322,31 @@ class EmbedStage(Stage):
 
 
 @dataclass
+class LogitsStage(Stage):
+    """A language model's top positive and negative logits of every unit (`scan.token_logits`, on the build's
+    device, the writer alone). From the weights alone: a new dataset or scan settings leave them as they are."""
+    model: object  # sources.LoadedModel
+    layers: list[str]
+    dataset: object  # its tokenizer gives the vocabulary; its first window, the example the directions are found on
+    device: torch.device
+    kind = "logits"
+
+    @property
+    def name(self) -> str:
+        return f"logits:{self.model.name}"
+
+    def fingerprint(self, store) -> str:
+        return fingerprint(LOGITS_VERSION, self.model.fingerprint, self.layers, self.model.section.units,
+                           text.vocab_size(self.dataset.tokenizer))
+
+    def run(self, store):
+        return token_logits(self.model, self.dataset, self.layers, self.device, self.model.section.units)
+
+    def write(self, store, result, fp) -> None:
+        store.write_logits(self.model.name, result, fp)
+
+
+@dataclass
 class ArchitectureStage(Stage):
     """The model page's layer graph (architecture.describe: torch.fx, or the module tree), on one example."""
     model: object  # sources.LoadedModel
@@ -405,6 +432,8 @@ def _build(cfg: AtlasConfig, cluster: Cluster, device: torch.device, progress: b
                                               model.fingerprint, model.info["parameters"], accuracy, model.info))
             if len(dataset):
                 run_stage(ArchitectureStage(model, dataset), store, cluster, report)
+            if dataset.is_text and len(dataset):
+                run_stage(LogitsStage(model, layers, dataset, device), store, cluster, report)
             if cfg.featurevis.enabled and not dataset.is_text:  # text: no image to optimize (tokens are discrete)
                 run_stage(FeatureVisStage(cfg, model, layers, dataset, device, cluster, progress), store, cluster,
                           report)

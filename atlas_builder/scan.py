@@ -181,13 +181,32 @@ def class_selectivity(class_means) -> tuple[np.ndarray, np.ndarray]:
     return torch.where(n >= 2, index, torch.nan).numpy(), torch.where(n > 0, top, -1).numpy()
 
 
+REDUNDANCY_CHUNK = 64 * 2**20  # bytes of the correlation matrix held at once (a 65,536-latent SAE's whole is 17 GB)
+REDUNDANCY_CANDIDATES = 4  # partners per unit that the float32 screen hands to the float64 rescoring
+
+
+def first_mode(values: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of values [U, k] (only the entries where `valid`): the column of the first entry of its most
+    common value (of equally common values, the one that comes first) and how many entries hold it (0 and
+    column 0 for a row with none valid)."""
+    first, count = np.zeros(len(values), dtype=np.int64), np.zeros(len(values), dtype=np.int64)
+    rows = max(1, 2**24 // max(1, values.shape[1] ** 2))
+    for start in range(0, len(values), rows):
+        v, ok = values[start:start + rows], valid[start:start + rows]
+        counts = ((v[:, :, None] == v[:, None, :]) & ok[:, None, :] & ok[:, :, None]).sum(2)  # [rows, k]
+        first[start:start + rows] = counts.argmax(1) if counts.shape[1] else 0
+        count[start:start + rows] = counts.max(1) if counts.shape[1] else 0
+    return first, count
+
+
 def redundancy(sample) -> tuple[np.ndarray, np.ndarray]:
     """For every unit, the unit of the same layer whose sampled activations correlate most with it.
 
-    Pearson correlation over the sample [S, U] in float64; units with no
-    variance correlate with nothing (partner -1, correlation NaN).
+    Pearson correlation over the sample [S, U], the same partners as float64 gives (the first of equal
+    maxima); units with no variance correlate with nothing (partner -1, correlation NaN). The [U, U] matrix
+    is never held whole (REDUNDANCY_CHUNK bytes of it at a time) and is screened in float32 (`_partners`).
     """
-    z = torch.as_tensor(sample).T.double().clone()
+    z = torch.as_tensor(sample).T.double().clone(memory_format=torch.contiguous_format)  # rows: units
     n_units = z.shape[0]
     if n_units < 2 or z.shape[1] < 2:
         return np.full(n_units, -1), np.full(n_units, np.nan)
@@ -197,12 +216,51 @@ def redundancy(sample) -> tuple[np.ndarray, np.ndarray]:
     norm = torch.linalg.vector_norm(z, dim=1)
     ok = norm > 1e-9 * scale
     z *= torch.where(ok, 1.0 / torch.where(ok, norm, 1.0), 0.0)[:, None]
-    corr = z @ z.T
-    corr.fill_diagonal_(-torch.inf)
-    corr[:, ~ok] = -torch.inf
-    best, partner = corr.max(1)  # the first of equal maxima
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # the screen's bound assumes float32 sums (no TF32, no bf16)
+    try:
+        best, partner = _partners(z, ok)
+    finally:
+        torch.set_float32_matmul_precision(precision)
     valid = ok & torch.isfinite(best)
     return torch.where(valid, partner, -1).cpu().numpy(), torch.where(valid, best, torch.nan).cpu().numpy()
+
+
+def _partners(z: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's best correlation and partner among the other `ok` rows of z [U, S] (unit rows, float64):
+    per chunk of rows, a float32 screen c of z @ z.T, within `bound` of the float64 value (float32 sums of S
+    products of unit vectors, through Cauchy-Schwarz, and the rounding of z to float32); its
+    REDUNDANCY_CANDIDATES best columns rescored in float64. That pick is float64's wherever the last
+    candidate's screen value plus the bound stays below the best rescored value (no column left out can reach
+    it); other rows take their plain float64 row."""
+    n_units, s = z.shape
+    z32 = z.float()
+    bound = 1.01 * (s + 4) * 2.0 ** -24
+    m = min(REDUNDANCY_CANDIDATES, n_units)
+    best = torch.empty(n_units, dtype=z.dtype, device=z.device)
+    partner = torch.empty(n_units, dtype=torch.long, device=z.device)
+    masked = not bool(ok.all())
+    rows = max(1, REDUNDANCY_CHUNK // (4 * n_units))  # [rows, U] of the correlation matrix at a time, not [U, U]
+    for first in range(0, n_units, rows):
+        block = z32[first:first + rows] @ z32.T
+        block.diagonal(first).fill_(-torch.inf)
+        if masked:
+            block[:, ~ok] = -torch.inf
+        screen, columns = block.topk(m, dim=1)
+        columns, order = columns.sort(dim=1)  # by unit: max below takes the first of equal maxima
+        exact = torch.einsum("us,ums->um", z[first:first + rows], z[columns])
+        exact = torch.where(torch.isfinite(screen.gather(1, order)), exact, -torch.inf)  # the diagonal, not ok
+        value, at = exact.max(1)
+        best[first:first + rows], partner[first:first + rows] = value, columns.gather(1, at[:, None])[:, 0]
+        unsure = torch.isfinite(screen[:, -1]) & (screen[:, -1].double() + bound >= value)
+        if unsure.any():
+            again = first + torch.nonzero(unsure)[:, 0]
+            corr = z[again] @ z.T
+            corr[torch.arange(len(again), device=z.device), again] = -torch.inf
+            if masked:
+                corr[:, ~ok] = -torch.inf
+            best[again], partner[again] = corr.max(1)  # the first of equal maxima
+    return best, partner
 
 
 @torch.inference_mode()
@@ -348,11 +406,11 @@ def label_scores(labels: list[str], top_class: np.ndarray, sample: np.ndarray, s
         out[cols] = auroc(sample[:, cols], positive)
     broad = np.array([label.startswith("feature-selective") for label in labels], dtype=bool)
     if broad.any():
-        for u in np.flatnonzero(broad):
-            ids = top.ids[u][top.valid[u]]
-            if len(ids):
-                counts = np.bincount(example_labels[ids].clip(min=0))
-                out[u] = 1 - counts.max() / len(ids)
+        valid = top.valid[broad]
+        classes = example_labels[top.ids[broad].clip(min=0)].clip(min=0)  # unlabelled (-1) with class 0
+        _, most = first_mode(classes, valid)
+        n = valid.sum(1)
+        out[np.flatnonzero(broad)[n > 0]] = 1 - most[n > 0] / n[n > 0]
     return out
 
 
@@ -374,24 +432,36 @@ class InputActivations:
 TOP_LOGITS = 10  # next tokens a language model's unit page lists each way (its top positive and negative logits)
 
 
+def token_logits(model: LoadedModel, dataset: AtlasDataset, layers: list[str], device: torch.device,
+                 units: int = 0) -> dict[str, tuple]:
+    """{layer: `top_effects` of its units' logits, exact}: each unit's TOP_LOGITS top positive and negative
+    next tokens through the unembedding (`explain.top_token_logits`; the first `units` units of each layer;
+    layers with no direction in the residual stream are left out). They depend on the weights alone, not on
+    the dataset's windows: their own build stage, so that a new dataset does not redo them. On `device` (a
+    GPU's bfloat16 matmuls screen them fastest)."""
+    try:
+        return {name: (*top, True) for name, top in top_token_logits(
+            model.module.to(device), layers, dataset.inputs([0]).to(device), text.vocab_size(dataset.tokenizer),
+            TOP_LOGITS, units or None)}
+    finally:
+        model.module.to("cpu")
+
+
 def token_labels(layer: LayerScan, tokens: np.ndarray, tokenizer) -> None:
     """A text's units' labels (it has no classes): "fires on ‹token›", the token its top examples peak on
     most often, scored by the share of them that do (ties: the token of the higher example); dead,
     saturated and non-finite units keep their label."""
     top = layer.top
-    shown: dict[int, str] = {}  # token id -> its text, whitespace visible (decoded once each)
-    for u, label in enumerate(layer.labels):
-        if label in ("dead", "saturated", "non-finite"):
-            continue
-        keep = top.valid[u] & (top.positions[u] >= 0)
-        if not keep.any():
-            continue
-        peaks = tokens[top.ids[u][keep], top.positions[u][keep]].tolist()
-        best = max(dict.fromkeys(peaks), key=peaks.count)  # the first of the most common, in rank order
-        if best not in shown:
-            shown[best] = text.visible(text.token_text(tokenizer, best))
-        layer.labels[u] = f"fires on {shown[best]}"
-        layer.stats["label_score"][u] = peaks.count(best) / len(peaks)
+    keep = top.valid & (top.positions >= 0)
+    peaks = np.where(keep, tokens[top.ids.clip(min=0), top.positions.clip(min=0)], -1)  # [U, k] peak tokens
+    first, count = first_mode(peaks, keep)  # the first of the most common, in rank order
+    best = peaks[np.arange(len(peaks)), first]
+    units = [u for u, label in enumerate(layer.labels) if keep[u].any()
+             and label not in ("dead", "saturated", "non-finite")]
+    shown = {int(t): text.visible(text.token_text(tokenizer, int(t))) for t in np.unique(best[units])}
+    for u in units:
+        layer.labels[u] = f"fires on {shown[int(best[u])]}"
+    layer.stats["label_score"][units] = count[units] / keep[units].sum(1)
 
 
 def input_examples(n_examples: int, count: int, seed: int) -> np.ndarray:
@@ -471,7 +541,7 @@ class ScanPart:
         return self
 
 
-CHUNK_COST = 8  # a chunk's update takes about 8 times its float32 values in float64 temporaries
+CHUNK_COST = 8  # a chunk's update takes about 8 times its float32 values in float64 temporaries (buffer_mb)
 
 
 @contextmanager
@@ -524,15 +594,23 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
             capture(torch.as_tensor(data[0][0])[None].to(device))
         modules = dict(net.named_modules())
         rules = {name: nonlinearity(modules[name], cfg.active_threshold) for name in layers}
+        # every layer buffers the same examples: buffer_mb over CHUNK_COST for all their float32 values
+        width = sum((shape[0] if len(shape) == 3 else shape[-1]) if shape else 1 for shape, _ in outputs.values())
+        rows = max(cfg.batch_size, cfg.buffer_mb * 2**20 // (CHUNK_COST * 4 * max(width, 1)))
         accs = {name: LayerAccumulator(tuple(outputs[name][0]), cfg.top_k, n_classes, sample, activity, device,
-                                       cfg.reduce, rules[name].threshold, outputs[name][1], rules[name].tails)
+                                       cfg.reduce, rules[name].threshold, outputs[name][1], rules[name].tails,
+                                       buffer_rows=rows)
                 for name in layers}
-    batch = {"first": start, "labels": None, "bytes": 0}  # what the sink needs to know of the batch in flight
+    batch = {"first": start, "labels": None}  # what the sink needs to know of the batch in flight
 
     def sink(name: str, output: torch.Tensor) -> None:
-        batch["bytes"] += accs[name].update(first_units(output, units), batch["first"], batch["labels"])
+        accs[name].update(first_units(output, units), batch["first"], batch["labels"])
 
-    label_batches, predicted, confidence = [], [], []
+    # made once, filled batch by batch (a list of small long-lived blocks fragments the heap, see above)
+    labels_all = torch.full((stop - start,), -1, dtype=torch.long)
+    predicted = torch.full((stop - start,), -1, dtype=torch.long, device=device)
+    confidence = torch.zeros(stop - start, device=device)
+    seen = predictions = 0
     with Capture(net, layers, sink=sink, model_name=model.name) as capture, torch.inference_mode(), \
             worker_errors():
         bar = progress_bar(len(loader), f"scan {model.name} ({len(layers)} layers)", "batch", progress)
@@ -543,24 +621,22 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
             with autocast:
                 out = capture(x.to(device, non_blocking=True))
             batch["first"] += len(labels)
-            label_batches.append(labels)
+            labels_all[seen:seen + len(labels)] = labels
             if isinstance(out, torch.Tensor) and out.dim() == 2:  # logits: prediction and softmax confidence
                 logits = out.float()
                 top, pred = logits.max(1)
-                predicted.append(pred)
-                confidence.append(torch.exp(logits - top[:, None]).sum(1).reciprocal_())
-            if batch["bytes"] * CHUNK_COST >= cfg.buffer_mb * 2**20:  # chunks of bounded memory
-                for acc in accs.values():
-                    acc.flush()
-                batch["bytes"] = 0
+                predicted[seen:seen + len(labels)] = pred
+                confidence[seen:seen + len(labels)] = torch.exp(logits - top[:, None]).sum(1).reciprocal_()
+                predictions += len(labels)
+            seen += len(labels)
+            del out  # before the next forward: a language model's [B, T, vocab] logits are not held twice
         for acc in accs.values():
             acc.flush()
         bar.close()
-    labels = torch.cat(label_batches) if label_batches else torch.zeros(0, dtype=torch.long)
-    complete = predicted and sum(len(p) for p in predicted) == stop - start
-    return ScanPart(start, stop, accs, dict(capture.shapes), labels,
-                    torch.cat(predicted).cpu() if complete else None,
-                    torch.cat(confidence).cpu() if complete else None, time.perf_counter() - began)
+    complete = stop > start and predictions == stop - start
+    return ScanPart(start, stop, accs, dict(capture.shapes), labels_all,
+                    predicted.cpu() if complete else None, confidence.cpu() if complete else None,
+                    time.perf_counter() - began)
 
 
 def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg: ScanSection,
@@ -578,15 +654,9 @@ def finish_scan(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cf
                                nonlinearity(modules[name], cfg.active_threshold),
                                describe_layer(model.module, name, part.shapes[name]), part.labels.numpy(), seed)
                      for name in layers if name in part.accs]
-    if dataset.is_text:
-        by_name = {layer.info.name: layer for layer in result_layers}
+    if dataset.is_text:  # (their top logits depend on the weights alone: `token_logits`, a stage of its own)
         for layer in result_layers:
             token_labels(layer, dataset.data.tokens, dataset.tokenizer)
-        # on the scan's device (a GPU's bfloat16 matmuls screen them fastest), the example with the model
-        for name, top in top_token_logits(model.module.to(device), list(by_name), dataset.inputs([0]).to(device),
-                                          text.vocab_size(dataset.tokenizer), TOP_LOGITS, units or None):
-            layer = by_name[name]  # its top logits, in the effects' place: tokens for classes, exact
-            layer.effects = (*top, True)
     unit_effects(model, dataset, result_layers, cfg, device, seed, part.labels.numpy())
     if unit_attributions and not dataset.is_text:  # gradient x input needs real-valued inputs
         net = model.module.to(device).eval()

@@ -93,6 +93,12 @@ ALTER TABLE ranges ADD COLUMN IF NOT EXISTS position INTEGER DEFAULT -1;
 CREATE TABLE IF NOT EXISTS effects (
     model VARCHAR, layer VARCHAR, unit INTEGER, direction VARCHAR, rank INTEGER, class INTEGER, effect DOUBLE,
     exact BOOLEAN);
+-- a language model's top logits, in the effects' columns: class = the next token, effect = its logit through the
+-- unembedding, exact = true. From the weights alone (their own stage, `logits:<model>`): kept when the scan or
+-- the dataset changes; read together with effects
+CREATE TABLE IF NOT EXISTS logits (
+    model VARCHAR, layer VARCHAR, unit INTEGER, direction VARCHAR, rank INTEGER, class INTEGER, effect DOUBLE,
+    exact BOOLEAN);
 CREATE TABLE IF NOT EXISTS classes (label INTEGER PRIMARY KEY, name VARCHAR);
 -- text datasets: the windows of token ids some page shows (an example is a window; a position, a token in it)
 -- and the text of each token in them (whitespace made visible: text.token_text)
@@ -119,6 +125,7 @@ MODEL_TABLES = ("layers", "units", "topk", "ranges", "effects", "predictions", "
 LAYER_TABLES = ("layers", "units", "topk", "ranges", "effects", "samples", "input_units")  # ... with rows per layer
 FEATUREVIS_TABLES = ("featurevis", "weights")
 EMBED_TABLES = ("map_points", "maps", "neighbours")  # rows replaced when a model is re-scanned
+EFFECTS = "(SELECT * FROM effects UNION ALL SELECT * FROM logits)"  # a unit's effects: on classes, or top logits
 
 
 @dataclass(frozen=True)
@@ -334,10 +341,11 @@ class Store:
     def write_dataset(self, class_names: Iterable[str], labels: np.ndarray, fingerprint: str) -> None:
         """Classes and example labels; clears everything that referred to an older dataset."""
         with self._transaction():
-            if self.stage_fingerprint("dataset") != fingerprint:
-                for table in ("classes", "examples", "stages", "windows", "vocab") + MODEL_TABLES + \
+            if self.stage_fingerprint("dataset") != fingerprint:  # (the top logits, of the weights alone, stay)
+                for table in ("classes", "examples", "windows", "vocab") + MODEL_TABLES + \
                         FEATUREVIS_TABLES + EMBED_TABLES:
                     self.con.execute(f"DELETE FROM {table}")
+                self.con.execute("DELETE FROM stages WHERE NOT starts_with(stage, 'logits:')")
             self.con.execute("DELETE FROM classes")
             if list(class_names):  # a text dataset has none
                 self.con.executemany("INSERT INTO classes VALUES (?, ?)", list(enumerate(class_names)))
@@ -358,11 +366,12 @@ class Store:
         with self._transaction():
             gone = [r[0] for r in self.con.execute("SELECT model FROM models").fetchall() if r[0] not in names]
             for model in gone:
-                for table in ("models", "architecture") + MODEL_TABLES + FEATUREVIS_TABLES + EMBED_TABLES:
+                for table in ("models", "architecture", "logits") + MODEL_TABLES + FEATUREVIS_TABLES + \
+                        EMBED_TABLES:
                     self.con.execute(f"DELETE FROM {table} WHERE model = ?", [model])
-                self.con.execute("DELETE FROM stages WHERE stage IN (?, ?, ?, ?)",
+                self.con.execute("DELETE FROM stages WHERE stage IN (?, ?, ?, ?, ?)",
                                  [f"scan:{model}", f"featurevis:{model}", f"embed:{model}",
-                                  f"architecture:{model}"])
+                                  f"architecture:{model}", f"logits:{model}"])
 
     def layer_fingerprints(self, model: str) -> dict[str, str]:
         """layer -> the fingerprint of its stored scan."""
@@ -531,7 +540,7 @@ class Store:
         "ranges": "SELECT model, layer, unit, bin, lo::FLOAT AS lo, hi::FLOAT AS hi, rank, example, value::FLOAT AS value, "
                   "position FROM ranges "
                   "ORDER BY model, layer, unit, bin, rank",
-        "effects": "SELECT model, layer, unit, direction, rank, class, effect, exact FROM effects "
+        "effects": f"SELECT model, layer, unit, direction, rank, class, effect, exact FROM {EFFECTS} "
                    "ORDER BY model, layer, unit, direction, rank",
         "classes": "SELECT label, name FROM classes ORDER BY label",
         "labels": "SELECT example, label FROM examples ORDER BY example",
@@ -711,14 +720,23 @@ class Store:
             "value": ranges.values.reshape(-1).astype(np.float64)[keep],
             "position": ranges.positions.reshape(-1).astype(np.int32)[keep]})
 
-    def _write_effects(self, model: str, layer_name: str, effects) -> None:
+    def write_logits(self, model: str, logits: dict[str, tuple], fingerprint: str) -> None:
+        """A language model's top logits ({layer: (up tokens [U, k], up logits, down tokens, down logits, exact)},
+        scan.token_logits), replacing its previous ones."""
+        with self._transaction():
+            self.con.execute("DELETE FROM logits WHERE model = ?", [model])
+            for layer_name, top in logits.items():
+                self._write_effects(model, layer_name, top, "logits")
+            self._mark_stage(f"logits:{model}", fingerprint, 0.0)
+
+    def _write_effects(self, model: str, layer_name: str, effects, table: str = "effects") -> None:
         """effects: (up classes [U, k], up values, down classes, down values, exact) of explain.top_effects."""
         up_c, up_v, down_c, down_v, exact = effects
         for direction, classes, values in (("up", up_c, up_v), ("down", down_c, down_v)):
             n_units, k = classes.shape
             keep = (classes >= 0).reshape(-1)
             rows = int(keep.sum())
-            self._insert("effects", {
+            self._insert(table, {
                 "model": np.full(rows, model), "layer": np.full(rows, layer_name),
                 "unit": np.repeat(np.arange(n_units, dtype=np.int32), k)[keep], "direction": np.full(rows, direction),
                 "rank": np.tile(np.arange(k, dtype=np.int32), n_units)[keep],
@@ -769,7 +787,7 @@ class Store:
             bins[unit].setdefault(b, [lo, hi, []])[2].append(TopKRecord(rank, example, value, position))
         effects: dict[int, dict] = defaultdict(lambda: {"up": [], "down": [], "exact": False})
         for unit, direction, cls, effect, exact in self.con.execute(
-                "SELECT unit, direction, class, effect, exact FROM effects WHERE model = ? AND layer = ? "
+                f"SELECT unit, direction, class, effect, exact FROM {EFFECTS} WHERE model = ? AND layer = ? "
                 "ORDER BY unit, direction, rank", [model, layer]).fetchall():
             effects[unit][direction].append((cls, effect))
             effects[unit]["exact"] = exact
@@ -857,7 +875,7 @@ class Store:
     def effect_classes(self) -> np.ndarray:
         """Every class (a text atlas: token) some unit's effects name, ascending."""
         return np.asarray([r[0] for r in self.con.execute(
-            "SELECT DISTINCT class FROM effects ORDER BY 1").fetchall()], dtype=np.int64)
+            f"SELECT DISTINCT class FROM {EFFECTS} ORDER BY 1").fetchall()], dtype=np.int64)
 
     def windows(self) -> tuple[dict[int, np.ndarray], dict[int, str]]:
         """({example: token ids}, {token: text}) of a text dataset (both empty for images)."""

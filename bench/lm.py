@@ -3,8 +3,8 @@
 Measured side by side in one run (bench/scan.py's `side_by_side`: a warm-up of each, then interleaved runs,
 medians), same model, same batches:
 - GPT-2 small's architecture (transformers `GPT2Config()`, random weights, 124M parameters) over 64 windows
-  of 128 random tokens, batch 16, probing all 12 MLP activations (36,864 neurons): the scan is `scan_part` +
-  `finish_scan` (hooks, every accumulator, the summary, the token labels and every neuron's top logits);
+  of 128 random tokens, batch 16, probing all 12 MLP activations (36,864 neurons): the scan is the build's
+  scan stage, `scan_part` + `finish_scan` (hooks, every accumulator, the summary, the token labels);
   FIGURE lm_scan_vs_forward = bare seconds / scan seconds (1.0 = free);
 - an SAE of 16,384 latents (TopK, k = 32, seeded random weights) on block 6's output (the residual stream),
   the scan probing its latents alone, against a bare forward plus the encoder's matmul on that output:
@@ -12,8 +12,10 @@ medians), same model, same batches:
 - peak RSS of a scan of N and 4N windows (a small GPT-2, 4 layers of 256, in fresh processes):
   FIGURE lm_rss_4n_over_n = (peak above the RSS before the scan at 4N) / (the same at N).
 The top logits (W_U @ W_out for 3,072 neurons a layer, a 50,257-token vocabulary, screened in bfloat16 and
-rescored in float32: explain.top_products) cost the same for any number of windows; their seconds are printed
-apart, with one layer's plain float32 product for comparison.
+rescored in float32: explain.top_products) are a stage of their own (`logits:<model>`, from the weights alone:
+the same for any number of windows, and not redone when the dataset changes); their seconds are printed apart,
+with one layer's plain float32 product for comparison, and the ratio of both stages together (scan + top logits,
+what a first build of these 64 windows spends) for information.
 
 Needs transformers (`pip install -e '.[hf]'`). Run: .venv/bin/python bench/lm.py [--quick] [--device cuda]
 """
@@ -122,17 +124,21 @@ def main() -> None:
     start = time.perf_counter()
     for _ in top_token_logits(model.module.to(device), layers, example, 50257, TOP_LOGITS):
         pass
-    screened = time.perf_counter() - start
+    screened = time.perf_counter() - start  # as the logits stage runs them (scan.token_logits)
     layer, directions, w_u = next(logit_directions(model.module, layers[:1], example, 50257))
     start = time.perf_counter()
     top_effects((directions.T @ w_u.T).cpu().numpy(), TOP_LOGITS)  # the plain float32 product, one layer
     plain = time.perf_counter() - start
     model.module.cpu()
-    print(f"top logits of {len(layers)} layers' neurons (in the scan's summary; the same for any number of "
+    print(f"top logits of {len(layers)} layers' neurons (their own stage; the same for any number of "
           f"windows): {screened:.1f} s (bfloat16 screen, float32 rescoring); one layer's plain float32 product "
           f"and pick {plain:.1f} s, x {len(layers)} = {plain * len(layers):.1f} s", flush=True)
+    seconds: list[float] = []
     lm = side_by_side(f"GPT-2 small (random weights), {args.windows} windows of 128 tokens", model, data, cfg,
-                      repeats, layers, device)
+                      repeats, layers, device, seconds)
+    bare, scan = seconds
+    print(f"with the top logits' stage (information: a fixed cost, the same at any token count): bare forward "
+          f"{bare:.3f} s, scan + top logits {scan + screened:.3f} s, ratio {bare / (scan + screened):.3f}")
 
     with __import__("tempfile").TemporaryDirectory() as tmp:
         latents = sae_at(model, "transformer.h.6", 768, 16384, 32, Path(tmp) / "sae")

@@ -141,7 +141,9 @@ def scan_pass(model: LoadedModel, dataset: AtlasDataset, cfg: ScanSection, layer
 
 
 def side_by_side(name: str, model: LoadedModel, dataset: AtlasDataset, cfg: ScanSection, repeats: int,
-                 layers: list[str] | None = None, device: torch.device = torch.device("cpu")) -> float:
+                 layers: list[str] | None = None, device: torch.device = torch.device("cpu"),
+                 seconds: list | None = None) -> float:
+    """bare seconds / scan seconds (medians); with `seconds`, the two medians are appended to it."""
     layers = layers or default_layers(model, dataset)
     bare_pass(model, dataset, cfg, device)  # warm-up (allocator, kernels, workers)
     scan_pass(model, dataset, cfg, layers, device)
@@ -157,6 +159,8 @@ def side_by_side(name: str, model: LoadedModel, dataset: AtlasDataset, cfg: Scan
           f"(median): bare forward {b:.3f} s ({n / b:,.1f} ex/s), scan {s:.3f} s ({n / s:,.1f} ex/s), "
           f"ratio {b / s:.3f}; all runs: bare {', '.join(f'{t:.2f}' for t in bare)}, "
           f"scan {', '.join(f'{t:.2f}' for t in scan)}", flush=True)
+    if seconds is not None:
+        seconds += [b, s]
     return b / s
 
 

@@ -124,6 +124,44 @@ def test_redundancy_near_ties_decided_in_float64():
     np.testing.assert_allclose(corr, brute_corr, rtol=0, atol=1e-12, equal_nan=True)
 
 
+def test_redundancy_in_row_chunks_equals_the_whole_matrix(monkeypatch):
+    """The correlation matrix is taken a few rows at a time (a wide SAE's [U, U] would not fit) and screened in
+    float32: the same partners as the float64 brute force, with chunk edges inside planted duplicates, a
+    constant unit, and more near-ties than the screen hands on."""
+    import atlas_builder.scan as scan_module
+
+    rng = np.random.default_rng(64)
+    sample = rng.normal(size=(120, 37))
+    sample[:, 20] = -3 * sample[:, 2] + 1  # partners across chunks
+    sample[:, 9] = sample[:, 8]  # within one
+    sample[:, 30] = 0.5
+    for j in range(21, 29):  # 8 near-copies of unit 0, closer to each other than float32 can tell apart
+        sample[:, j] = sample[:, 0] + 1e-4 * rng.normal(size=120)
+    monkeypatch.setattr(scan_module, "REDUNDANCY_CHUNK", 4 * 37 * 5)  # 5 rows a chunk: 8 chunks, the last short
+    partner, corr = redundancy(sample)
+    brute_partner, brute_corr = brute_partners(sample)
+    np.testing.assert_array_equal(partner, brute_partner)
+    np.testing.assert_allclose(corr, brute_corr, atol=1e-12, equal_nan=True)
+    assert partner[8] == 9 and partner[30] == -1
+
+
+def test_first_mode_is_the_first_of_the_most_common_valid_values():
+    import atlas_builder.scan as scan_module
+
+    rng = np.random.default_rng(65)
+    values = rng.integers(0, 4, size=(300, 7))
+    valid = rng.random((300, 7)) < 0.8
+    first, count = scan_module.first_mode(values, valid)
+    for row, ok, f, c in zip(values, valid, first, count):
+        kept = row[ok].tolist()
+        if not kept:
+            assert c == 0
+            continue
+        best = max(dict.fromkeys(kept), key=kept.count)  # the first of the most common
+        assert c == kept.count(best) and ok[f] and row[f] == best
+        assert f == min(j for j in range(len(row)) if ok[j] and row[j] == best)
+
+
 def test_redundancy_of_many_copies_and_degenerate_inputs():
     rng = np.random.default_rng(63)
     base = rng.normal(size=200)
@@ -332,13 +370,25 @@ def test_scan_model_same_result_for_any_batch_and_buffer_size():
 
 
 def test_scan_model_buffer_flushes_when_full(monkeypatch):
-    """Buffered values feed the accumulators in chunks of at most scan.buffer_mb (here each batch fills it)."""
-    sizes = []
-    flush = LayerAccumulator.flush
-    monkeypatch.setattr(LayerAccumulator, "flush", lambda self: (sizes.append(len(self._buffer)), flush(self))[1])
-    monkeypatch.setattr(LayerAccumulator, "update", lambda self, *a, _u=LayerAccumulator.update: _u(self, *a) + 2**20)
-    run_scan(fixtures_models.tiny_dataset(), batch_size=8)
-    assert max(sizes) == 1 and sizes.count(1) == 3 * 5  # every batch of every layer flushed on its own
+    """Buffered values feed the accumulators in chunks of at most scan.buffer_mb (here each batch fills it),
+    and of all the buffered rows when it is larger."""
+    import atlas_builder.scan as scan_module
+
+    def chunks(**scan):
+        sizes = []
+        feed = LayerAccumulator._feed
+        monkeypatch.setattr(LayerAccumulator, "_feed", lambda self, v, *a: (sizes.append(len(v)), feed(self, v, *a)))
+        result, _ = run_scan(fixtures_models.tiny_dataset(), **scan)
+        return sizes, result
+
+    monkeypatch.setattr(scan_module, "CHUNK_COST", 2**40)  # any buffer holds a batch at most
+    small, a = chunks(batch_size=8)
+    n = len(fixtures_models.tiny_dataset())
+    assert max(small) == 8 and len(small) == 3 * -(-n // 8) and sum(small) == 3 * n  # each batch on its own
+    monkeypatch.setattr(scan_module, "CHUNK_COST", 8)
+    large, b = chunks(batch_size=8)
+    assert large == [n] * 3  # the whole dataset in one chunk per layer
+    scans_equal(a, b, rtol=1e-6)
 
 
 def scans_equal(a, b, rtol: float = 0.0):

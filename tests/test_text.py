@@ -315,3 +315,20 @@ def test_text_unit_page_lists_its_top_logits(text_atlas):
         assert names == [text.visible(text.token_text(text.ByteTokenizer(), c))
                          for c, _ in u.effects.up + u.effects.down]
         assert "Top logits" in html and "next token's logit" in bars
+
+
+def test_top_logits_are_their_own_stage_kept_when_the_dataset_changes(tmp_path):
+    """The top logits depend on the weights alone: a new corpus re-scans the model but skips its logits stage,
+    and every unit still has its 10 top logits each way, once (not lost with the old scan's rows, nor doubled)."""
+    cfg = tiny_lm_atlas_config(tmp_path)
+    first = build(cfg, progress=False)
+    assert "logits" in first.seconds and "logits:lm" not in first.skipped
+    with Store(cfg.store_dir) as store:
+        before = {l.layer: [u.effects for u in store.units("lm", l.layer)] for l in store.layers("lm")}
+    (tmp_path / "corpus.txt").write_text(corpus(80, seed=1), encoding="utf-8")
+    again = build(load_config(cfg.path), progress=False)
+    assert "logits:lm" in again.skipped and "scan:lm" not in again.skipped
+    with Store(cfg.store_dir) as store:
+        after = {l.layer: [u.effects for u in store.units("lm", l.layer)] for l in store.layers("lm")}
+    assert len(before["blocks.1.mlp.act"]) == 64 and after == before
+    assert all(len(e.up) == len(e.down) == 10 and e.exact for effects in after.values() for e in effects)
