@@ -218,16 +218,20 @@ def redundancy(sample) -> tuple[np.ndarray, np.ndarray]:
     z *= torch.where(ok, 1.0 / torch.where(ok, norm, 1.0), 0.0)[:, None]
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")  # the screen's bound assumes float32 sums (no TF32, no bf16)
+    live = torch.nonzero(ok)[:, 0]  # ascending: the first of equal maxima stays the lower unit
     try:
-        best, partner = _partners(z, ok)
+        found, at = _partners(z[live])
     finally:
         torch.set_float32_matmul_precision(precision)
+    best = torch.full((n_units,), -torch.inf, dtype=z.dtype, device=z.device)
+    partner = torch.full((n_units,), -1, dtype=torch.long, device=z.device)
+    best[live], partner[live] = found, live[at]
     valid = ok & torch.isfinite(best)
     return torch.where(valid, partner, -1).cpu().numpy(), torch.where(valid, best, torch.nan).cpu().numpy()
 
 
-def _partners(z: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's best correlation and partner among the other `ok` rows of z [U, S] (unit rows, float64):
+def _partners(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's best correlation and partner among the other rows of z [U, S] (unit rows, float64):
     per chunk of rows, a float32 screen c of z @ z.T, within `bound` of the float64 value (float32 sums of S
     products of unit vectors, through Cauchy-Schwarz, and the rounding of z to float32); its
     REDUNDANCY_CANDIDATES best columns rescored in float64. That pick is float64's wherever the last
@@ -237,19 +241,18 @@ def _partners(z: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     z32 = z.float()
     bound = 1.01 * (s + 4) * 2.0 ** -24
     m = min(REDUNDANCY_CANDIDATES, n_units)
-    best = torch.empty(n_units, dtype=z.dtype, device=z.device)
-    partner = torch.empty(n_units, dtype=torch.long, device=z.device)
-    masked = not bool(ok.all())
+    best = torch.full((n_units,), -torch.inf, dtype=z.dtype, device=z.device)
+    partner = torch.zeros(n_units, dtype=torch.long, device=z.device)
+    if n_units < 2:
+        return best, partner
     rows = max(1, REDUNDANCY_CHUNK // (4 * n_units))  # [rows, U] of the correlation matrix at a time, not [U, U]
     for first in range(0, n_units, rows):
         block = z32[first:first + rows] @ z32.T
         block.diagonal(first).fill_(-torch.inf)
-        if masked:
-            block[:, ~ok] = -torch.inf
         screen, columns = block.topk(m, dim=1)
         columns, order = columns.sort(dim=1)  # by unit: max below takes the first of equal maxima
         exact = torch.einsum("us,ums->um", z[first:first + rows], z[columns])
-        exact = torch.where(torch.isfinite(screen.gather(1, order)), exact, -torch.inf)  # the diagonal, not ok
+        exact = torch.where(torch.isfinite(screen.gather(1, order)), exact, -torch.inf)  # the diagonal
         value, at = exact.max(1)
         best[first:first + rows], partner[first:first + rows] = value, columns.gather(1, at[:, None])[:, 0]
         unsure = torch.isfinite(screen[:, -1]) & (screen[:, -1].double() + bound >= value)
@@ -257,8 +260,6 @@ def _partners(z: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Te
             again = first + torch.nonzero(unsure)[:, 0]
             corr = z[again] @ z.T
             corr[torch.arange(len(again), device=z.device), again] = -torch.inf
-            if masked:
-                corr[:, ~ok] = -torch.inf
             best[again], partner[again] = corr.max(1)  # the first of equal maxima
     return best, partner
 
