@@ -147,6 +147,15 @@ def scan_seconds(model, dataset, layers, cfg: AtlasConfig, device: torch.device)
     return max(t1 - one * per_example, 0.0) + n * per_example
 
 
+def logits_seconds(model, dataset, layers, device: torch.device) -> float:
+    """A language model's top logits stage (`scan.token_logits`): its first layer timed, times the layers."""
+    from .scan import token_logits
+
+    if not dataset.is_text or not layers or not len(dataset):
+        return 0.0
+    return len(layers) * _timed(lambda: token_logits(model, dataset, layers[:1], device, model.section.units))
+
+
 def depth_fractions(net, layers, x, device) -> dict[str, float]:
     """For each layer, the share of one forward pass spent before its output (0 = first, 1 = the end)."""
     stamps = {}
@@ -391,7 +400,9 @@ def make_plan(cfg: AtlasConfig, calibrate: bool = True) -> Plan:
         n_units = {name: min(unit_count(shapes[name]), section.units or 10**12) for name in layers}
         fv_s = featurevis_seconds(model, dataset, n_units, cfg, device) if calibrate and not dataset.is_text \
             else dict.fromkeys(layers, 0.0)  # text: no feature vis
-        scan_s = scan_seconds(model, dataset, layers, cfg, device) if calibrate else 0.0
+        # the scan's time, with a language model's top logits (their own stage, counted with it)
+        scan_s = scan_seconds(model, dataset, layers, cfg, device) + logits_seconds(model, dataset, layers, device) \
+            if calibrate else 0.0
         model.module.to("cpu")
         names = list(model.info.get("classes") or dataset.class_names)
         rows = []

@@ -332,3 +332,25 @@ def test_top_logits_are_their_own_stage_kept_when_the_dataset_changes(tmp_path):
         after = {l.layer: [u.effects for u in store.units("lm", l.layer)] for l in store.layers("lm")}
     assert len(before["blocks.1.mlp.act"]) == 64 and after == before
     assert all(len(e.up) == len(e.down) == 10 and e.exact for effects in after.values() for e in effects)
+
+
+def test_plan_counts_the_top_logits_stage_with_the_scan(tmp_path, monkeypatch):
+    """`atlas plan` times a language model's top logits (their first layer, times the layers) into its scan time."""
+    import time as clock
+
+    import atlas_builder.scan as scan_module
+    from atlas_builder import plan as plan_module
+
+    called = []
+
+    def slow(model, dataset, layers, device, units=0):
+        called.append(list(layers))
+        clock.sleep(0.5)
+        return {}
+
+    monkeypatch.setattr(scan_module, "token_logits", slow)
+    cfg = tiny_lm_atlas_config(tmp_path)
+    with_logits = plan_module.make_plan(cfg).models[0].scan_s
+    assert called == [["blocks.0.mlp.act"]] and with_logits >= 2 * 0.5
+    monkeypatch.setattr(plan_module, "logits_seconds", lambda *a: 0.0)
+    assert plan_module.make_plan(cfg).models[0].scan_s < with_logits - 0.5
