@@ -434,6 +434,8 @@ def _build(cfg: AtlasConfig, cluster: Cluster, device: torch.device, progress: b
                 run_stage(ArchitectureStage(model, dataset), store, cluster, report)
             if dataset.is_text and len(dataset):
                 run_stage(LogitsStage(model, layers, dataset, device), store, cluster, report)
+            elif cluster.writer:
+                store.clear_logits(model.name)
             if cfg.featurevis.enabled and not dataset.is_text:  # text: no image to optimize (tokens are discrete)
                 run_stage(FeatureVisStage(cfg, model, layers, dataset, device, cluster, progress), store, cluster,
                           report)

@@ -729,6 +729,12 @@ class Store:
                 self._write_effects(model, layer_name, top, "logits")
             self._mark_stage(f"logits:{model}", fingerprint, 0.0)
 
+    def clear_logits(self, model: str) -> None:
+        """Drop a model's top logits (it is no longer scanned on text: they would join its effects)."""
+        with self._transaction():
+            self.con.execute("DELETE FROM logits WHERE model = ?", [model])
+            self.con.execute("DELETE FROM stages WHERE stage = ?", [f"logits:{model}"])
+
     def _write_effects(self, model: str, layer_name: str, effects, table: str = "effects") -> None:
         """effects: (up classes [U, k], up values, down classes, down values, exact) of explain.top_effects."""
         up_c, up_v, down_c, down_v, exact = effects

@@ -159,3 +159,19 @@ def test_open_data_database_is_reproducible_and_opens(tmp_path):
     con = duckdb.connect(str(path))
     con.execute("CREATE TABLE notes AS SELECT 1 AS n")
     con.close()
+
+
+def test_top_logits_join_the_effects_until_cleared(tmp_path):
+    """A model's top logits (their own table) read as its units' effects; `clear_logits` drops them and their
+    stage (a model no longer scanned on text must not keep another model's logits among its effects)."""
+    import numpy as np
+
+    from atlas_builder.store import Store
+
+    up = (np.array([[3, 1]]), np.array([0.5, 0.25])[None], np.array([[2, 0]]), np.array([-0.5, -0.125])[None], True)
+    with Store(tmp_path / "store") as store:
+        store.write_logits("lm", {"blocks.0": up}, "fp")
+        assert store.stage_fingerprint("logits:lm") == "fp"
+        assert store.effect_classes().tolist() == [0, 1, 2, 3]
+        store.clear_logits("lm")
+        assert store.stage_fingerprint("logits:lm") is None and store.effect_classes().tolist() == []
