@@ -457,8 +457,9 @@ def token_labels(layer: LayerScan, tokens: np.ndarray, tokenizer) -> None:
     peaks = np.where(keep, tokens[top.ids.clip(min=0), top.positions.clip(min=0)], -1)  # [U, k] peak tokens
     first, count = first_mode(peaks, keep)  # the first of the most common, in rank order
     best = peaks[np.arange(len(peaks)), first]
-    units = [u for u, label in enumerate(layer.labels) if keep[u].any()
-             and label not in ("dead", "saturated", "non-finite")]
+    peaked = keep.any(1)
+    units = [u for u, label in enumerate(layer.labels)
+             if peaked[u] and label not in ("dead", "saturated", "non-finite")]
     shown = {int(t): text.visible(text.token_text(tokenizer, int(t))) for t in np.unique(best[units])}
     for u in units:
         layer.labels[u] = f"fires on {shown[int(best[u])]}"
@@ -611,7 +612,7 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
     labels_all = torch.full((stop - start,), -1, dtype=torch.long)
     predicted = torch.full((stop - start,), -1, dtype=torch.long, device=device)
     confidence = torch.zeros(stop - start, device=device)
-    seen = predictions = 0
+    predictions = 0
     with Capture(net, layers, sink=sink, model_name=model.name) as capture, torch.inference_mode(), \
             worker_errors():
         bar = progress_bar(len(loader), f"scan {model.name} ({len(layers)} layers)", "batch", progress)
@@ -621,15 +622,15 @@ def scan_part(model: LoadedModel, dataset: AtlasDataset, layers: list[str], cfg:
             batch["labels"] = labels.to(device, non_blocking=True)
             with autocast:
                 out = capture(x.to(device, non_blocking=True))
+            rows = slice(batch["first"] - start, batch["first"] - start + len(labels))  # its place in the part
             batch["first"] += len(labels)
-            labels_all[seen:seen + len(labels)] = labels
+            labels_all[rows] = labels
             if isinstance(out, torch.Tensor) and out.dim() == 2:  # logits: prediction and softmax confidence
                 logits = out.float()
                 top, pred = logits.max(1)
-                predicted[seen:seen + len(labels)] = pred
-                confidence[seen:seen + len(labels)] = torch.exp(logits - top[:, None]).sum(1).reciprocal_()
+                predicted[rows] = pred
+                confidence[rows] = torch.exp(logits - top[:, None]).sum(1).reciprocal_()
                 predictions += len(labels)
-            seen += len(labels)
             del out  # before the next forward: a language model's [B, T, vocab] logits are not held twice
         for acc in accs.values():
             acc.flush()
